@@ -1,0 +1,1 @@
+"""Framework adapters: each finds the head of a model (-> HeadPlan) and rewrites it."""

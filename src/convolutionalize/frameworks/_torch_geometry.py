@@ -1,0 +1,208 @@
+"""Geometry of a traced PyTorch body: stride, receptive field, and what breaks crop equality.
+
+Walks the nodes that feed the feature map in graph order and composes one
+:class:`~convolutionalize.geometry.Span` per spatial axis. Convolutions and pools
+compose by the usual arithmetic; elementwise and channel-wise operations pass spans
+through; branches merge by union. Three kinds of evidence are collected, each naming
+its node: zero padding (a crop sees zeros where the dense map sees pixels), global
+context (squeeze-excitation means, GroupNorm, attention: the receptive field is the
+whole image) and operations whose locality is not known (treated like global context:
+nothing is claimed that is not proven).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+
+from ..geometry import Span
+from ._torch_graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
+from ._torch_head import Value
+
+__all__ = ["BodyGeometry", "body_geometry"]
+
+CONVS = ("Conv2d", "conv2d", "MaxPool2d", "max_pool2d", "AvgPool2d", "avg_pool2d",
+         "max_pool2d_with_indices", "Conv2dSame", "StdConv2d", "StdConv2dSame",
+         "ScaledStdConv2d", "ScaledStdConv2dSame", "MaxPool2dSame", "AvgPool2dSame",
+         "CondConv2d")
+GLOBAL_OPS = frozenset({"GroupNorm", "group_norm", "InstanceNorm2d", "instance_norm",
+                        "AdaptiveAvgPool2d", "adaptive_avg_pool2d", "AdaptiveMaxPool2d",
+                        "adaptive_max_pool2d", "MultiheadAttention",
+                        "scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"})
+SHAPE_KEEPING = frozenset({"getitem", "chunk", "split", "cat", "permute", "transpose", "view",
+                           "reshape", "flatten", "unflatten", "BatchNorm2d", "BatchNormAct2d",
+                           "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "ChannelShuffle",
+                           "StochasticDepth", "stochastic_depth", "drop_path", "DropPath",
+                           "LayerScale", "LayerScale2d", "ConvMlp", "Flatten"})
+
+
+@dataclass
+class BodyGeometry:
+    """Spans of the feature map's cell (0, 0) and the evidence collected on the way."""
+
+    y: Span
+    x: Span
+    padded: list[str] = field(default_factory=list)
+    global_context: list[str] = field(default_factory=list)
+    unproven: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.padded:
+            out.append(f"zero padding in {_names(self.padded)}: border cells see zeros in a "
+                       "crop but real neighbours in the dense map")
+        if self.global_context:
+            out.append(f"global context in {_names(self.global_context)}: every cell depends "
+                       "on the whole input")
+        if self.unproven:
+            out.append(f"locality not proven for {_names(self.unproven)}")
+        return out
+
+
+def _names(nodes: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in nodes[:4])
+    return shown + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+
+
+def _pair(v: object, default: int = 0) -> tuple[int, int]:
+    if v is None:
+        return (default, default)
+    if isinstance(v, int):
+        return (v, v)
+    seq = list(v)  # type: ignore[call-overload]
+    return (int(seq[0]), int(seq[-1])) if seq else (default, default)
+
+
+def _window(node: fx.Node, name: str, modules: dict[str, nn.Module]):
+    """(kernel, stride, padding, dilation, ceil_mode, same) of a conv or pool node."""
+    if node.op == "call_module":
+        m = modules[str(node.target)]
+        kernel = _pair(m.kernel_size)
+        stride = _pair(m.stride or m.kernel_size)
+        padding = m.padding
+        dilation = _pair(getattr(m, "dilation", 1), 1)
+        ceil = bool(getattr(m, "ceil_mode", False))
+        same = name.endswith("Same")
+    else:
+        is_conv = name == "conv2d"
+        if is_conv:
+            w = shape_of(arg(node, 1, "weight"))
+            kernel = (w[2], w[3]) if w else (1, 1)
+            stride = _pair(arg(node, 3, "stride", 1), 1)
+            padding = arg(node, 4, "padding", 0)
+            dilation = _pair(arg(node, 5, "dilation", 1), 1)
+            ceil = False
+        else:
+            kernel = _pair(arg(node, 1, "kernel_size"))
+            stride = _pair(arg(node, 2, "stride") or kernel)
+            padding = arg(node, 3, "padding", 0)
+            dilation = _pair(arg(node, 4, "dilation", 1), 1) if "max" in name else (1, 1)
+            ceil = bool(arg(node, 5 if "max" in name else 4, "ceil_mode", False))
+        same = False
+    if padding == "same":
+        same, padding = True, (0, 0)
+    elif padding == "valid":
+        padding = (0, 0)
+    return kernel, stride, _pair(padding), dilation, ceil, same
+
+
+def _same_pad(size: int, k: int, s: int, d: int) -> int:
+    """Leading TF-SAME padding (timm's get_same_padding) for an input of ``size``."""
+    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+    return total // 2
+
+
+def body_geometry(gm: fx.GraphModule, values: dict[fx.Node, Value], feature: fx.Node,
+                  modules: dict[str, nn.Module], keep: set[fx.Node]) -> BodyGeometry:
+    """Compose spans from the input to ``feature`` over the nodes in ``keep``."""
+    spans: dict[fx.Node, tuple[Span, Span]] = {}
+    geo = BodyGeometry(Span(), Span())
+    for node in gm.graph.nodes:
+        if node not in keep or node not in values:
+            continue
+        if node.op == "placeholder":
+            spans[node] = (Span(), Span())
+            continue
+        ins = tensor_inputs(node, spans)
+        if not ins:
+            continue
+        ys = Span.union([spans[n][0] for n in ins])
+        xs = Span.union([spans[n][1] for n in ins])
+        if ys is None or xs is None:  # branches at different strides (e.g. upsampled FPN)
+            geo.unproven.append(node.name)
+            ys = max((spans[n][0] for n in ins), key=lambda s: s.jump)
+            xs = max((spans[n][1] for n in ins), key=lambda s: s.jump)
+        spans[node] = _apply(node, values, modules, ins, ys, xs, geo)
+        if node is feature:
+            break
+    geo.y, geo.x = spans[feature]
+    return geo
+
+
+def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Module],
+           ins: list[fx.Node], ys: Span, xs: Span, geo: BodyGeometry) -> tuple[Span, Span]:
+    name = op_name(node, modules)
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    value, src = values[node], values[ins[0]]
+    in_shape, out_shape = shape_of(ins[0]), shape_of(node)
+    if name in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+        kernel, stride, pad, dil, ceil, same = _window(node, name, modules)
+        if same and in_shape is not None and src.axes is not None:
+            pad = tuple(_same_pad(in_shape[a], k, s, d)  # type: ignore[assignment]
+                        for a, k, s, d in zip(src.axes, kernel, stride, dil))
+        if any(pad) or same:
+            geo.padded.append(node.name)
+        if ceil and in_shape and out_shape and src.axes and _ceil_took_effect(
+                in_shape, out_shape, src.axes, kernel, stride, pad, dil):
+            geo.padded.append(node.name)
+        return (ys.conv(kernel[0], stride[0], pad[0], dil[0]),
+                xs.conv(kernel[1], stride[1], pad[1], dil[1]))
+    if name == "pad":
+        pads = list(arg(node, 1, "pad", ()))
+        if any(pads):
+            geo.padded.append(node.name)
+        left, top = (pads + [0, 0, 0, 0])[0], (pads + [0, 0, 0, 0])[2]
+        return Span(ys.lo - top * ys.jump, ys.hi, ys.jump), Span(xs.lo - left * xs.jump, xs.hi,
+                                                                  xs.jump)
+    if name in GLOBAL_OPS or (src.kind == "map" and value.kind != "map"):
+        geo.global_context.append(node.name)  # e.g. a squeeze-excitation mean
+        return ys, xs
+    if any(values[n].kind != "map" for n in ins):  # the pooled branch, or its gating product
+        return ys, xs
+    if _channelwise(node, name, module, src):
+        return ys, xs
+    geo.unproven.append(node.name)
+    return ys, xs
+
+
+def _channelwise(node: fx.Node, name: str, module: nn.Module | None, src: Value) -> bool:
+    """Elementwise, per-location or channel-only operations (spans pass through)."""
+    if isinstance(module, (*ELEMENTWISE_MODULES, nn.BatchNorm2d)) or name in ELEMENTWISE:
+        return True
+    last_is_channel = src.axes is not None and src.axes[1] != (len(shape_of(node) or ()) - 1)
+    if isinstance(module, nn.Linear) or name == "linear":
+        return last_is_channel
+    if isinstance(module, nn.LayerNorm) or name == "layer_norm":
+        shape = module.normalized_shape if module is not None else arg(node, 1, "normalized_shape")
+        return last_is_channel and len(tuple(shape)) == 1
+    if name in ("softmax", "log_softmax", "Softmax"):
+        dim = module.dim if module is not None else arg(node, 1, "dim")
+        return isinstance(dim, int) and src.axes is not None and dim % 4 not in src.axes
+    if name in ("getitem",):
+        index = node.args[1]
+        if isinstance(index, tuple):
+            return src.axes is None or all(
+                not (isinstance(i, slice) and i != slice(None)) for a, i in enumerate(index)
+                if a in src.axes)
+        return True
+    return name in SHAPE_KEEPING
+
+
+def _ceil_took_effect(in_shape, out_shape, axes, kernel, stride, pad, dil) -> bool:
+    for a, k, s, p, d in zip(axes, kernel, stride, pad, dil):
+        floor_out = (in_shape[a] + 2 * p - d * (k - 1) - 1) // s + 1
+        if out_shape[a] != floor_out:
+            return True
+    return False

@@ -1,0 +1,171 @@
+"""torch.fx plumbing shared by the PyTorch analysis and rewrite: tracing, shapes, op names."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+from ..errors import NotConvolutionalizable
+
+__all__ = [
+    "ELEMENTWISE",
+    "arg",
+    "op_name",
+    "shape_of",
+    "tensor_inputs",
+    "trace",
+]
+
+# Operations that act on each element (or each location) independently and accept any
+# tensor shape: they stay as they are in a rewritten head and do not change geometry.
+ELEMENTWISE = frozenset(
+    {
+        "add", "sub", "mul", "truediv", "div", "neg", "pow", "abs", "exp", "log", "sqrt",
+        "rsqrt", "reciprocal", "sign", "erf", "tanh", "sigmoid", "relu", "relu_", "relu6",
+        "gelu", "silu", "mish", "elu", "selu", "celu", "leaky_relu", "hardswish",
+        "hardsigmoid", "hardtanh", "softplus", "softsign", "tanhshrink", "logsigmoid",
+        "clamp", "clamp_min", "clamp_max", "clip", "dropout", "dropout2d", "alpha_dropout",
+        "feature_alpha_dropout", "contiguous", "float", "to", "type_as", "clone", "detach",
+        "sigmoid_", "add_", "mul_", "hard_sigmoid", "hard_swish", "swish", "gelu_tanh",
+        "quick_gelu", "where", "minimum", "maximum", "batch_norm", "identity", "floordiv",
+    }
+)
+
+ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+
+
+def _timm_tracer_options() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
+    """timm's own fx leaf modules and autowrapped functions, when timm is installed."""
+    try:
+        from timm.layers import _fx as timm_fx
+    except ImportError:
+        return set(), ()
+    functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
+    return set(timm_fx.get_notrace_modules()), functions
+
+
+class _Tracer(fx.Tracer):
+    def __init__(self) -> None:
+        self.extra_leaves, autowrap = _timm_tracer_options()
+        super().__init__(autowrap_functions=autowrap)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return type(m) in self.extra_leaves or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` (with timm's leaf modules); untraceable models are refused."""
+    tracer = _Tracer()
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NotConvolutionalizable(
+            f"torch.fx cannot trace {type(model).__name__}: {reason}"
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
+    """Run ``gm`` on ``x`` recording every node's output shape; returns the output."""
+    with torch.no_grad():
+        return ShapeProp(gm).propagate(x)
+
+
+def shape_of(node: fx.Node) -> tuple[int, ...] | None:
+    """The output shape ShapeProp recorded, or None for non-tensors and tuples."""
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
+
+
+def returns_tensors(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None
+
+
+def op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    """A readable name of what a node does: a module class, a function or a method name."""
+    if node.op == "call_module":
+        return type(modules[str(node.target)]).__name__
+    if node.op == "call_function":
+        if node.target is operator.getitem:
+            return "getitem"
+        return getattr(node.target, "__name__", str(node.target))
+    return str(node.target)
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call, given by keyword or at position ``index``."""
+    if name in node.kwargs:
+        return node.kwargs[name]
+    return node.args[index] if len(node.args) > index else default
+
+
+def input_nodes(node: fx.Node) -> Iterator[fx.Node]:
+    """Every node among a node's arguments (nested in lists and dicts too)."""
+    found: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), found.append)
+    return iter(found)
+
+
+def tensor_inputs(node: fx.Node, tracked: dict[fx.Node, Any]) -> list[fx.Node]:
+    """The argument nodes of ``node`` present in ``tracked``, in order, without repeats."""
+    seen: list[fx.Node] = []
+    for n in input_nodes(node):
+        if n in tracked and n not in seen:
+            seen.append(n)
+    return seen
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """All nodes ``node`` depends on (including itself)."""
+    seen = {node}
+    stack = [node]
+    while stack:
+        for parent in input_nodes(stack.pop()):
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def normalize_dims(dims: Any, rank: int) -> tuple[int, ...] | None:
+    """``dim`` arguments as a sorted tuple of non-negative ints, or None if not constant ints."""
+    if isinstance(dims, int):
+        dims = (dims,)
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
+        return None
+    return tuple(sorted(d % rank for d in dims))
+
+
+def replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
+    """Put ``new`` where submodule ``target`` was."""
+    parent_name, _, child = target.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, child, new)
+
+
+def first_in_channels(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> int | None:
+    """Input channels of the first convolution in graph order (the image channels)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+            return int(modules[node.target].in_channels)
+        if node.op == "call_module" and hasattr(modules[node.target], "in_chans"):
+            return int(modules[node.target].in_chans)
+        if node.op == "call_function" and op_name(node, modules) == "conv2d":
+            weight = arg(node, 1, "weight")
+            if isinstance(weight, fx.Node) and weight.op == "get_attr":
+                w = gm.get_parameter(str(weight.target))
+                return int(w.shape[1]) * int(arg(node, 6, "groups", 1))
+    return None

@@ -1,0 +1,378 @@
+"""Analysis of a traced PyTorch classifier: where the spatial map ends and what the head does.
+
+Every tensor node gets a *kind*:
+
+- ``map``: a spatial feature map (the body), with the positions of its two spatial axes;
+- ``pooled``: a map whose spatial extent a global pool reduced to 1x1 (kept 4-D);
+- ``vector``: a feature vector ``(N, D)`` (after global pooling and a flatten);
+- ``flat``: a flattened ``C x H x W`` map ``(N, C*H*W)``, waiting for its first Linear;
+- ``seq``: anything else derived from a map (tokens, windows): cannot slide.
+
+The head is everything between the last map and the output: nodes of kind pooled,
+vector or flat from which the output is reached without passing through a map again
+(a squeeze-excitation pool feeds back into a map, so it stays in the body).
+Each head node then gets a :class:`~convolutionalize.plan.HeadStep`, or the model is
+refused with the node's name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import fx, nn
+
+from ..errors import NotConvolutionalizable
+from ..plan import FeatureMap, HeadPlan, HeadStep
+from ._torch_graph import (
+    ELEMENTWISE,
+    ELEMENTWISE_MODULES,
+    arg,
+    input_nodes,
+    normalize_dims,
+    op_name,
+    shape_of,
+    tensor_inputs,
+)
+
+__all__ = ["Value", "find_head", "propagate_kinds"]
+
+Kind = Literal["map", "pooled", "vector", "flat", "seq"]
+FLATTENS = frozenset({"flatten", "view", "reshape", "squeeze", "Flatten"})
+GLOBAL_REDUCERS = {"mean": "avg", "amax": "max"}
+
+
+@dataclass(frozen=True)
+class Value:
+    """What a tensor node holds, as far as the conversion cares."""
+
+    kind: Kind
+    axes: tuple[int, int] | None = None  # spatial axes of a map / pooled tensor
+    reduce: Literal["avg", "max"] | None = None  # set on a global-pool node's value
+    pool_to: tuple[int, int] | None = None  # set on an adaptive pool to k x k (k > 1)
+    flat: tuple[int, int, int] | None = None  # (C, H, W) of a flattened map
+
+
+def _pool_of(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
+             out_shape: tuple[int, ...], modules: dict[str, nn.Module]) -> Value | None:
+    """The value of ``node`` if it pools a map globally (or adaptively before a flatten)."""
+    assert src.axes is not None
+    ay, ax = src.axes
+    spatial_in = (in_shape[ay], in_shape[ax])
+    if name in GLOBAL_REDUCERS or (name == "max" and len(node.args) + len(node.kwargs) > 1):
+        dims = normalize_dims(arg(node, 1, "dim"), len(in_shape))
+        if dims != tuple(sorted((ay, ax))):
+            return None
+        reduce = GLOBAL_REDUCERS.get(name, "max")
+        if arg(node, 2, "keepdim", False):
+            return Value("pooled", src.axes, reduce=reduce)
+        return Value("vector", reduce=reduce)  # type: ignore[arg-type]
+    adaptive = {"AdaptiveAvgPool2d": "avg", "adaptive_avg_pool2d": "avg",
+                "AdaptiveMaxPool2d": "max", "adaptive_max_pool2d": "max"}
+    windowed = {"AvgPool2d": "avg", "avg_pool2d": "avg", "MaxPool2d": "max", "max_pool2d": "max"}
+    if len(out_shape) != 4 or src.axes != (2, 3):
+        return None
+    spatial_out = (out_shape[2], out_shape[3])
+    if name in adaptive:
+        reduce = adaptive[name]
+        if spatial_out == (1, 1):
+            return Value("pooled", (2, 3), reduce=reduce)  # type: ignore[arg-type]
+        return Value("map", (2, 3), reduce=reduce, pool_to=spatial_out)  # type: ignore[arg-type]
+    if name in windowed and spatial_out == (1, 1):
+        # e.g. the classic AvgPool2d(7) over a 7x7 map: a global pool at the native size
+        kernel = _pair(getattr(modules.get(str(node.target)), "kernel_size", None)
+                       if node.op == "call_module" else arg(node, 1, "kernel_size"))
+        padding = _pair(getattr(modules.get(str(node.target)), "padding", 0)
+                        if node.op == "call_module" else arg(node, 3, "padding", 0))
+        if kernel == spatial_in and padding == (0, 0):
+            return Value("pooled", (2, 3), reduce=windowed[name])  # type: ignore[arg-type]
+    return None
+
+
+def _pair(v: object) -> tuple[int, int] | None:
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(isinstance(i, int) for i in v):
+        return (int(v[0]), int(v[1]))
+    return None
+
+
+def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
+              out_shape: tuple[int, ...], modules: dict[str, nn.Module]) -> Value:
+    """Value of a node whose single tensor input is a map."""
+    pooled = _pool_of(node, name, src, in_shape, out_shape, modules)
+    if pooled is not None:
+        return pooled
+    assert src.axes is not None
+    ay, ax = src.axes
+    if name in FLATTENS and len(out_shape) == 2 and len(in_shape) == 4:
+        c_axis = ({1, 2, 3} - {ay, ax}).pop()
+        return Value("flat", flat=(in_shape[c_axis], in_shape[ay], in_shape[ax]), axes=src.axes)
+    if name in ("permute", "transpose"):
+        perm = _permutation(node, len(in_shape))
+        if perm is None:
+            return Value("seq")
+        return Value("map", (perm.index(ay), perm.index(ax)))
+    if name in FLATTENS or name in ("unflatten", "flatten"):
+        # reshapes that keep the two spatial axes last and unchanged (channel shuffle)
+        spatial = (in_shape[ay], in_shape[ax])
+        r = len(out_shape)
+        if (ay, ax) == (len(in_shape) - 2, len(in_shape) - 1) and out_shape[-2:] == spatial:
+            return Value("map", (r - 2, r - 1))
+        return Value("seq")
+    if len(out_shape) != len(in_shape):
+        return Value("seq")
+    return Value("map", src.axes)
+
+
+def _permutation(node: fx.Node, rank: int) -> list[int] | None:
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if name == "permute":
+        dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
+        if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+            dims = tuple(dims[0])
+        if not all(isinstance(d, int) for d in dims):
+            return None
+        return [int(d) % rank for d in dims]
+    a, b = arg(node, 1, "dim0"), arg(node, 2, "dim1")
+    if not (isinstance(a, int) and isinstance(b, int)):
+        return None
+    perm = list(range(rank))
+    perm[a % rank], perm[b % rank] = perm[b % rank], perm[a % rank]
+    return perm
+
+
+def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, Value]:
+    """Kinds of all tensor nodes derived from the (first) input, in graph order."""
+    values: dict[fx.Node, Value] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            if not values:
+                values[node] = Value("map", (2, 3))
+            continue
+        if node.op in ("output", "get_attr"):
+            continue
+        ins = tensor_inputs(node, values)
+        if not ins or node.meta.get("tensor_meta") is None:
+            continue
+        kinds = [values[n] for n in ins]
+        name = op_name(node, modules)
+        out_shape = shape_of(node)
+        if out_shape is None:  # tuples (chunk, split, pool with indices): like their input
+            values[node] = kinds[0]
+        elif any(v.kind == "seq" for v in kinds):
+            values[node] = Value("seq")
+        elif maps := [v for v in kinds if v.kind == "map"]:
+            src_shape = shape_of(ins[[values[n].kind for n in ins].index("map")])
+            if len(maps) == len(kinds) == 1 and src_shape is not None:
+                values[node] = _from_map(node, name, maps[0], src_shape, out_shape, modules)
+            else:
+                values[node] = Value("map", maps[0].axes)
+        else:
+            values[node] = _from_head_value(node, name, kinds[0], out_shape, modules)
+    return values
+
+
+def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int, ...],
+                     modules: dict[str, nn.Module]) -> Value:
+    if src.kind == "flat":
+        if name in ("Linear", "linear"):
+            return Value("vector")
+        return src
+    if len(out_shape) == 2:
+        return Value("vector")
+    if src.kind == "pooled" and name in ("permute", "transpose") and src.axes is not None:
+        perm = _permutation(node, len(out_shape))
+        if perm is not None and len(out_shape) == 4:
+            return Value("pooled", (perm.index(src.axes[0]), perm.index(src.axes[1])))
+    if src.kind == "pooled":
+        return Value("pooled", src.axes)
+    return Value("seq")
+
+
+# --------------------------------------------------------------------------- the head
+
+
+def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]) -> tuple[list[fx.Node], fx.Node]:
+    """The head's nodes (graph order) and the one feature map they read."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    result = output.args[0]
+    if not isinstance(result, fx.Node) or result not in values:
+        raise NotConvolutionalizable(
+            "the model does not return a single tensor of class scores "
+            f"(it returns {type(result).__name__}); convert a model whose forward returns logits"
+        )
+    head: set[fx.Node] = set()
+    features: set[fx.Node] = set()
+    stack = [result]
+    while stack:
+        node = stack.pop()
+        value = values.get(node)
+        if value is None or node in head:
+            continue
+        if value.kind == "seq":
+            raise NotConvolutionalizable(_seq_reason(gm, values, node))
+        if value.kind == "map" and value.pool_to is None:
+            features.add(node)
+            continue
+        head.add(node)
+        stack.extend(input_nodes(node))
+    if not features:
+        raise NotConvolutionalizable("the model's output does not depend on its input image")
+    if result in features:
+        raise NotConvolutionalizable(
+            f"the output '{result.name}' is already a spatial map: the model is fully "
+            "convolutional, there is no fully-connected head to rewrite"
+        )
+    if len(features) > 1:
+        names = ", ".join(sorted(f"'{n.name}'" for n in features))
+        raise NotConvolutionalizable(f"the head reads several feature maps ({names}); "
+                                     "only a head over one map can slide")
+    return [n for n in gm.graph.nodes if n in head], features.pop()
+
+
+def _seq_reason(gm: fx.GraphModule, values: dict[fx.Node, Value], node: fx.Node) -> str:
+    """Name the first operation that turned the spatial map into something else."""
+    first = next(n for n in gm.graph.nodes if values.get(n, Value("map")).kind == "seq")
+    return (
+        f"node '{first.name}' ({first.op} {first.target}) reshapes the spatial map into tokens or "
+        "windows (a transformer or windowed attention), so the classifier cannot slide as "
+        "convolutions; use dense_map(..., fallback='windows') to evaluate windows in batches"
+    )
+
+
+def find_head(gm: fx.GraphModule, values: dict[fx.Node, Value], modules: dict[str, nn.Module],
+              input_size: tuple[int, int], in_channels: int) -> HeadPlan:
+    """The HeadPlan of a traced, shape-propagated classifier."""
+    nodes, feature = _head_nodes(gm, values)
+    fshape = shape_of(feature)
+    fvalue = values[feature]
+    assert fshape is not None and fvalue.axes is not None
+    ay, ax = fvalue.axes
+    c_axis = ({1, 2, 3} - {ay, ax}).pop() if len(fshape) == 4 else 1
+    fmap = FeatureMap(feature.name, fshape[c_axis], (fshape[ay], fshape[ax]),
+                      "NCHW" if fvalue.axes == (2, 3) else "NHWC")
+    steps = tuple(_step(n, values, modules, fmap) for n in nodes)
+    return HeadPlan("torch", input_size, in_channels, fmap, steps)
+
+
+def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Module],
+          fmap: FeatureMap) -> HeadStep:
+    """What the conversion does with one head node; refuses what has no conv form."""
+    name = op_name(node, modules)
+    value = values[node]
+    ins = [values[n] for n in tensor_inputs(node, values)]
+    src = ins[0]
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    where = f"head node '{node.name}' ({name})"
+    if src.kind == "map" and src.pool_to is None:
+        if value.pool_to is not None:
+            return _adaptive_step(node, name, value, fmap)
+        if value.reduce is not None:
+            return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
+                            f"{fmap.size[0]}x{fmap.size[1]}", reduce=value.reduce)
+        if value.kind == "flat":
+            return HeadStep(node.name, "flatten", f"flatten {fmap.channels}x{fmap.size[0]}x"
+                            f"{fmap.size[1]} ({'CHW' if fmap.layout == 'NCHW' else 'HWC'})")
+    if src.kind == "map":  # reads an adaptive pool: must be the flatten
+        if value.kind != "flat":
+            raise NotConvolutionalizable(f"{where} follows an adaptive pool but is not a "
+                                         "flatten; cannot slide")
+        return HeadStep(node.name, "flatten", f"flatten {value.flat}")
+    if name in FLATTENS and src.kind == "pooled":
+        return HeadStep(node.name, "flatten", "flatten 1x1 pooled map -> removed")
+    if isinstance(module, nn.Linear) or name == "linear":
+        if not isinstance(module, nn.Linear):
+            raise NotConvolutionalizable(f"{where}: functional F.linear in the head is not "
+                                         "supported; use an nn.Linear module")
+        if src.kind == "flat":
+            assert src.flat is not None
+            c, h, w = src.flat
+            return HeadStep(node.name, "linear", f"Linear {module.in_features}->"
+                            f"{module.out_features} -> Conv2d {c}->{module.out_features} "
+                            f"kernel {h}x{w}", kernel=(h, w))
+        return HeadStep(node.name, "linear", f"Linear {module.in_features}->"
+                        f"{module.out_features} -> Conv2d 1x1", kernel=(1, 1))
+    if src.kind == "flat":
+        if isinstance(module, ELEMENTWISE_MODULES) or name in ELEMENTWISE:
+            return HeadStep(node.name, "keep", f"{name} (elementwise)")
+        raise NotConvolutionalizable(f"{where} acts on the flattened {src.flat} map before any "
+                                     "Linear; it has no sliding equivalent")
+    return _vector_step(node, name, module, src, ins, where)
+
+
+def _adaptive_step(node: fx.Node, name: str, value: Value, fmap: FeatureMap) -> HeadStep:
+    assert value.pool_to is not None
+    (fh, fw), (kh, kw) = fmap.size, value.pool_to
+    if (fh, fw) == (kh, kw):
+        detail = f"{name}({kh}x{kw}) is the identity at the native size -> removed"
+    elif fh % kh == 0 and fw % kw == 0:
+        detail = f"{name}({kh}x{kw}) over {fh}x{fw} -> fixed pool {fh // kh}x{fw // kw}"
+    else:
+        raise NotConvolutionalizable(
+            f"adaptive pool '{node.name}' maps the native {fh}x{fw} feature map to {kh}x{kw}, "
+            "which no fixed sliding pool reproduces; pass an input_size whose feature map is "
+            f"a multiple of {kh}x{kw}"
+        )
+    return HeadStep(node.name, "adaptive_pool", detail, reduce=value.reduce, pool_to=(kh, kw))
+
+
+def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
+                 ins: list[Value], where: str) -> HeadStep:
+    """Steps on pooled / vector values."""
+    vector = src.kind == "vector"
+    if isinstance(module, nn.BatchNorm1d) and vector:
+        return HeadStep(node.name, "batchnorm", "BatchNorm1d -> BatchNorm2d")
+    if isinstance(module, nn.LayerNorm) or name == "layer_norm":
+        shape = module.normalized_shape if module is not None else arg(node, 1, "normalized_shape")
+        if len(tuple(shape)) != 1:
+            raise NotConvolutionalizable(f"{where} normalizes over {tuple(shape)}; only a "
+                                         "LayerNorm over the feature dimension can slide")
+        if vector:
+            return HeadStep(node.name, "layernorm", "LayerNorm -> LayerNorm over channels")
+        if src.axes is not None and src.axes[1] != 3:  # pooled NHWC: channels last already
+            return HeadStep(node.name, "keep", "LayerNorm over channels (per location)")
+    if name in ("softmax", "log_softmax", "Softmax", "LogSoftmax") and vector:
+        dim = module.dim if module is not None else arg(node, 1, "dim")
+        if dim in (1, -1):
+            return HeadStep(node.name, "softmax", f"{name} over classes -> over channels")
+    if name == "cat" and all(v.kind == src.kind for v in ins):
+        dim = arg(node, 1, "dim", 0)
+        if vector and dim in (1, -1):
+            return HeadStep(node.name, "concat", "concat features -> concat channels")
+        if not vector and src.axes is not None and dim == 1 and src.axes == (2, 3):
+            return HeadStep(node.name, "keep", "concat channels")
+    if isinstance(module, ELEMENTWISE_MODULES) or name in ELEMENTWISE:
+        if _constant_operand(node):
+            raise NotConvolutionalizable(f"{where} combines the features with a constant "
+                                         "tensor; it cannot broadcast over a map")
+        return HeadStep(node.name, "keep", f"{name} (elementwise)")
+    if not vector and _per_location_module(module):
+        return HeadStep(node.name, "keep", f"{name} (per location)")
+    if not vector and name in ("permute", "transpose", "contiguous"):
+        return HeadStep(node.name, "keep", f"{name}")
+    raise NotConvolutionalizable(
+        f"{where} has no known per-location equivalent on a {src.kind} tensor; "
+        "supported head operations: pooling, flatten, Linear, BatchNorm1d, LayerNorm, "
+        "softmax, concat and elementwise activations/dropout"
+    )
+
+
+def _per_location_module(module: nn.Module | None) -> bool:
+    """Modules that act on each location of a pooled (1x1) map the same way at any size."""
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in (
+            (0, 0), "valid")
+    return isinstance(module, (nn.BatchNorm2d, *ELEMENTWISE_MODULES)) or (
+        module is not None and type(module).__name__ in ("BatchNormAct2d", "LayerNorm2d"))
+
+
+def _constant_operand(node: fx.Node) -> bool:
+    """True when an elementwise op mixes in a non-scalar constant tensor (a get_attr)."""
+    for n in input_nodes(node):
+        if n.op == "get_attr":
+            shape = shape_of(n)
+            if shape is not None and math.prod(shape) > 1:
+                return True
+    return False

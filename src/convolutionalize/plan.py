@@ -1,0 +1,87 @@
+"""HeadPlan: the framework-neutral description of a classifier's head.
+
+Analysis (a framework adapter's ``find_head``) produces a plan; rewriting (the same
+adapter's ``rewrite``) consumes it; ``inspect``, geometry and FLOP estimates read it.
+A plan names the feature map where the head starts and lists, in graph order, what
+happens to each head operation when the head is made convolutional.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["FeatureMap", "HeadPlan", "HeadStep", "StepOp"]
+
+StepOp = Literal[
+    "global_pool",  # global avg/max pool -> stride-1 window pool, dropped, or kept (by pool mode)
+    "adaptive_pool",  # AdaptiveAvgPool2d(k) before a flatten -> identity or the fixed pool it equals
+    "flatten",  # flatten / view / reshape / squeeze to a vector -> removed, the map stays 4-D
+    "linear",  # Linear/Dense/Gemm -> Conv (kernel = flattened map size, or 1x1)
+    "batchnorm",  # BatchNorm over features -> per-channel BatchNorm over the map
+    "layernorm",  # LayerNorm over features -> LayerNorm over channels at each location
+    "softmax",  # softmax / log-softmax over features -> over channels
+    "concat",  # concatenation of feature vectors -> of maps along channels
+    "keep",  # elementwise or per-location operation: unchanged
+]
+
+
+@dataclass(frozen=True)
+class FeatureMap:
+    """The last spatial map before the head, at the native input size."""
+
+    node: str
+    channels: int
+    size: tuple[int, int]
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+
+@dataclass(frozen=True)
+class HeadStep:
+    """One head operation and what the conversion does with it.
+
+    ``kernel`` is set for ``linear`` steps (the conv kernel size), ``reduce`` for pools
+    (``"avg"`` or ``"max"``), ``pool_to`` for adaptive pools (their output size).
+    """
+
+    node: str
+    op: StepOp
+    detail: str
+    kernel: tuple[int, int] | None = None
+    reduce: Literal["avg", "max"] | None = None
+    pool_to: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    """Everything the rewrite needs to know, and nothing framework-specific."""
+
+    framework: str
+    input_size: tuple[int, int]
+    in_channels: int
+    feature: FeatureMap
+    steps: tuple[HeadStep, ...]
+
+    @property
+    def global_pooling(self) -> bool:
+        """True when the head averages or maxes away the whole feature map (a GAP head)."""
+        return any(step.op == "global_pool" for step in self.steps)
+
+    @property
+    def adaptive_pool(self) -> HeadStep | None:
+        return next((s for s in self.steps if s.op == "adaptive_pool"), None)
+
+    def steps_of(self, op: StepOp) -> list[HeadStep]:
+        return [step for step in self.steps if step.op == op]
+
+    def describe(self) -> str:
+        """A human-readable table of the head (used by ``convolutionalize inspect``)."""
+        f = self.feature
+        lines = [
+            f"feature map: '{f.node}' {f.channels}x{f.size[0]}x{f.size[1]} ({f.layout}) "
+            f"at input {self.in_channels}x{self.input_size[0]}x{self.input_size[1]}",
+            "head:",
+        ]
+        width = max((len(step.node) for step in self.steps), default=0)
+        lines += [f"  {step.node:<{width}}  {step.op:<13}  {step.detail}" for step in self.steps]
+        return "\n".join(lines)
