@@ -6,6 +6,7 @@ from typing import get_args
 
 from torch import nn
 
+from .frameworks.torch_layers import ConvolutionalizedModule
 from .geometry import Geometry, PoolMode
 
 __all__ = ["check_pool", "convolutionalize", "geometry_of"]
@@ -24,7 +25,7 @@ def convolutionalize(
     input_size: int | tuple[int, int] | None = None,
     *,
     pool: PoolMode = "window",
-) -> nn.Module:
+) -> ConvolutionalizedModule:
     """Rewrite a classifier's fully-connected head into equivalent convolutions.
 
     Args:

@@ -26,7 +26,7 @@ __all__ = ["BodyGeometry", "body_geometry"]
 CONVS = ("Conv2d", "conv2d", "MaxPool2d", "max_pool2d", "AvgPool2d", "avg_pool2d",
          "max_pool2d_with_indices", "Conv2dSame", "StdConv2d", "StdConv2dSame",
          "ScaledStdConv2d", "ScaledStdConv2dSame", "MaxPool2dSame", "AvgPool2dSame",
-         "CondConv2d")
+         "CondConv2d", "ConvMlp")
 GLOBAL_OPS = frozenset({"GroupNorm", "group_norm", "InstanceNorm2d", "instance_norm",
                         "AdaptiveAvgPool2d", "adaptive_avg_pool2d", "AdaptiveMaxPool2d",
                         "adaptive_max_pool2d", "MultiheadAttention",
@@ -35,7 +35,7 @@ SHAPE_KEEPING = frozenset({"getitem", "chunk", "split", "cat", "permute", "trans
                            "reshape", "flatten", "unflatten", "BatchNorm2d", "BatchNormAct2d",
                            "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "ChannelShuffle",
                            "StochasticDepth", "stochastic_depth", "drop_path", "DropPath",
-                           "LayerScale", "LayerScale2d", "ConvMlp", "Flatten"})
+                           "LayerScale", "LayerScale2d", "Flatten"})
 
 
 @dataclass
@@ -79,6 +79,8 @@ def _window(node: fx.Node, name: str, modules: dict[str, nn.Module]):
     """(kernel, stride, padding, dilation, ceil_mode, same) of a conv or pool node."""
     if node.op == "call_module":
         m = modules[str(node.target)]
+        if name == "ConvMlp":  # timm's leaf: a conv "fc1" (the old fc6 as a 7x7 conv), then 1x1
+            m = m.fc1
         kernel = _pair(m.kernel_size)
         stride = _pair(m.stride or m.kernel_size)
         padding = m.padding
@@ -159,11 +161,21 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
             geo.padded.append(node.name)
         return (ys.conv(kernel[0], stride[0], pad[0], dil[0]),
                 xs.conv(kernel[1], stride[1], pad[1], dil[1]))
+    if name == "getitem" and isinstance(node.args[1], tuple) and src.axes and in_shape:
+        index = _expand_index(node.args[1], len(in_shape))
+        if index is None:
+            geo.unproven.append(node.name)
+            return ys, xs
+        ay, ax = src.axes
+        if all(isinstance(index[a], slice) and index[a].stop is None for a in (ay, ax)):
+            return _slice_span(ys, index[ay]), _slice_span(xs, index[ax])
+        geo.unproven.append(node.name)
+        return ys, xs
     if name == "pad":
         pads = list(arg(node, 1, "pad", ()))
         if any(pads):
             geo.padded.append(node.name)
-        left, top = (pads + [0, 0, 0, 0])[0], (pads + [0, 0, 0, 0])[2]
+        left, _, top = [*pads, 0, 0, 0, 0][:3]
         return Span(ys.lo - top * ys.jump, ys.hi, ys.jump), Span(xs.lo - left * xs.jump, xs.hi,
                                                                   xs.jump)
     if name in GLOBAL_OPS or (src.kind == "map" and value.kind != "map"):
@@ -171,10 +183,32 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
         return ys, xs
     if any(values[n].kind != "map" for n in ins):  # the pooled branch, or its gating product
         return ys, xs
-    if _channelwise(node, name, module, src):
+    if not _channelwise(node, name, module, src):
+        geo.unproven.append(node.name)
+    return _resampled(node, src, value, in_shape, out_shape, ys, xs, geo)
+
+
+def _resampled(node: fx.Node, src: Value, value: Value, in_shape, out_shape, ys: Span, xs: Span,
+               geo: BodyGeometry) -> tuple[Span, Span]:
+    """Spans through an operation not known to resample; if its output's spatial size shows
+    that it does (a wrapped patch-merging function, say), scale the cell spacing by the
+    measured ratio and record that locality is not proven."""
+    if not (in_shape and out_shape and src.axes and value.axes):
         return ys, xs
-    geo.unproven.append(node.name)
-    return ys, xs
+    ratios = [in_shape[a] / out_shape[b] for a, b in zip(src.axes, value.axes)]
+    if ratios == [1.0, 1.0]:
+        return ys, xs
+    if node.name not in geo.unproven:
+        geo.unproven.append(node.name)
+    return _rescale(ys, ratios[0]), _rescale(xs, ratios[1])
+
+
+def _rescale(span: Span, ratio: float) -> Span:
+    """Cell spacing times ``ratio`` (in/out size): > 1 downsamples, < 1 upsamples."""
+    if ratio >= 1:
+        return Span(span.lo, span.hi, span.jump * round(ratio))
+    factor = round(1 / ratio)
+    return Span(span.lo, span.hi, max(1, span.jump // factor))
 
 
 def _channelwise(node: fx.Node, name: str, module: nn.Module | None, src: Value) -> bool:
@@ -190,12 +224,7 @@ def _channelwise(node: fx.Node, name: str, module: nn.Module | None, src: Value)
     if name in ("softmax", "log_softmax", "Softmax"):
         dim = module.dim if module is not None else arg(node, 1, "dim")
         return isinstance(dim, int) and src.axes is not None and dim % 4 not in src.axes
-    if name in ("getitem",):
-        index = node.args[1]
-        if isinstance(index, tuple):
-            return src.axes is None or all(
-                not (isinstance(i, slice) and i != slice(None)) for a, i in enumerate(index)
-                if a in src.axes)
+    if name == "getitem":  # an element of a tuple (chunk, split), or a channel index
         return True
     return name in SHAPE_KEEPING
 
@@ -206,3 +235,21 @@ def _ceil_took_effect(in_shape, out_shape, axes, kernel, stride, pad, dil) -> bo
         if out_shape[a] != floor_out:
             return True
     return False
+
+
+def _expand_index(index: tuple, rank: int) -> list[object] | None:
+    """A getitem index with ``...`` expanded to one entry per axis (None if not simple)."""
+    if any(i is None or not isinstance(i, (slice, int, type(Ellipsis))) for i in index):
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        fill = [slice(None)] * (rank - len(index) + 1)
+        return [*index[:at], *fill, *index[at + 1:]]
+    return [*index, *([slice(None)] * (rank - len(index)))]
+
+
+def _slice_span(span: Span, index: object) -> Span:
+    """Span after ``x[start::step]`` along a spatial axis (cell i is old cell start + i*step)."""
+    assert isinstance(index, slice)
+    start, step = index.start or 0, index.step or 1
+    return Span(span.lo + start * span.jump, span.hi + start * span.jump, span.jump * step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,11 +47,11 @@ ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
 
 
 def _timm_tracer_options() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
-    """timm's own fx leaf modules and autowrapped functions, when timm is installed."""
-    try:
-        from timm.layers import _fx as timm_fx
-    except ImportError:
+    """timm's own fx leaf modules and autowrapped functions, when timm is in use."""
+    if "timm" not in sys.modules:  # a timm model implies timm is imported; don't pay for it
         return set(), ()
+    from timm.layers import _fx as timm_fx
+
     functions = tuple(f for f in timm_fx.get_notrace_functions() if callable(f))
     return set(timm_fx.get_notrace_modules()), functions
 
@@ -61,7 +62,10 @@ class _Tracer(fx.Tracer):
         super().__init__(autowrap_functions=autowrap)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) in self.extra_leaves or super().is_leaf_module(m, qualname)
+        # Linear subclasses (timm's Linear calls F.linear) stay modules: the head rewrite
+        # swaps modules, and a Linear's meaning does not depend on its subclass.
+        return (type(m) in self.extra_leaves or isinstance(m, nn.Linear)
+                or super().is_leaf_module(m, qualname))
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -156,9 +160,15 @@ def replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def first_in_channels(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> int | None:
-    """Input channels of the first convolution in graph order (the image channels)."""
+def first_in_channels(gm: fx.GraphModule, modules: dict[str, nn.Module],
+                      input_size: tuple[int, int]) -> int | None:
+    """The image channels: of the first convolution in graph order or, for a model that is
+    only a head (Flatten -> Linear), of the first Linear's input over the input area."""
+    area = input_size[0] * input_size[1]
     for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
+            n_in = modules[node.target].in_features
+            return n_in // area if n_in % area == 0 else None
         if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
             return int(modules[node.target].in_channels)
         if node.op == "call_module" and hasattr(modules[node.target], "in_chans"):

@@ -85,7 +85,8 @@ def _pool_of(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
                        if node.op == "call_module" else arg(node, 1, "kernel_size"))
         padding = _pair(getattr(modules.get(str(node.target)), "padding", 0)
                         if node.op == "call_module" else arg(node, 3, "padding", 0))
-        if kernel == spatial_in and padding == (0, 0):
+        flattened = all(op_name(u, modules) in FLATTENS for u in node.users)
+        if kernel == spatial_in and padding == (0, 0) and flattened:
             return Value("pooled", (2, 3), reduce=windowed[name])  # type: ignore[arg-type]
     return None
 

@@ -46,11 +46,18 @@ def native_input_size(model: nn.Module, input_size: object) -> tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
-def _in_channels(model: nn.Module, gm: fx.GraphModule, modules: dict[str, nn.Module]) -> int:
+def _in_channels(model: nn.Module, gm: fx.GraphModule, modules: dict[str, nn.Module],
+                 input_size: tuple[int, int]) -> int:
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return int(cfg["input_size"][0])
-    return g.first_in_channels(gm, modules) or 3
+    channels = g.first_in_channels(gm, modules, input_size)
+    if channels is None:
+        raise NotConvolutionalizable(
+            f"cannot tell how many image channels {type(model).__name__} takes: it has no "
+            "Conv2d and its first Linear does not divide by the input area"
+        )
+    return channels
 
 
 class Analysis:
@@ -60,12 +67,12 @@ class Analysis:
         private = copy.deepcopy(model).eval()
         self.gm = g.trace(private)
         self.modules = dict(self.gm.named_modules())
-        self.in_channels = _in_channels(model, self.gm, self.modules)
+        self.in_channels = _in_channels(model, self.gm, self.modules, input_size)
         param = next(private.parameters(), None)
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
         device = param.device if param is not None else torch.device("cpu")
         gen = torch.Generator().manual_seed(0)
-        self.example = torch.randn(2, self.in_channels, *input_size, generator=gen).to(device, dtype)
+        self.example = torch.randn(1, self.in_channels, *input_size, generator=gen).to(device, dtype)
         try:
             self.expected = g.propagate_shapes(self.gm, self.example)
         except Exception as exc:

@@ -1,0 +1,280 @@
+"""The ``convolutionalize`` command line: inspect, convert and verify a classifier.
+
+Each subcommand parses its options, calls the library, prints what it returned and
+answers with an exit code: 0 success, 1 a verification failed, 2 bad input (an unknown
+model, unreadable weights, a model that cannot be converted, a bad option value, an
+unwritable output), reported as one ``convolutionalize: error: ...`` line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import NoReturn, get_args
+
+from torch import nn
+
+from . import __version__
+from .api import convolutionalize
+from .export import FORMATS, save
+from .flops import FlopComparison, compare_flops
+from .frameworks.torch_layers import ConvolutionalizedModule
+from .geometry import PoolMode
+from .models import default_input_size, load_model
+from .verify import VerifyReport, verify
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+PROG = "convolutionalize"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already reported
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    command: Callable[[argparse.Namespace], int] = args.command
+    with _diagnostics(args.verbose):
+        try:
+            return command(args)
+        except (ValueError, TypeError, OSError) as exc:  # NotConvolutionalizable is a ValueError
+            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+
+
+# --------------------------------------------------------------------------- subcommands
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    model, fcn = _convert(args)
+    flops = None if args.image_size is None else compare_flops(model, fcn, tuple(args.image_size))
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"model: {_label(args.model)} ({type(model).__name__}, {parameters:,} parameters)")
+    print(fcn.plan.describe())
+    print(fcn.geometry.describe())
+    print(_native_error_line(fcn))
+    if flops is not None:
+        print(_flops_lines(flops))
+    return EXIT_OK
+
+
+def _convert_command(args: argparse.Namespace) -> int:
+    _, fcn = _convert(args)
+    path = save(fcn, args.output)
+    geometry = fcn.geometry
+    (h, w), (sy, sx) = geometry.input_size, geometry.stride
+    classes = fcn.output_size(h, w)[0]
+    output = f"N x {classes}" if geometry.pool == "global" else (
+        f"N x {classes} x rows x cols, cell window {geometry.window[0]}x{geometry.window[1]} "
+        f"stride {sy}x{sx}")
+    print(f"wrote {path} ({path.suffix.lstrip('.')}, pool={geometry.pool}): input "
+          f"N x {fcn.plan.in_channels} x H x W (H >= {h}, W >= {w}) -> output {output}")
+    return EXIT_OK
+
+
+def _verify_command(args: argparse.Namespace) -> int:
+    model = load_model(args.model, args.weights)
+    report = verify(
+        model,
+        _input_size(args, model),
+        pool=args.pool,
+        image_size=None if args.image_size is None else tuple(args.image_size),
+        samples=args.samples,
+        seed=args.seed,
+    )
+    print(_verify_lines(report, args.seed))
+    return EXIT_OK if report.passed else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _convert(args: argparse.Namespace) -> tuple[nn.Module, ConvolutionalizedModule]:
+    model = load_model(args.model, args.weights)
+    fcn = convolutionalize(model, _input_size(args, model), pool=args.pool)
+    if not isinstance(fcn, ConvolutionalizedModule):
+        raise TypeError(f"expected a converted PyTorch module, got {type(fcn).__name__}")
+    return model, fcn
+
+
+def _input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int] | None:
+    if args.input_size is not None:
+        return (args.input_size[0], args.input_size[1])
+    return default_input_size(args.model, model)
+
+
+def _label(spec: str) -> str:
+    """The model as named on the command line; a file by its name only."""
+    source, _, name = spec.partition(":")
+    return spec if source in ("torchvision", "timm") and name else Path(spec).name
+
+
+def _native_error_line(fcn: ConvolutionalizedModule) -> str:
+    h, w = fcn.geometry.input_size
+    if fcn.native_error is None:
+        return f"native error: not measured (pool={fcn.geometry.pool} has no native-size equality)"
+    return f"native error: {fcn.native_error:.1e} (max relative, converted vs original at {h}x{w})"
+
+
+def _flops_lines(flops: FlopComparison) -> str:
+    height, width = flops.image_size
+    if len(flops.map_size) == 3:
+        classes, rows, cols = flops.map_size
+        shape = f"{rows}x{cols} cells x {classes} classes"
+    else:
+        shape = " x ".join(map(str, flops.map_size))
+    return "\n".join([
+        f"image: {height}x{width}  map: {shape}  windows: {flops.windows}",
+        f"FLOPs dense:        {_si(flops.dense)}  ({flops.dense:,}: the converted model, "
+        "one pass over the image)",
+        f"FLOPs crop by crop: {_si(flops.crop_by_crop)}  ({flops.crop_by_crop:,}: the original "
+        f"on {flops.windows} windows, {_si(flops.per_crop)} each)",
+        f"ratio: {flops.ratio:.1f}x (crop by crop / dense)",
+    ])
+
+
+def _verify_lines(report: VerifyReport, seed: int) -> str:
+    h, w = report.geometry.input_size
+    lines = [f"native error: {report.native_error:.1e} (converted vs original at {h}x{w})"]
+    if report.crop_error is None:
+        lines.append(f"crop error: not measured (pool={report.geometry.pool} scores no windows)")
+    else:
+        height, width = report.image_size
+        note = "" if report.crop_equivalent else "; informational: cells see context crops lack"
+        lines.append(f"crop error: {report.crop_error:.1e} ({report.samples} cells of a "
+                     f"{height}x{width} image, seed {seed}{note})")
+    lines.append(f"crop equivalent: {'yes' if report.crop_equivalent else 'no'}")
+    lines += [f"  - {note}" for note in report.geometry.notes]
+    lines.append(f"tolerance: {report.tolerance:.0e}")
+    lines.append("PASS" if report.passed else "FAIL")
+    return "\n".join(lines)
+
+
+def _si(count: int) -> str:
+    """``1.23 G``: a count at a glance."""
+    value, unit = float(count), ""
+    for prefix in ("K", "M", "G", "T", "P"):
+        if value < 1000:
+            break
+        value, unit = value / 1000, prefix
+    return f"{value:.3g} {unit}".rstrip()
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _diagnostics(verbose: bool) -> Iterator[None]:
+    """Library log messages and Python warnings on stderr with ``--verbose``, else neither."""
+    logger = logging.getLogger(__package__ or PROG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
+    saved = logger.level
+    if verbose:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            if not verbose:
+                warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one ``convolutionalize: error:`` line and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {' '.join(message.split())}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative integer")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Rewrite a classifier's fully-connected head into "
+                     "exactly equivalent convolutions, so it runs densely over images of any size.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+    common = _common_options()
+
+    inspect = sub.add_parser("inspect", parents=[common], help="show the head, the geometry "
+                             "and, with --image-size, FLOPs dense vs crop by crop")
+    _image_size_option(inspect, "also count FLOPs on an image of this size")
+    inspect.set_defaults(command=_inspect)
+
+    convert = sub.add_parser("convert", parents=[common], help="convert and save the model "
+                             f"({', '.join(FORMATS)}) with dynamic height and width")
+    convert.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
+                         help="output file; its suffix picks the format: .onnx (ONNX), .pt2 "
+                         "(torch.export), .pt (torch.save of the whole module)")
+    convert.set_defaults(command=_convert_command)
+
+    check = sub.add_parser("verify", parents=[common], help="measure the converted model "
+                           "against the original; exit 1 when it fails")
+    check.add_argument("--samples", type=_positive_int, default=8, metavar="K",
+                       help="map cells compared with crops (default: 8)")
+    _image_size_option(check, "image size for the crop check (default: native + 3 strides)")
+    check.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+                       help="random seed for the image and the cells (default: 0)")
+    check.set_defaults(command=_verify_command)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, or a "
+                        ".pt/.pth file holding a whole pickled nn.Module (torch.save(model); "
+                        "loading it runs its pickled code)")
+    common.add_argument("--weights", metavar="W", help="'random', a state_dict file, or a "
+                        "torchvision weights name (default: the pretrained weights, "
+                        "downloaded once)")
+    common.add_argument("--input-size", nargs=2, type=_positive_int, metavar=("H", "W"),
+                        help="native (training) input size (default: the model's own; 224 "
+                        "for most torchvision models, 299 for inception_v3)")
+    common.add_argument("-v", "--verbose", action="store_true",
+                        help="show progress messages and library warnings on stderr")
+    common.add_argument("--pool", choices=get_args(PoolMode), default="window",
+                        help="global pooling becomes: window (a stride-1 pool, cell = the "
+                        "classifier on a native-size window; default), none (per feature "
+                        "cell, CAM), global (one prediction per image)")
+    return common
+
+
+def _image_size_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    parser.add_argument("--image-size", nargs=2, type=_positive_int, metavar=("H", "W"),
+                        help=help_text)

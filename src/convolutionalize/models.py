@@ -1,0 +1,371 @@
+"""Model specs: turn a command-line model name into a PyTorch classifier.
+
+A spec names where a model comes from:
+
+- ``torchvision:NAME`` -- ``torchvision.models.get_model(NAME)``;
+- ``timm:NAME`` -- ``timm.create_model(NAME)``;
+- a path to a ``.pt`` / ``.pth`` file holding a whole pickled ``nn.Module``
+  (``torch.save(model, path)``).
+
+Weights are ``None`` (the pretrained default, which may need a download), ``"random"``
+(the architecture's random initialisation), a torchvision weights name such as
+``"IMAGENET1K_V2"``, or a path to a ``state_dict`` file loaded strictly into the named
+architecture. Nothing here waits on an unreachable network: when pretrained weights are
+not cached and their host does not answer within seconds, loading fails at once with a
+``ValueError`` that says how to go on without them. Every failure a caller can fix is a
+one-line ``ValueError`` (or ``NotConvolutionalizable`` for TorchScript archives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import socket
+import zipfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+from urllib.request import getproxies
+
+import torch
+from torch import nn
+
+from .errors import NotConvolutionalizable
+
+__all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
+
+logger = logging.getLogger(__name__)
+
+MODEL_SUFFIXES = (".pt", ".pth")
+RANDOM = "random"
+DEFAULT_INPUT_SIZE = (224, 224)
+PROBE_TIMEOUT_S = 3.0  # how long a weights host may take to answer before we call it offline
+DOWNLOAD_TIMEOUT_S = 30.0  # socket timeout while downloading, so a stalled transfer fails
+
+_SPEC_HELP = "use torchvision:NAME, timm:NAME or a path to a .pt/.pth file holding an nn.Module"
+_OFFLINE_HINT = (
+    "pass --weights random (random initialisation) or --weights PATH (a state_dict file)"
+)
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """The model that ``spec`` names, with ``weights`` loaded, in eval mode, on the CPU.
+
+    Raises:
+        ValueError: unknown model name, missing or unreadable file, weights that do not
+            fit the architecture, or pretrained weights that cannot be downloaded.
+        NotConvolutionalizable: the file is a TorchScript archive, which torch.fx cannot
+            trace.
+    """
+    source, _, name = spec.partition(":")
+    if source == "torchvision" and name:
+        model = _torchvision_model(name, weights)
+    elif source == "timm" and name:
+        model = _timm_model(name, weights)
+    else:
+        model = _file_model(Path(spec), weights)
+    logger.info("loaded %s (%s)", spec, type(model).__name__)
+    return model.eval()
+
+
+def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
+    """The native input size to assume for ``spec`` when the user gives none.
+
+    torchvision: the crop size of the architecture's default pretrained weights (299 for
+    ``inception_v3``), else 224. timm models and models carrying a ``pretrained_cfg``:
+    ``None``, the converter reads the size from the model.
+
+    Raises:
+        ValueError: a model file that does not record its native size.
+    """
+    source, _, name = spec.partition(":")
+    if source == "torchvision" and name:
+        return _torchvision_crop_size(name)
+    if (source == "timm" and name) or isinstance(getattr(model, "pretrained_cfg", None), dict):
+        return None
+    raise ValueError(
+        f"{spec} does not record its native (training) input size; pass --input-size H W"
+    )
+
+
+# --------------------------------------------------------------------------- torchvision
+
+
+def _torchvision_model(name: str, weights: str | None) -> nn.Module:
+    import torchvision.models as tvm
+
+    if name not in tvm.list_models():
+        raise ValueError(
+            f"unknown torchvision model {name!r}; list the names with: python -c "
+            "'import torchvision; print(torchvision.models.list_models())'"
+        )
+    if weights == RANDOM:
+        return tvm.get_model(name, weights=None)
+    if weights is not None and _is_path(weights):
+        return _load_state_dict(tvm.get_model(name, weights=None), Path(weights),
+                                f"torchvision:{name}")
+    chosen = _torchvision_weights(name, weights or "DEFAULT")
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(chosen.url).path).name
+    if not cached.is_file() and not _reachable(chosen.url):
+        raise ValueError(
+            f"cannot download the pretrained weights of torchvision:{name} (no network); "
+            + _OFFLINE_HINT
+        )
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            return tvm.get_model(name, weights=chosen)
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(
+            f"cannot load the pretrained weights of torchvision:{name}: {_first_line(exc)}; "
+            + _OFFLINE_HINT
+        ) from exc
+
+
+def _torchvision_weights(name: str, weights: str) -> Any:
+    """The weights enum member ``weights`` (e.g. ``DEFAULT``, ``IMAGENET1K_V2``) of ``name``."""
+    import torchvision.models as tvm
+
+    try:
+        enum = tvm.get_model_weights(name)
+    except (ValueError, KeyError) as exc:
+        raise ValueError(f"torchvision:{name} has no pretrained weights; {_OFFLINE_HINT}") from exc
+    try:
+        return enum[weights]
+    except KeyError:
+        choices = ", ".join(["DEFAULT", *(member.name for member in enum)])
+        raise ValueError(
+            f"unknown weights {weights!r} for torchvision:{name}: use one of {choices}, "
+            f"{RANDOM!r}, or a path to a state_dict file"
+        ) from None
+
+
+def _torchvision_crop_size(name: str) -> tuple[int, int]:
+    import torchvision.models as tvm
+
+    try:
+        transforms = tvm.get_model_weights(name).DEFAULT.transforms
+    except (ValueError, KeyError, AttributeError):
+        return DEFAULT_INPUT_SIZE
+    crop = getattr(transforms, "keywords", {}).get("crop_size")
+    if isinstance(crop, int):
+        return (crop, crop)
+    if isinstance(crop, (list, tuple)) and len(crop) in (1, 2):
+        return (int(crop[0]), int(crop[-1]))
+    return DEFAULT_INPUT_SIZE
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_model(name: str, weights: str | None) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:
+        raise ValueError("timm models need timm: pip install 'convolutionalize[timm]'") from exc
+    if not timm.is_model(name):
+        raise ValueError(
+            f"unknown timm model {name!r}; list the names with: python -c "
+            "'import timm; print(timm.list_models())'"
+        )
+    if weights == RANDOM:
+        return timm.create_model(name, pretrained=False)
+    if weights is not None and _is_path(weights):
+        return _load_state_dict(timm.create_model(name, pretrained=False), Path(weights),
+                                f"timm:{name}")
+    if weights is not None:
+        raise ValueError(
+            f"timm models name their pretrained weights in the model name "
+            f"(timm:{name}.TAG), not with --weights {weights}"
+        )
+    return _timm_pretrained(name)
+
+
+def _timm_pretrained(name: str) -> nn.Module:
+    """``timm.create_model(name, pretrained=True)``: from the local cache when there, else
+    downloaded, but only when the Hugging Face Hub answers (timm retries for a minute)."""
+    import timm
+
+    try:
+        with _hf_offline():
+            return timm.create_model(name, pretrained=True)
+    except OSError:
+        logger.info("timm:%s weights are not cached", name)
+    except RuntimeError as exc:  # timm: "No pretrained weights exist for ..."
+        raise ValueError(f"timm:{name}: {_first_line(exc)}; {_OFFLINE_HINT}") from exc
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if not _reachable(endpoint):
+        raise ValueError(
+            f"cannot download the pretrained weights of timm:{name} (no network); {_OFFLINE_HINT}"
+        )
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
+            return timm.create_model(name, pretrained=True)
+    except (OSError, RuntimeError) as exc:
+        raise ValueError(
+            f"cannot load the pretrained weights of timm:{name}: {_first_line(exc)}; "
+            + _OFFLINE_HINT
+        ) from exc
+
+
+@contextlib.contextmanager
+def _hf_offline() -> Iterator[None]:
+    """Make the Hugging Face Hub client read only its local cache."""
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _file_model(path: Path, weights: str | None) -> nn.Module:
+    if path.suffix.lower() not in MODEL_SUFFIXES and not path.is_file():
+        raise ValueError(f"unknown model {str(path)!r}: {_SPEC_HELP}")
+    if not path.is_file():
+        raise ValueError(f"model file {path} not found")
+    if weights == RANDOM:
+        raise ValueError(
+            f"--weights {RANDOM} does not apply to the model file {path.name}: its weights "
+            "are in the file"
+        )
+    if _is_torchscript(path):
+        _check_torchscript(path)
+        raise NotConvolutionalizable(
+            f"{path.name} is a TorchScript archive, which torch.fx cannot trace; save the "
+            "nn.Module itself with torch.save(model, path) instead"
+        )
+    obj = _unpickle(path)
+    if isinstance(obj, Mapping):
+        raise ValueError(
+            f"{path.name} holds a mapping (a state_dict?), not an nn.Module: pass the "
+            f"architecture as torchvision:NAME or timm:NAME and this file as --weights {path}"
+        )
+    if not isinstance(obj, nn.Module):
+        raise ValueError(f"{path.name} holds no nn.Module (type {type(obj).__name__})")
+    if weights is not None:
+        return _load_state_dict(obj, Path(weights), path.name)
+    return obj
+
+
+def _unpickle(path: Path) -> object:
+    """A whole pickled object (the user's own file: unpickling may run its code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
+        raise ValueError(f"cannot read the model file {path}: {_first_sentence(exc)}") from exc
+    except (AttributeError, ImportError) as exc:
+        raise ValueError(
+            f"cannot unpickle {path.name}: {_first_line(exc)}; the module that defines the "
+            "model's class must be importable"
+        ) from exc
+
+
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _check_torchscript(path: Path) -> None:
+    try:
+        torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as exc:
+        raise ValueError(f"cannot read the TorchScript file {path}: {_first_line(exc)}") from exc
+
+
+# --------------------------------------------------------------------------- state dicts
+
+
+def _load_state_dict(model: nn.Module, path: Path, label: str) -> nn.Module:
+    """``model`` with the state_dict in ``path`` loaded strictly."""
+    if not path.is_file():
+        raise ValueError(f"weights file {path} not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
+        raise ValueError(
+            f"cannot read the weights file {path} (expected a state_dict saved with "
+            f"torch.save): {_first_sentence(exc)}"
+        ) from exc
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds no state_dict (type {type(state).__name__})")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"the weights in {path} do not fit {label}: {_mismatch(model, state, exc)}"
+        ) from exc
+    return model
+
+
+def _mismatch(model: nn.Module, state: Mapping[str, Any], exc: RuntimeError) -> str:
+    """A one-line summary of what ``load_state_dict`` found wrong."""
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    parts = [f"{label} {len(keys)} keys ({_some(keys)})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if parts:
+        return "; ".join(parts)
+    sizes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+    return sizes[0] if sizes else _first_line(exc)
+
+
+def _some(keys: list[str], shown: int = 3) -> str:
+    return ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_path(weights: str) -> bool:
+    """Whether a ``--weights`` value names a file rather than a weights name."""
+    return os.sep in weights or "." in weights or Path(weights).exists()
+
+
+def _reachable(url: str) -> bool:
+    """Whether ``url``'s host (or the configured HTTPS proxy) accepts a connection quickly."""
+    target = urlparse(getproxies().get(urlparse(url).scheme) or url)
+    host = target.hostname
+    if host is None:
+        return False
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        logger.info("%s:%s is not reachable", host, port)
+        return False
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(saved)
+
+
+def _first_sentence(exc: BaseException) -> str:
+    line = _first_line(exc)
+    return line.split(". ")[0].rstrip(".")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,58 @@
+"""Shared test settings: deterministic hypothesis, a fixed thread count, helpers."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+from hypothesis import settings
+from torch import nn
+
+settings.register_profile("deterministic", derandomize=True, deadline=None, print_blob=True)
+settings.load_profile("deterministic")
+torch.set_num_threads(2)
+
+
+def fingerprint(model: nn.Module) -> tuple[str, bool, str]:
+    """Structure, mode and weights of a model, to prove a conversion left it alone."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+                      if tensor.numel() else b"")
+    modes = "".join("T" if m.training else "E" for m in model.modules())
+    return repr(model), model.training, digest.hexdigest() + modes
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def flattened_linears(fcn: nn.Module, input_size: tuple[int, int], in_channels: int = 3) -> list[str]:
+    """Names of Linear layers that still consume a flat (N, features) tensor.
+
+    The structural half of every conversion test: after conversion no Linear may read a
+    flattened or pooled vector (per-pixel Linears inside a backbone read 4-D tensors).
+    """
+    found: list[str] = []
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], name: str) -> None:
+        if args[0].dim() <= 2:
+            found.append(name)
+
+    handles = [m.register_forward_pre_hook(lambda mod, a, n=n: hook(mod, a, n))
+               for n, m in fcn.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        with torch.no_grad():
+            fcn(torch.randn(1, in_channels, *input_size))
+    finally:
+        for h in handles:
+            h.remove()
+    return found
+
+
+@pytest.fixture
+def seeded() -> None:
+    torch.manual_seed(0)
