@@ -55,9 +55,6 @@ def fc_stack(seed: int) -> nn.Sequential:
         nn.ReLU(),
         nn.Linear(HIDDEN, CLASSES),
     ).eval()
-    # The model has no convolution from which its input channel count could be read, so it
-    # declares its input shape (C, H, W) the way timm models do.
-    model.pretrained_cfg = {"input_size": (CHANNELS, *SIZE)}
     return model
 
 

@@ -85,8 +85,6 @@ def fc_as_1x1(gen: torch.Generator, checks: dict[str, bool]) -> None:
     """(a) Linear(N, M) on a feature vector == Conv2d(N, M, 1) on an N x 1 x 1 map."""
     print(f"== (a) Linear({FEATURES}, {OUTPUTS}) on a feature vector ==")
     model = nn.Sequential(nn.Flatten(), nn.Linear(FEATURES, OUTPUTS)).eval()
-    # No convolution says how many channels the input has: declare the shape, as timm does.
-    model.pretrained_cfg = {"input_size": (FEATURES, 1, 1)}
     fcn = convolutionalize(model, input_size=(1, 1))
     convs = [m for m in fcn.modules() if isinstance(m, nn.Conv2d)]
     print(f"converted: {convs}")
