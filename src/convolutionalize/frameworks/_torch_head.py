@@ -40,6 +40,7 @@ __all__ = ["Value", "find_head", "propagate_kinds"]
 
 Kind = Literal["map", "pooled", "vector", "flat", "seq"]
 FLATTENS = frozenset({"flatten", "view", "reshape", "squeeze", "Flatten"})
+SHAPE_QUERIES = frozenset({"size", "getattr", "dim"})  # x.size(0) feeding x.view(x.size(0), -1)
 GLOBAL_REDUCERS = {"mean": "avg", "amax": "max"}
 
 
@@ -85,7 +86,7 @@ def _pool_of(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
                        if node.op == "call_module" else arg(node, 1, "kernel_size"))
         padding = _pair(getattr(modules.get(str(node.target)), "padding", 0)
                         if node.op == "call_module" else arg(node, 3, "padding", 0))
-        flattened = all(op_name(u, modules) in FLATTENS for u in node.users)
+        flattened = all(op_name(u, modules) in FLATTENS | SHAPE_QUERIES for u in node.users)
         if kernel == spatial_in and padding == (0, 0) and flattened:
             return Value("pooled", (2, 3), reduce=windowed[name])  # type: ignore[arg-type]
     return None
@@ -284,6 +285,9 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
     if name in FLATTENS and src.kind == "pooled":
         return HeadStep(node.name, "flatten", "flatten 1x1 pooled map -> removed")
     if isinstance(module, nn.Linear) or name == "linear":
+        if src.kind == "pooled":
+            raise NotConvolutionalizable(f"{where} reads a 4-D pooled map, not a feature vector; "
+                                         "flatten before the Linear")
         if not isinstance(module, nn.Linear):
             raise NotConvolutionalizable(f"{where}: functional F.linear in the head is not "
                                          "supported; use an nn.Linear module")
@@ -338,6 +342,11 @@ def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
         dim = module.dim if module is not None else arg(node, 1, "dim")
         if dim in (1, -1):
             return HeadStep(node.name, "softmax", f"{name} over classes -> over channels")
+    if name in ("softmax", "log_softmax", "Softmax", "LogSoftmax") and src.axes is not None:
+        dim = module.dim if module is not None else arg(node, 1, "dim")
+        channel = ({1, 2, 3} - set(src.axes)).pop()
+        if isinstance(dim, int) and dim % 4 == channel:
+            return HeadStep(node.name, "keep", f"{name} over channels (per location)")
     if name == "cat" and all(v.kind == src.kind for v in ins):
         dim = arg(node, 1, "dim", 0)
         if vector and dim in (1, -1):

@@ -93,7 +93,6 @@ class Analysis:
 def make_geometry(plan: HeadPlan, pool: PoolMode, ys, xs, notes: list[str]) -> Geometry:
     """Geometry of a converted model from its plan and its feature map's spans."""
     fh, fw = plan.feature.size
-    sy, sx = ys.jump, xs.jump
     adaptive = plan.adaptive_pool
     flatten_head = not plan.global_pooling
     if adaptive is not None and adaptive.pool_to != plan.feature.size:
@@ -102,6 +101,7 @@ def make_geometry(plan: HeadPlan, pool: PoolMode, ys, xs, notes: list[str]) -> G
         ys, xs = ys.conv(ky, ky), xs.conv(kx, kx)
         notes = [*notes, f"adaptive pool '{adaptive.node}' became a fixed {ky}x{kx} pool"]
         fh, fw = adaptive.pool_to
+    sy, sx = ys.jump, xs.jump
     mode = "window" if flatten_head and pool == "none" else pool
     if flatten_head and pool == "none":
         notes = [*notes, "a flatten head has no pooling to drop: pool='none' equals 'window'"]
