@@ -93,11 +93,6 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if isinstance(meta, TensorMetadata) else None
 
 
-def returns_tensors(node: fx.Node) -> bool:
-    meta = node.meta.get("tensor_meta")
-    return meta is not None
-
-
 def op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     """A readable name of what a node does: a module class, a function or a method name."""
     if node.op == "call_module":

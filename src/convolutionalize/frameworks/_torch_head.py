@@ -240,7 +240,7 @@ def _seq_reason(gm: fx.GraphModule, values: dict[fx.Node, Value], node: fx.Node)
     return (
         f"node '{first.name}' ({first.op} {first.target}) reshapes the spatial map into tokens or "
         "windows (a transformer or windowed attention), so the classifier cannot slide as "
-        "convolutions; use dense_map(..., fallback='windows') to evaluate windows in batches"
+        "convolutions; such a model can only be evaluated crop by crop"
     )
 
 
