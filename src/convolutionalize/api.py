@@ -1,15 +1,23 @@
-"""The public entry points: ``convolutionalize`` and ``geometry_of``."""
+"""The public entry points: ``convolutionalize`` and ``geometry_of``.
+
+``convolutionalize`` dispatches on the kind of model to one framework adapter in
+``frameworks/``; each adapter finds the head (a :class:`~convolutionalize.plan.HeadPlan`)
+and rewrites it, returning a model of the same kind.
+"""
 
 from __future__ import annotations
 
-from typing import get_args
+import os
+from pathlib import Path
+from typing import Any, get_args
 
 from torch import nn
 
-from .frameworks.torch_layers import ConvolutionalizedModule
 from .geometry import Geometry, PoolMode
 
-__all__ = ["check_pool", "convolutionalize", "geometry_of"]
+__all__ = ["GEOMETRY_KEY", "check_pool", "convolutionalize", "geometry_of"]
+
+GEOMETRY_KEY = "convolutionalize.geometry"  # where non-PyTorch models keep their geometry
 
 
 def check_pool(pool: object) -> PoolMode:
@@ -21,17 +29,19 @@ def check_pool(pool: object) -> PoolMode:
 
 
 def convolutionalize(
-    model: nn.Module,
+    model: Any,
     input_size: int | tuple[int, int] | None = None,
     *,
     pool: PoolMode = "window",
-) -> ConvolutionalizedModule:
+) -> Any:
     """Rewrite a classifier's fully-connected head into equivalent convolutions.
 
     Args:
-        model: a trained ``torch.nn.Module`` classifier. It is not modified.
+        model: a trained ``torch.nn.Module``, ``keras.Model`` or ``onnx.ModelProto``, or a
+            path to a ``.keras`` / ``.onnx`` file. It is not modified.
         input_size: the native (training) input size ``(H, W)``. Required unless the
-            model carries it (timm's ``pretrained_cfg``).
+            model carries it (timm's ``pretrained_cfg``, a Keras model's static input
+            shape, an ONNX graph's static input dims).
         pool: what global pooling becomes. ``"window"``: a stride-1 pool of the native
             feature size, so output cell ``(i, j)`` is the classifier on the native window
             at ``(i * stride, j * stride)``; ``"none"``: no pooling, one score vector per
@@ -39,29 +49,73 @@ def convolutionalize(
             prediction per image at any size.
 
     Returns:
-        A module in eval mode returning ``(N, classes, rows, cols)`` (``(N, classes)`` for
-        ``pool="global"``), with ``.geometry`` (see :class:`Geometry`), ``.plan`` and
-        ``.native_error`` (the relative error measured against the original at the
-        native size).
+        A model of the same kind (a path gives the loaded, converted model). For PyTorch a
+        :class:`~convolutionalize.frameworks.torch_layers.ConvolutionalizedModule` in eval
+        mode returning ``(N, classes, rows, cols)`` (``(N, classes)`` for ``"global"``),
+        with ``.geometry``, ``.plan`` and ``.native_error`` (the relative error measured
+        against the original at the native size). ``geometry_of`` reads any kind's geometry.
 
     Raises:
         NotConvolutionalizable: the model cannot be converted; the message names the node.
-        ValueError: a bad option (``pool``, ``input_size``) or a missing ``input_size``.
+        ValueError: a bad option (``pool``, ``input_size``), a missing ``input_size``, or
+            an unreadable model file.
         TypeError: ``model`` is not a supported model type.
     """
     pool = check_pool(pool)
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model_file(model)
     if isinstance(model, nn.Module):
         from .frameworks.torch_fx import convolutionalize_module
 
         return convolutionalize_module(model, input_size, pool)
+    if _is_onnx(model):
+        from .frameworks.onnx_graph import convolutionalize_onnx
+
+        return convolutionalize_onnx(model, input_size, pool)
+    if _is_keras(model):
+        from .frameworks.keras_model import convolutionalize_keras
+
+        return convolutionalize_keras(model, input_size, pool)
     raise TypeError(
-        f"convolutionalize takes a torch.nn.Module, got {type(model).__name__}"
+        "convolutionalize takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
+        f".keras/.onnx path, got {type(model).__name__}"
     )
 
 
+def load_model_file(path: str | os.PathLike[str]) -> Any:
+    """Load a ``.onnx`` or ``.keras`` model file (the kinds ``convolutionalize`` takes by path)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"model file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        from .frameworks.onnx_graph import load_onnx
+
+        return load_onnx(path)
+    if suffix == ".keras":
+        from .frameworks.keras_model import load_keras
+
+        return load_keras(path)
+    raise ValueError(f"cannot load {path.name}: convolutionalize reads .onnx and .keras files "
+                     "(load PyTorch models yourself and pass the nn.Module)")
+
+
+def _is_onnx(model: object) -> bool:
+    return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
+
+
+def _is_keras(model: object) -> bool:
+    return any(c.__module__.startswith("keras") and c.__name__ in ("Model", "Functional",
+               "Sequential") for c in type(model).__mro__)
+
+
 def geometry_of(model: object) -> Geometry:
-    """The :class:`Geometry` a converted model carries."""
+    """The :class:`Geometry` a converted model carries (any framework)."""
     geometry = getattr(model, "geometry", None)
-    if not isinstance(geometry, Geometry):
-        raise TypeError(f"{type(model).__name__} is not a convolutionalized model (no geometry)")
-    return geometry
+    if isinstance(geometry, Geometry):
+        return geometry
+    if _is_onnx(model):
+        for prop in model.metadata_props:  # type: ignore[attr-defined]
+            if prop.key == GEOMETRY_KEY:
+                return Geometry.from_json(prop.value)
+    raise TypeError(f"{type(model).__name__} is not a convolutionalized model (no geometry)")

@@ -10,7 +10,8 @@ carries: which input window each output cell stands for.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 __all__ = ["Geometry", "PoolMode", "Span", "output_cells"]
@@ -110,6 +111,19 @@ class Geometry:
         y0 = i * self.stride[0] + self.offset[0]
         x0 = j * self.stride[1] + self.offset[1]
         return (x0, y0, x0 + self.window[1], y0 + self.window[0])
+
+    def to_json(self) -> str:
+        """The geometry as JSON (stored in ONNX metadata and next to saved models)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Geometry:
+        data = json.loads(text)
+        for key in ("window", "stride", "offset", "receptive_field", "input_size", "feature_size"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        data["notes"] = tuple(data.get("notes", ()))
+        return cls(**data)
 
     def describe(self) -> str:
         """A few human-readable lines (used by ``convolutionalize inspect``)."""
