@@ -773,11 +773,23 @@ def test_missing_input_size(gap_model: nn.Module) -> None:
         convolutionalize(gap_model)
 
 
-@pytest.mark.parametrize("model", [{"fc": nn.Linear(2, 2)}, "model.pt", None],
-                         ids=["dict", "str", "none"])
+@pytest.mark.parametrize("model", [{"fc": nn.Linear(2, 2)}, None], ids=["dict", "none"])
 def test_non_module_is_a_type_error(model: object) -> None:
-    with pytest.raises(TypeError, match=r"convolutionalize takes a torch\.nn\.Module, .* got dict"):
+    with pytest.raises(TypeError, match=r"convolutionalize takes a torch\.nn\.Module, .* got "
+                       + type(model).__name__):
         convolutionalize(model, PADDED)  # type: ignore[arg-type]
+
+
+def test_missing_model_file_is_a_value_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not exist"):
+        convolutionalize(tmp_path / "model.onnx", PADDED)
+
+
+def test_pytorch_file_path_is_refused_with_advice(tmp_path: Path) -> None:
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="load PyTorch models yourself"):
+        convolutionalize(path, PADDED)
 
 
 def test_int_input_size_means_square(gap_model: nn.Module) -> None:
