@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import os
+
+os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports keras
 
 import pytest
 import torch
