@@ -64,6 +64,10 @@ def convolutionalize(
     pool = check_pool(pool)
     if isinstance(model, (str, os.PathLike)):
         model = load_model_file(model)
+    if _is_keras(model):  # first: with KERAS_BACKEND=torch a keras.Model is an nn.Module too
+        from .frameworks.keras_model import convolutionalize_keras
+
+        return convolutionalize_keras(model, input_size, pool)
     if isinstance(model, nn.Module):
         from .frameworks.torch_fx import convolutionalize_module
 
@@ -72,10 +76,6 @@ def convolutionalize(
         from .frameworks.onnx_graph import convolutionalize_onnx
 
         return convolutionalize_onnx(model, input_size, pool)
-    if _is_keras(model):
-        from .frameworks.keras_model import convolutionalize_keras
-
-        return convolutionalize_keras(model, input_size, pool)
     raise TypeError(
         "convolutionalize takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
         f".keras/.onnx path, got {type(model).__name__}"

@@ -116,7 +116,7 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
         if perm is None:
             return Value("seq")
         return Value("map", (perm.index(ay), perm.index(ax)))
-    if name in FLATTENS or name in ("unflatten", "flatten"):
+    if name in FLATTENS or name == "unflatten":
         # reshapes that keep the two spatial axes last and unchanged (channel shuffle)
         spatial = (in_shape[ay], in_shape[ax])
         r = len(out_shape)
