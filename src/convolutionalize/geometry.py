@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["Geometry", "PoolMode", "Span", "output_cells"]
+if TYPE_CHECKING:
+    from .plan import HeadPlan
+
+__all__ = ["BodyGeometry", "Geometry", "PoolMode", "Span", "geometry_from_plan", "output_cells"]
 
 PoolMode = Literal["window", "none", "global"]
 
@@ -139,3 +142,77 @@ class Geometry:
         ]
         lines += [f"  - {note}" for note in self.notes]
         return "\n".join(lines)
+
+
+@dataclass
+class BodyGeometry:
+    """Spans of the feature map's cell (0, 0) and the evidence collected on the way."""
+
+    y: Span
+    x: Span
+    padded: list[str] = field(default_factory=list)
+    global_context: list[str] = field(default_factory=list)
+    unproven: list[str] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        out = []
+        if self.padded:
+            out.append(f"zero padding in {_names(self.padded)}: border cells see zeros in a "
+                       "crop but real neighbours in the dense map")
+        if self.global_context:
+            out.append(f"global context in {_names(self.global_context)}: every cell depends "
+                       "on the whole input")
+        if self.unproven:
+            out.append(f"locality not proven for {_names(self.unproven)}")
+        return out
+
+
+def _names(nodes: list[str]) -> str:
+    shown = ", ".join(f"'{n}'" for n in nodes[:4])
+    return shown + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
+
+
+def geometry_from_plan(plan: HeadPlan, pool: PoolMode, body: BodyGeometry) -> Geometry:
+    """Geometry of a converted model from its plan and its body's spans and evidence
+    (framework-neutral: every adapter measures the body its own way, then calls this)."""
+    ys, xs, notes = body.y, body.x, body.notes()
+    fh, fw = plan.feature.size
+    adaptive = plan.adaptive_pool
+    flatten_head = not plan.global_pooling
+    if adaptive is not None and adaptive.pool_to != plan.feature.size:
+        assert adaptive.pool_to is not None
+        ky, kx = fh // adaptive.pool_to[0], fw // adaptive.pool_to[1]
+        ys, xs = ys.conv(ky, ky), xs.conv(kx, kx)
+        notes = [*notes, f"adaptive pool '{adaptive.node}' became a fixed {ky}x{kx} pool"]
+        fh, fw = adaptive.pool_to
+    sy, sx = ys.jump, xs.jump
+    mode = "window" if flatten_head and pool == "none" else pool
+    if flatten_head and pool == "none":
+        notes = [*notes, "a flatten head has no pooling to drop: pool='none' equals 'window'"]
+    local = not any(n.startswith(("global context", "locality")) for n in notes)
+    padded = any(n.startswith("zero padding") for n in notes)
+    if mode == "none":
+        window, span_cells = (sy, sx), (1, 1)
+    else:
+        window, span_cells = plan.input_size, (fh, fw)
+    ry = ys.size + (span_cells[0] - 1) * ys.jump
+    rx = xs.size + (span_cells[1] - 1) * xs.jump
+    inside = ys.lo >= 0 and xs.lo >= 0 and ys.lo + ry <= plan.input_size[0] and (
+        xs.lo + rx <= plan.input_size[1])
+    crop_equivalent = (mode == "window" or (fh, fw) == (1, 1)) and mode != "global" and (
+        local and not padded and inside)
+    if mode == "none" and (fh, fw) != (1, 1):
+        notes = [*notes, "pool='none': each cell scores one feature cell (CAM), not a crop"]
+    if mode == "global":
+        notes = [*notes, "pool='global': one prediction per image"]
+    return Geometry(
+        window=window,
+        stride=(sy, sx),
+        offset=(0, 0),
+        receptive_field=(ry, rx) if local and mode != "global" else None,
+        crop_equivalent=crop_equivalent,
+        input_size=plan.input_size,
+        feature_size=plan.feature.size,
+        pool=mode,
+        notes=tuple(notes),
+    )

@@ -13,15 +13,14 @@ nothing is claimed that is not proven).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from ..geometry import Span
+from ..geometry import BodyGeometry, Span
 from ._torch_graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
 from ._torch_head import Value
 
-__all__ = ["BodyGeometry", "body_geometry"]
+__all__ = ["body_geometry"]
 
 CONVS = ("Conv2d", "conv2d", "MaxPool2d", "max_pool2d", "AvgPool2d", "avg_pool2d",
          "max_pool2d_with_indices", "Conv2dSame", "StdConv2d", "StdConv2dSame",
@@ -36,34 +35,6 @@ SHAPE_KEEPING = frozenset({"getitem", "chunk", "split", "cat", "permute", "trans
                            "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "ChannelShuffle",
                            "StochasticDepth", "stochastic_depth", "drop_path", "DropPath",
                            "LayerScale", "LayerScale2d", "Flatten"})
-
-
-@dataclass
-class BodyGeometry:
-    """Spans of the feature map's cell (0, 0) and the evidence collected on the way."""
-
-    y: Span
-    x: Span
-    padded: list[str] = field(default_factory=list)
-    global_context: list[str] = field(default_factory=list)
-    unproven: list[str] = field(default_factory=list)
-
-    def notes(self) -> list[str]:
-        out = []
-        if self.padded:
-            out.append(f"zero padding in {_names(self.padded)}: border cells see zeros in a "
-                       "crop but real neighbours in the dense map")
-        if self.global_context:
-            out.append(f"global context in {_names(self.global_context)}: every cell depends "
-                       "on the whole input")
-        if self.unproven:
-            out.append(f"locality not proven for {_names(self.unproven)}")
-        return out
-
-
-def _names(nodes: list[str]) -> str:
-    shown = ", ".join(f"'{n}'" for n in nodes[:4])
-    return shown + (f" and {len(nodes) - 4} more" if len(nodes) > 4 else "")
 
 
 def _pair(v: object, default: int = 0) -> tuple[int, int]:

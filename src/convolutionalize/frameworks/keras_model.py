@@ -31,11 +31,9 @@ import keras
 import numpy as np
 
 from ..errors import NotConvolutionalizable
-from ..geometry import Geometry, PoolMode, Span
+from ..geometry import BodyGeometry, Geometry, PoolMode, Span, geometry_from_plan
 from ..plan import FeatureMap, HeadPlan, HeadStep
 from ..weights import dense_to_hwio
-from ._torch_geometry import BodyGeometry
-from .torch_fx import make_geometry
 
 __all__ = ["convolutionalize_keras", "load_keras", "predict_nchw", "save_keras"]
 
@@ -384,7 +382,7 @@ class _Analysis:
 
     def geometry(self, pool: PoolMode) -> Geometry:
         body = _body_geometry(self)
-        return make_geometry(self.plan, pool, body.y, body.x, body.notes())
+        return geometry_from_plan(self.plan, pool, body)
 
 
 def _axis(op: Any) -> Any:

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import NotConvolutionalizable
-from ..geometry import Geometry, PoolMode
+from ..geometry import Geometry, PoolMode, geometry_from_plan
 from ..plan import HeadPlan, HeadStep
 from ..weights import linear_to_oihw
 from . import _torch_graph as g
@@ -87,51 +87,7 @@ class Analysis:
     def geometry(self, pool: PoolMode) -> Geometry:
         feature = self.nodes[self.plan.feature.node]
         body = body_geometry(self.gm, self.values, feature, self.modules, g.ancestors(feature))
-        return make_geometry(self.plan, pool, body.y, body.x, body.notes())
-
-
-def make_geometry(plan: HeadPlan, pool: PoolMode, ys, xs, notes: list[str]) -> Geometry:
-    """Geometry of a converted model from its plan and its feature map's spans."""
-    fh, fw = plan.feature.size
-    adaptive = plan.adaptive_pool
-    flatten_head = not plan.global_pooling
-    if adaptive is not None and adaptive.pool_to != plan.feature.size:
-        assert adaptive.pool_to is not None
-        ky, kx = fh // adaptive.pool_to[0], fw // adaptive.pool_to[1]
-        ys, xs = ys.conv(ky, ky), xs.conv(kx, kx)
-        notes = [*notes, f"adaptive pool '{adaptive.node}' became a fixed {ky}x{kx} pool"]
-        fh, fw = adaptive.pool_to
-    sy, sx = ys.jump, xs.jump
-    mode = "window" if flatten_head and pool == "none" else pool
-    if flatten_head and pool == "none":
-        notes = [*notes, "a flatten head has no pooling to drop: pool='none' equals 'window'"]
-    local = not any(n.startswith(("global context", "locality")) for n in notes)
-    padded = any(n.startswith("zero padding") for n in notes)
-    if mode == "none":
-        window, span_cells = (sy, sx), (1, 1)
-    else:
-        window, span_cells = plan.input_size, (fh, fw)
-    ry = ys.size + (span_cells[0] - 1) * ys.jump
-    rx = xs.size + (span_cells[1] - 1) * xs.jump
-    inside = ys.lo >= 0 and xs.lo >= 0 and ys.lo + ry <= plan.input_size[0] and (
-        xs.lo + rx <= plan.input_size[1])
-    crop_equivalent = (mode == "window" or (fh, fw) == (1, 1)) and mode != "global" and (
-        local and not padded and inside)
-    if mode == "none" and (fh, fw) != (1, 1):
-        notes = [*notes, "pool='none': each cell scores one feature cell (CAM), not a crop"]
-    if mode == "global":
-        notes = [*notes, "pool='global': one prediction per image"]
-    return Geometry(
-        window=window,
-        stride=(sy, sx),
-        offset=(0, 0),
-        receptive_field=(ry, rx) if local and mode != "global" else None,
-        crop_equivalent=crop_equivalent,
-        input_size=plan.input_size,
-        feature_size=plan.feature.size,
-        pool=mode,
-        notes=tuple(notes),
-    )
+        return geometry_from_plan(self.plan, pool, body)
 
 
 # --------------------------------------------------------------------------- rewriting
