@@ -64,7 +64,7 @@ def convolutionalize(
     pool = check_pool(pool)
     if isinstance(model, (str, os.PathLike)):
         model = load_model_file(model)
-    if _is_keras(model):  # first: with KERAS_BACKEND=torch a keras.Model is an nn.Module too
+    if is_keras_model(model):  # first: with KERAS_BACKEND=torch a keras.Model is an nn.Module too
         from .frameworks.keras_model import convolutionalize_keras
 
         return convolutionalize_keras(model, input_size, pool)
@@ -72,7 +72,7 @@ def convolutionalize(
         from .frameworks.torch_fx import convolutionalize_module
 
         return convolutionalize_module(model, input_size, pool)
-    if _is_onnx(model):
+    if is_onnx_model(model):
         from .frameworks.onnx_graph import convolutionalize_onnx
 
         return convolutionalize_onnx(model, input_size, pool)
@@ -100,11 +100,11 @@ def load_model_file(path: str | os.PathLike[str]) -> Any:
                      "(load PyTorch models yourself and pass the nn.Module)")
 
 
-def _is_onnx(model: object) -> bool:
+def is_onnx_model(model: object) -> bool:
     return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
 
 
-def _is_keras(model: object) -> bool:
+def is_keras_model(model: object) -> bool:
     return any(c.__module__.startswith("keras") and c.__name__ in ("Model", "Functional",
                "Sequential") for c in type(model).__mro__)
 
@@ -114,7 +114,7 @@ def geometry_of(model: object) -> Geometry:
     geometry = getattr(model, "geometry", None)
     if isinstance(geometry, Geometry):
         return geometry
-    if _is_onnx(model):
+    if is_onnx_model(model):
         for prop in model.metadata_props:  # type: ignore[attr-defined]
             if prop.key == GEOMETRY_KEY:
                 return Geometry.from_json(prop.value)

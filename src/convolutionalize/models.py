@@ -33,25 +33,27 @@ from urllib.request import getproxies
 import torch
 from torch import nn
 
+from .api import is_keras_model, load_model_file
 from .errors import NotConvolutionalizable
 
 __all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".pt", ".pth")
+MODEL_SUFFIXES = (".pt", ".pth", ".keras", ".onnx")
 RANDOM = "random"
 DEFAULT_INPUT_SIZE = (224, 224)
 PROBE_TIMEOUT_S = 3.0  # how long a weights host may take to answer before we call it offline
 DOWNLOAD_TIMEOUT_S = 30.0  # socket timeout while downloading, so a stalled transfer fails
 
-_SPEC_HELP = "use torchvision:NAME, timm:NAME or a path to a .pt/.pth file holding an nn.Module"
+_SPEC_HELP = ("use torchvision:NAME, timm:NAME, a .pt/.pth file holding an nn.Module, or a .keras / "
+              ".onnx model file")
 _OFFLINE_HINT = (
     "pass --weights random (random initialisation) or --weights PATH (a state_dict file)"
 )
 
 
-def load_model(spec: str, weights: str | None = None) -> nn.Module:
+def load_model(spec: str, weights: str | None = None) -> Any:
     """The model that ``spec`` names, with ``weights`` loaded, in eval mode, on the CPU.
 
     Raises:
@@ -68,7 +70,7 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
     else:
         model = _file_model(Path(spec), weights)
     logger.info("loaded %s (%s)", spec, type(model).__name__)
-    return model.eval()
+    return model.eval() if isinstance(model, nn.Module) and not is_keras_model(model) else model
 
 
 def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
@@ -86,6 +88,8 @@ def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
         return _torchvision_crop_size(name)
     if (source == "timm" and name) or isinstance(getattr(model, "pretrained_cfg", None), dict):
         return None
+    if Path(spec).suffix.lower() in (".keras", ".onnx"):
+        return None  # the file's static input shape says it (the converter asks otherwise)
     raise ValueError(
         f"{spec} does not record its native (training) input size; pass --input-size H W"
     )
@@ -234,11 +238,13 @@ def _file_model(path: Path, weights: str | None) -> nn.Module:
         raise ValueError(f"unknown model {str(path)!r}: {_SPEC_HELP}")
     if not path.is_file():
         raise ValueError(f"model file {path} not found")
-    if weights == RANDOM:
+    if weights is not None and (weights == RANDOM or path.suffix.lower() in (".keras", ".onnx")):
         raise ValueError(
-            f"--weights {RANDOM} does not apply to the model file {path.name}: its weights "
+            f"--weights {weights} does not apply to the model file {path.name}: its weights "
             "are in the file"
         )
+    if path.suffix.lower() in (".keras", ".onnx"):
+        return load_model_file(path)
     if _is_torchscript(path):
         _check_torchscript(path)
         raise NotConvolutionalizable(
