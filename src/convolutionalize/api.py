@@ -7,7 +7,9 @@ and rewrites it, returning a model of the same kind.
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, get_args
 
@@ -15,7 +17,14 @@ from torch import nn
 
 from .geometry import Geometry, PoolMode
 
-__all__ = ["GEOMETRY_KEY", "check_pool", "convolutionalize", "geometry_of"]
+__all__ = [
+    "GEOMETRY_KEY",
+    "ConversionInfo",
+    "check_pool",
+    "conversion_info",
+    "convolutionalize",
+    "geometry_of",
+]
 
 GEOMETRY_KEY = "convolutionalize.geometry"  # where non-PyTorch models keep their geometry
 
@@ -119,3 +128,30 @@ def geometry_of(model: object) -> Geometry:
             if prop.key == GEOMETRY_KEY:
                 return Geometry.from_json(prop.value)
     raise TypeError(f"{type(model).__name__} is not a convolutionalized model (no geometry)")
+
+
+@dataclass(frozen=True)
+class ConversionInfo:
+    """What any converted model records about its conversion (read by the CLI and verify)."""
+
+    plan: str  # the HeadPlan, human-readable
+    geometry: Geometry
+    native_error: float | None
+    in_channels: int
+
+
+def conversion_info(fcn: object) -> ConversionInfo:
+    """The plan, geometry, native-size error and image channels of a converted model."""
+    geometry = geometry_of(fcn)
+    if is_onnx_model(fcn):
+        from .frameworks.onnx_graph import NATIVE_ERROR_KEY, PLAN_KEY, Predictor
+
+        props = {p.key: p.value for p in fcn.metadata_props}  # type: ignore[attr-defined]
+        image = fcn.graph.input[0].type.tensor_type.shape.dim  # type: ignore[attr-defined]
+        channel_axis = 3 if Predictor(fcn).layout == "NHWC" else 1  # type: ignore[arg-type]
+        return ConversionInfo(props.get(PLAN_KEY, ""), geometry,
+                              json.loads(props.get(NATIVE_ERROR_KEY, "null")),
+                              int(image[channel_axis].dim_value))
+    plan = fcn.plan  # type: ignore[attr-defined]
+    return ConversionInfo(plan.describe(), geometry, fcn.native_error,  # type: ignore[attr-defined]
+                          plan.in_channels)

@@ -1,24 +1,30 @@
 """Verification: does the converted model equal the original where it should?
 
-Two checks, on fresh random inputs: at the native size the converted model equals the
-original; on a larger input, cells compared with the original run on their true crops
-(equal for crop-equivalent models; for others the error says how much context matters).
+Two checks, on fresh random inputs, for any framework: at the native size the converted
+model equals the original (measured during conversion); on a larger input, map cells are
+compared with the original run on their true crops (equal for crop-equivalent models;
+for others the error says how much the context seen by the dense map matters).
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
-from .api import check_pool, convolutionalize
-from .frameworks.torch_fx import NATIVE_RTOL, relative_error
+from .api import check_pool, conversion_info, convolutionalize, is_keras_model, is_onnx_model
+from .frameworks.torch_fx import NATIVE_RTOL
 from .geometry import Geometry, PoolMode
 
-__all__ = ["CROP_RTOL", "VerifyReport", "crop_errors", "verify"]
+__all__ = ["CROP_RTOL", "Runner", "VerifyReport", "crop_errors", "runner", "verify"]
 
 CROP_RTOL = 1e-4
+
+Runner = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -46,22 +52,46 @@ class VerifyReport:
         return not (self.crop_equivalent and (self.crop_error or 0.0) > self.tolerance)
 
 
-def crop_errors(model: nn.Module, fcn: nn.Module, image: torch.Tensor,
+def runner(model: Any) -> Runner:
+    """A function from an NCHW float32 batch to the model's output (numpy), any framework."""
+    if is_keras_model(model):
+        from .frameworks.keras_model import predict_nchw
+
+        return lambda x: predict_nchw(model, x)
+    if is_onnx_model(model):
+        from .frameworks.onnx_graph import Predictor
+
+        return Predictor(model)
+    module = copy.deepcopy(model).eval() if model.training else model
+    param = next(module.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+    def run(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(x).to(device, dtype)).float().cpu().numpy()
+
+    return run
+
+
+def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
+
+
+def crop_errors(original: Runner, dense: np.ndarray, image: np.ndarray, geometry: Geometry,
                 cells: list[tuple[int, int]]) -> list[float]:
-    """Relative error of each map cell against ``model`` run on that cell's window."""
-    geometry: Geometry = fcn.geometry  # type: ignore[assignment]
-    with torch.no_grad():
-        dense = fcn(image)
-        crops = []
-        for i, j in cells:
-            x0, y0, x1, y1 = geometry.box(i, j)
-            crops.append(image[:, :, y0:y1, x0:x1])
-        logits = model(torch.cat(crops))
-    return [relative_error(dense[0, :, i, j], logits[k]) for k, (i, j) in enumerate(cells)]
+    """Relative error of each map cell of ``dense`` against ``original`` on that cell's window."""
+    crops = []
+    for i, j in cells:
+        x0, y0, x1, y1 = geometry.box(i, j)
+        crops.append(image[:, :, y0:y1, x0:x1])
+    logits = original(np.concatenate(crops)).reshape(len(cells), -1)
+    return [_relative_error(dense[0, :, i, j], logits[k]) for k, (i, j) in enumerate(cells)]
 
 
 def verify(
-    model: nn.Module,
+    model: Any,
     input_size: int | tuple[int, int] | None = None,
     *,
     pool: PoolMode = "window",
@@ -69,38 +99,27 @@ def verify(
     samples: int = 8,
     seed: int = 0,
 ) -> VerifyReport:
-    """Convert ``model`` and measure how exactly the result reproduces it."""
+    """Convert ``model`` (PyTorch, Keras or ONNX) and measure how exactly the result
+    reproduces it. The caller's model is not modified."""
     pool = check_pool(pool)
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     fcn = convolutionalize(model, input_size, pool=pool)
-    geometry: Geometry = fcn.geometry  # type: ignore[assignment]
-    native_error = fcn.native_error if fcn.native_error is not None else 0.0
+    info = conversion_info(fcn)
+    geometry = info.geometry
+    native_error = info.native_error if info.native_error is not None else 0.0
     h, w = geometry.input_size
-    sy, sx = geometry.stride
     if image_size is None:
-        image_size = (h + 3 * sy, w + 3 * sx)
+        image_size = (h + 3 * geometry.stride[0], w + 3 * geometry.stride[1])
     if pool != "window":
         return VerifyReport(native_error, None, geometry.crop_equivalent, image_size, 0,
                             NATIVE_RTOL, geometry)
-    gen = torch.Generator().manual_seed(seed)
-    image = torch.randn(1, fcn.plan.in_channels, *image_size, generator=gen)
-    param = next(model.parameters(), None)
-    if param is not None:
-        image = image.to(param.device, param.dtype)
-    rows, cols = geometry.cells(*image_size)
-    picks = torch.randint(0, rows * cols, (samples,), generator=gen).tolist()
-    cells = [(p // cols, p % cols) for p in picks]
-    original = _eval_copy(model)
-    errors = crop_errors(original, fcn, image, cells)
+    geometry.cells(*image_size)  # raises a clear error for an image smaller than the window
+    rng = np.random.default_rng(seed)
+    image = rng.standard_normal((1, info.in_channels, *image_size), dtype=np.float32)
+    dense = runner(fcn)(image)
+    rows, cols = dense.shape[-2:]
+    cells = [(int(p) // cols, int(p) % cols) for p in rng.integers(0, rows * cols, samples)]
+    errors = crop_errors(runner(model), dense, image, geometry, cells)
     return VerifyReport(native_error, max(errors), geometry.crop_equivalent, image_size,
                         samples, CROP_RTOL, geometry)
-
-
-def _eval_copy(model: nn.Module) -> nn.Module:
-    """The model in eval mode without touching the caller's module's mode."""
-    if not model.training:
-        return model
-    import copy
-
-    return copy.deepcopy(model).eval()
