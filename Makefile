@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
-	$(PY) examples/seed000_resnet50.py --output demo-output
+	$(PY) -m convolutionalize demo --output demo-output
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks

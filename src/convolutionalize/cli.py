@@ -15,12 +15,12 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn, get_args
+from typing import Any, NoReturn, get_args
 
 from torch import nn
 
 from . import __version__
-from .api import convolutionalize
+from .api import ConversionInfo, conversion_info, convolutionalize
 from .export import FORMATS, save
 from .flops import FlopComparison, compare_flops
 from .frameworks.torch_layers import ConvolutionalizedModule
@@ -55,28 +55,40 @@ def main(argv: list[str] | None = None) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     model, fcn = _convert(args)
-    flops = None if args.image_size is None else compare_flops(model, fcn, tuple(args.image_size))
-    parameters = sum(p.numel() for p in model.parameters())
-    print(f"model: {_label(args.model)} ({type(model).__name__}, {parameters:,} parameters)")
-    print(fcn.plan.describe())
-    print(fcn.geometry.describe())
-    print(_native_error_line(fcn))
-    if flops is not None:
-        print(_flops_lines(flops))
+    info = conversion_info(fcn)
+    lines = [f"model: {_label(args.model)} ({type(model).__name__}{_parameters(model)})",
+             info.plan, info.geometry.describe(), _native_error_line(info)]
+    if args.image_size is not None:
+        lines.append(_image_lines(model, fcn, info, tuple(args.image_size)))
+    print("\n".join(lines))
     return EXIT_OK
+
+
+def _parameters(model: object) -> str:
+    if isinstance(model, nn.Module):
+        return f", {sum(p.numel() for p in model.parameters()):,} parameters"
+    return ""
+
+
+def _image_lines(model: object, fcn: object, info: ConversionInfo, size: tuple[int, int]) -> str:
+    """Map size and, for PyTorch models, FLOPs dense vs crop by crop on an image of ``size``."""
+    if isinstance(fcn, ConvolutionalizedModule) and isinstance(model, nn.Module):
+        return _flops_lines(compare_flops(model, fcn, size))
+    rows, cols = info.geometry.cells(*size)
+    return (f"image: {size[0]}x{size[1]}  map: {rows}x{cols} cells  windows: {rows * cols}\n"
+            "FLOPs: counted for PyTorch models only")
 
 
 def _convert_command(args: argparse.Namespace) -> int:
     _, fcn = _convert(args)
     path = save(fcn, args.output)
-    geometry = fcn.geometry
+    geometry = conversion_info(fcn).geometry
     (h, w), (sy, sx) = geometry.input_size, geometry.stride
-    classes = fcn.output_size(h, w)[0]
-    output = f"N x {classes}" if geometry.pool == "global" else (
-        f"N x {classes} x rows x cols, cell window {geometry.window[0]}x{geometry.window[1]} "
+    output = "N x classes" if geometry.pool == "global" else (
+        f"N x classes x rows x cols, cell window {geometry.window[0]}x{geometry.window[1]} "
         f"stride {sy}x{sx}")
     print(f"wrote {path} ({path.suffix.lstrip('.')}, pool={geometry.pool}): input "
-          f"N x {fcn.plan.in_channels} x H x W (H >= {h}, W >= {w}) -> output {output}")
+          f"H >= {h}, W >= {w} -> output {output}")
     return EXIT_OK
 
 
@@ -97,12 +109,9 @@ def _verify_command(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def _convert(args: argparse.Namespace) -> tuple[nn.Module, ConvolutionalizedModule]:
+def _convert(args: argparse.Namespace) -> tuple[Any, Any]:
     model = load_model(args.model, args.weights)
-    fcn = convolutionalize(model, _input_size(args, model), pool=args.pool)
-    if not isinstance(fcn, ConvolutionalizedModule):
-        raise TypeError(f"expected a converted PyTorch module, got {type(fcn).__name__}")
-    return model, fcn
+    return model, convolutionalize(model, _input_size(args, model), pool=args.pool)
 
 
 def _input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int] | None:
@@ -117,11 +126,11 @@ def _label(spec: str) -> str:
     return spec if source in ("torchvision", "timm") and name else Path(spec).name
 
 
-def _native_error_line(fcn: ConvolutionalizedModule) -> str:
-    h, w = fcn.geometry.input_size
-    if fcn.native_error is None:
-        return f"native error: not measured (pool={fcn.geometry.pool} has no native-size equality)"
-    return f"native error: {fcn.native_error:.1e} (max relative, converted vs original at {h}x{w})"
+def _native_error_line(info: ConversionInfo) -> str:
+    h, w = info.geometry.input_size
+    if info.native_error is None:
+        return f"native error: not measured (pool={info.geometry.pool} has no native-size equality)"
+    return f"native error: {info.native_error:.1e} (max relative, converted vs original at {h}x{w})"
 
 
 def _flops_lines(flops: FlopComparison) -> str:
@@ -252,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
                        help="random seed for the image and the cells (default: 0)")
     check.set_defaults(command=_verify_command)
+    from ._cli_render import register as register_render
+    register_render(sub, common)
     return parser
 
 

@@ -24,11 +24,12 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from .api import geometry_of
+from .api import geometry_of, is_keras_model, is_onnx_model
 from .geometry import Geometry
 
 __all__ = ["FORMATS", "ONNX_RTOL", "export_program", "save"]
@@ -38,8 +39,9 @@ logger = logging.getLogger(__name__)
 ONNX_RTOL = 1e-4  # onnxruntime's kernels sum in a different order than PyTorch's
 
 
-def save(fcn: nn.Module, path: str | os.PathLike[str]) -> Path:
-    """Write the converted model ``fcn`` to ``path`` in the format its suffix names.
+def save(fcn: Any, path: str | os.PathLike[str]) -> Path:
+    """Write the converted model ``fcn`` to ``path`` in the format its suffix names
+    (a converted Keras model: ``.keras``; a converted ONNX model: ``.onnx``).
 
     Returns:
         The path written.
@@ -50,6 +52,8 @@ def save(fcn: nn.Module, path: str | os.PathLike[str]) -> Path:
         TypeError: ``fcn`` is not a converted model.
     """
     path = Path(path)
+    if is_keras_model(fcn) or is_onnx_model(fcn):
+        return _save_other(fcn, path)
     writer = FORMATS.get(path.suffix.lower())
     if writer is None:
         raise ValueError(
@@ -61,6 +65,23 @@ def save(fcn: nn.Module, path: str | os.PathLike[str]) -> Path:
         writer(fcn, tmp)
     logger.info("wrote %s", path)
     return path
+
+
+def _save_other(fcn: Any, path: Path) -> Path:
+    """Keras and ONNX models are written in their own format only (atomically)."""
+    keras = is_keras_model(fcn)
+    suffix = ".keras" if keras else ".onnx"
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"cannot write {path.name}: a converted {'Keras' if keras else 'ONNX'} "
+                         f"model is saved as {suffix}")
+    geometry_of(fcn)
+    if keras:
+        from .frameworks.keras_model import save_keras
+
+        return save_keras(fcn, path)
+    from .frameworks.onnx_graph import save_onnx
+
+    return save_onnx(fcn, path)
 
 
 @contextlib.contextmanager

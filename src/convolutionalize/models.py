@@ -88,6 +88,9 @@ def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
         return _torchvision_crop_size(name)
     if (source == "timm" and name) or isinstance(getattr(model, "pretrained_cfg", None), dict):
         return None
+    recorded = getattr(model, "input_size", None)  # e.g. the digits demo's digits.pt
+    if isinstance(recorded, (tuple, list)) and len(recorded) == 2:
+        return (int(recorded[0]), int(recorded[1]))
     if Path(spec).suffix.lower() in (".keras", ".onnx"):
         return None  # the file's static input shape says it (the converter asks otherwise)
     raise ValueError(

@@ -86,7 +86,8 @@ def crop_errors(original: Runner, dense: np.ndarray, image: np.ndarray, geometry
     for i, j in cells:
         x0, y0, x1, y1 = geometry.box(i, j)
         crops.append(image[:, :, y0:y1, x0:x1])
-    logits = original(np.concatenate(crops)).reshape(len(cells), -1)
+    # one crop per call: an exported original may have a static batch size of 1
+    logits = np.concatenate([original(crop).reshape(1, -1) for crop in crops])
     return [_relative_error(dense[0, :, i, j], logits[k]) for k, (i, j) in enumerate(cells)]
 
 

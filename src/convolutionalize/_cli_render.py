@@ -1,0 +1,260 @@
+"""The picture-making subcommands of the command line: ``heatmap``, ``detect`` and ``demo``.
+
+``heatmap`` and ``detect`` load MODEL (``models.load_model``), convolutionalize it, run it once
+over IMAGE and write a PNG / JSON; ``demo`` trains and scores the digits detector. Outputs
+are written only after everything succeeded, through a temporary file renamed into place.
+
+Image rule: the image is read with Pillow, converted to the model's channel count (1: grey,
+3: RGB) and scaled to [0, 1]. ``--mean``/``--std`` then normalise it; by default 3-channel
+models get the ImageNet mean and std, other models none (the digits model reads 0..1 grey).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from .api import convolutionalize
+from .detect import class_probabilities, detect
+from .frameworks.torch_layers import ConvolutionalizedModule
+from .models import default_input_size, load_model
+
+__all__ = ["load_image", "register"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EXIT_OK = 0
+
+
+def register(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Add ``heatmap``, ``detect`` and ``demo`` to the ``sub`` subparsers of the main parser."""
+    heat = sub.add_parser("heatmap", parents=[common], help="draw the class probability map "
+                          "over IMAGE (PNG)")
+    _image_options(heat)
+    heat.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.png",
+                      help="the PNG to write (one panel of the image's size per class)")
+    which = heat.add_mutually_exclusive_group()
+    which.add_argument("--class", dest="class_index", type=_int_at_least(0), metavar="K",
+                       help="draw class K")
+    which.add_argument("--top", type=_int_at_least(1), default=1, metavar="N",
+                       help="draw the N classes with the highest peak probability, one panel "
+                       "each (default: 1; the background class is skipped)")
+    heat.set_defaults(command=_heatmap_command)
+
+    find = sub.add_parser("detect", parents=[common], help="find objects in IMAGE: local "
+                          "maxima of each class map, boxes, non-maximum suppression (JSON)")
+    _image_options(find)
+    find.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.json",
+                      help="the JSON to write: a list of {label, name, score, box: [x0, y0, x1, y1]}")
+    find.add_argument("--draw", type=Path, metavar="OUT.png", help="also draw the boxes on the image")
+    find.add_argument("--threshold", type=float, default=0.5, metavar="T",
+                      help="minimum class probability, in (0, 1] (default: 0.5)")
+    find.add_argument("--iou", type=float, default=0.3, metavar="IOU",
+                      help="same-class boxes overlapping more than this are suppressed (default: 0.3)")
+    find.add_argument("--exclusive-iou", type=float, default=None, metavar="IOU",
+                      help="also suppress boxes of other classes overlapping a better box by "
+                      "more than this (one object per place; default: off)")
+    find.set_defaults(command=_detect_command)
+
+    demo = sub.add_parser("demo", help="train a digits classifier on scikit-learn's "
+                          "load_digits, convolutionalize it and find the digits on held-out pages")
+    demo.add_argument("--output", type=Path, default=Path("demo-output"), metavar="DIR",
+                      help="output directory (default: demo-output)")
+    demo.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+                      help="random seed of the split, the training and the pages (default: 0)")
+    demo.add_argument("-v", "--verbose", action="store_true", help="library messages on stderr")
+    demo.set_defaults(command=_demo_command)
+
+
+def _image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", metavar="IMAGE", type=Path, help="a PNG or JPEG image, at least "
+                        "the model's window in size; converted to the model's channels, scaled to 0..1")
+    parser.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line "
+                        "(default: the model's own 'labels' attribute, else 'class K')")
+    parser.add_argument("--background-class", type=_int_at_least(0), metavar="K",
+                        help="the 'nothing here' class: never detected, not ranked (default: the "
+                        "model's 'background_class' attribute, else none)")
+    parser.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean "
+                        "subtracted after scaling to 0..1 (default: ImageNet's for 3-channel "
+                        "models, none otherwise)")
+    parser.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel standard "
+                        "deviation divided by (default: ImageNet's for 3-channel models, none otherwise)")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _heatmap_command(args: argparse.Namespace) -> int:
+    from .render import heatmap
+
+    _check_output(args.output)
+    fcn, image, probs, labels, background = _prepare(args)
+    picture = heatmap(image, probs, fcn.geometry, class_index=args.class_index, top=args.top,
+                      labels=labels, background_class=background)
+    with _atomic(args.output) as tmp:
+        picture.save(tmp, format="PNG")
+    print(f"wrote {args.output} ({picture.width}x{picture.height})")
+    return EXIT_OK
+
+
+def _detect_command(args: argparse.Namespace) -> int:
+    from .render import class_name, draw_detections
+
+    _check_output(args.output)
+    if args.draw is not None:
+        _check_output(args.draw)
+    fcn, image, probs, labels, background = _prepare(args)
+    found = detect(probs, fcn.geometry, threshold=args.threshold, background_class=background,
+                   iou=args.iou, exclusive_iou=args.exclusive_iou)
+    records = [{**d.to_dict(), "name": class_name(d.label, labels)} for d in found]
+    text = json.dumps(records, indent=2) + "\n"
+    picture = draw_detections(image, found, labels) if args.draw is not None else None
+    with contextlib.ExitStack() as stack:  # both files appear only when both are written
+        tmp = stack.enter_context(_atomic(args.output))
+        tmp.write_text(text)
+        if picture is not None:
+            picture.save(stack.enter_context(_atomic(args.draw)), format="PNG")
+    print(f"{len(found)} detections -> {args.output}" + (f", {args.draw}" if args.draw else ""))
+    return EXIT_OK
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    result = run_demo(args.output, DemoConfig(seed=args.seed), progress=print)
+    print(f"converted: window {result.window[0]}x{result.window[1]}, stride "
+          f"{result.stride[0]}x{result.stride[1]}, crop equivalent: {result.crop_equivalent}")
+    print(f"{result.pages} held-out pages, {result.digits} digits, {result.detections} "
+          f"detections, {result.true_positives} correct (IoU >= 0.5, same label)")
+    print(f"wrote {', '.join(Path(f).name for f in result.files)} to {args.output} "
+          f"in {result.seconds:.1f} s")
+    print(result.metrics_line())
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _prepare(args: argparse.Namespace) -> tuple[ConvolutionalizedModule, Image.Image, np.ndarray,
+                                                 list[str] | None, int | None]:
+    """Converted model, image, its probability map, class names, background class."""
+    image = _open_image(args.image)
+    labels = _read_labels(args.labels) if args.labels is not None else None
+    model = load_model(args.model, args.weights)
+    fcn = convolutionalize(model, _input_size(args, model), pool=args.pool)
+    if not isinstance(fcn, ConvolutionalizedModule) or fcn.geometry.pool == "global":
+        raise ValueError("heatmap and detect need a class map: use --pool window or none")
+    channels = fcn.plan.in_channels
+    tensor = load_image(image, channels, args.mean, args.std)
+    window = fcn.geometry.input_size
+    if tensor.shape[1] < window[0] or tensor.shape[2] < window[1]:
+        raise ValueError(f"image {args.image} is {tensor.shape[1]}x{tensor.shape[2]}, smaller than "
+                         f"the model's {window[0]}x{window[1]} window")
+    probs = class_probabilities(fcn, tensor)
+    classes = probs.shape[0]
+    if labels is None and isinstance(getattr(model, "labels", None), (list, tuple)):
+        labels = [str(name) for name in model.labels]  # type: ignore[union-attr]
+    if labels is not None and len(labels) != classes:
+        raise ValueError(f"{len(labels)} labels for a model with {classes} classes")
+    background = args.background_class
+    if background is None and isinstance(getattr(model, "background_class", None), int):
+        background = int(model.background_class)  # type: ignore[arg-type]
+    for name, index in (("class", getattr(args, "class_index", None)), ("background class", background)):
+        if index is not None and not 0 <= index < classes:
+            raise ValueError(f"unknown {name} {index}: the model has {classes} classes (0..{classes - 1})")
+    return fcn, image.convert("RGB"), probs, labels, background
+
+
+def load_image(image: Image.Image, channels: int, mean: list[float] | None = None,
+               std: list[float] | None = None) -> torch.Tensor:
+    """``(channels, H, W)`` float tensor in 0..1 (then normalised, see the module docstring)."""
+    if channels not in (1, 3):
+        raise ValueError(f"the model reads {channels} channels; images give 1 (grey) or 3 (RGB)")
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.float32) / 255.0
+    tensor = torch.from_numpy(array.reshape(*array.shape[:2], channels)).permute(2, 0, 1)
+    if mean is None and std is None and channels == 3:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    for name, values in (("mean", mean), ("std", std)):
+        if values is not None and len(values) not in (1, channels):
+            raise ValueError(f"--{name} takes 1 or {channels} values, got {len(values)}")
+    if std is not None and any(v <= 0 for v in std):
+        raise ValueError(f"--std values must be positive, got {std}")
+    if mean is not None:
+        tensor = tensor - torch.tensor(mean).view(-1, 1, 1)
+    if std is not None:
+        tensor = tensor / torch.tensor(std).view(-1, 1, 1)
+    return tensor.contiguous()
+
+
+def _open_image(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise ValueError(f"image {path} not found")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            return opened.copy()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the image {path}: not a PNG/JPEG image ({exc})") from exc
+
+
+def _read_labels(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read the labels file {path}: {exc}") from exc
+    return [line.strip() for line in lines if line.strip()]
+
+
+def _input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int] | None:
+    if args.input_size is not None:
+        return (args.input_size[0], args.input_size[1])
+    carried = getattr(model, "input_size", None)
+    if isinstance(carried, (tuple, list)) and len(carried) == 2:
+        return (int(carried[0]), int(carried[1]))
+    return default_input_size(args.model, model)
+
+
+def _check_output(path: Path) -> None:
+    """Fail before the work when ``path`` cannot be written."""
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ValueError(f"cannot write {path}: it is a directory")
+    if not parent.is_dir():
+        raise ValueError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {path}: directory {parent} is not writable")
+
+
+@contextlib.contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path``, renamed onto it when the block succeeds."""
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _int_at_least(low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
+        return value
+    return parse

@@ -1,0 +1,110 @@
+"""The digits demo, fast: trains, converts crop-equivalently, detects, scores and writes its
+outputs; its model works from the command line, which refuses bad input with exit 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convolutionalize import convolutionalize
+from convolutionalize.cli import main
+from convolutionalize.demo import DemoConfig, DemoResult, digits_classifier, run_demo
+
+FAST = DemoConfig(seed=0, epochs=1, train_pages=40, pages=2, page_size=96, digits_per_page=3,
+                  pictures=1)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoResult]:
+    output = tmp_path_factory.mktemp("demo")
+    torch.manual_seed(0)
+    return output, run_demo(output, FAST)
+
+
+def test_fast_demo_writes_its_outputs(demo: tuple[Path, DemoResult]) -> None:
+    output, result = demo
+    for name in ("digits.pt", "metrics.json", "page00.png", "page00_heatmap.png",
+                 "page00_detections.png"):
+        assert (output / name).is_file(), name
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["crop_equivalent"] is True and metrics["pages"] == 2
+    assert 0 <= metrics["f1"] <= 1 and metrics["digits"] == result.digits > 0
+    assert result.metrics_line().startswith("precision ")
+    assert Image.open(output / "page00.png").size == (96, 96)
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["seeded", "trained"])
+def test_dense_map_equals_crop_by_crop(demo: tuple[Path, DemoResult], trained: bool) -> None:
+    if trained:
+        model = torch.load(demo[0] / "digits.pt", weights_only=False)
+    else:
+        torch.manual_seed(1)
+        model = digits_classifier(2).eval()
+    fcn = convolutionalize(model, input_size=(16, 16))
+    assert fcn.geometry.crop_equivalent
+    assert not any(isinstance(m, torch.nn.Linear) for m in fcn.modules())
+    image = torch.rand(1, 1, 40, 46, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        dense = fcn(image)[0]
+        rows, cols = dense.shape[1:]
+        crops = []
+        for i in range(rows):
+            for j in range(cols):
+                x0, y0, x1, y1 = fcn.geometry.box(i, j)
+                crops.append(image[:, :, y0:y1, x0:x1])
+        crop_map = model(torch.cat(crops)).T.reshape(-1, rows, cols)
+    error = float((dense - crop_map).abs().max() / crop_map.abs().max())
+    assert error < 1e-5
+
+
+def test_cli_detect_and_heatmap_on_a_page(demo: tuple[Path, DemoResult], tmp_path: Path) -> None:
+    output = demo[0]
+    model, page = str(output / "digits.pt"), str(output / "page00.png")
+    assert main(["detect", model, page, "-o", str(tmp_path / "d.json"), "--draw",
+                 str(tmp_path / "d.png"), "--input-size", "16", "16"]) == 0
+    records = json.loads((tmp_path / "d.json").read_text())
+    assert all(set(r) == {"label", "name", "score", "box"} for r in records)
+    assert (tmp_path / "d.png").is_file()
+    assert main(["heatmap", model, page, "-o", str(tmp_path / "h.png"), "--class", "3"]) == 0
+    assert Image.open(tmp_path / "h.png").size == (96, 96)
+
+
+def bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(root / "small.png")
+    (root / "fake.png").write_bytes(b"not an image at all")
+    return {
+        "missing image": (["detect", "{model}", str(root / "nope.png")], "not found"),
+        "not an image": (["detect", "{model}", str(root / "fake.png")], "cannot read the image"),
+        "smaller than window": (["detect", "{model}", str(root / "small.png")], "smaller than"),
+        "unknown class": (["heatmap", "{model}", "{page}", "--class", "11"], "unknown class 11"),
+        "unknown background": (["detect", "{model}", "{page}", "--background-class", "12"],
+                               "unknown background class 12"),
+        "labels unreadable": (["heatmap", "{model}", "{page}", "--labels", str(root / "no.txt")],
+                              "cannot read the labels file"),
+        "unwritable output": (["detect", "{model}", "{page}", "-o", str(root / "no" / "x.json")],
+                              "does not exist"),
+        "bad threshold": (["detect", "{model}", "{page}", "--threshold", "0"],
+                          "threshold must be in"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing image", "not an image", "smaller than window", "unknown class",
+    "unknown background", "labels unreadable", "unwritable output", "bad threshold"])
+def test_bad_input_exits_2_with_one_line(demo: tuple[Path, DemoResult], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str], case: str) -> None:
+    args, message = bad_cases(tmp_path)[case]
+    args = [a.format(model=demo[0] / "digits.pt", page=demo[0] / "page00.png") for a in args]
+    if "-o" not in args:
+        args += ["-o", str(tmp_path / "out.json")]
+    before = set(tmp_path.rglob("*"))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("convolutionalize: error:")
+    assert message in err
+    assert set(tmp_path.rglob("*")) == before
