@@ -9,6 +9,7 @@ equivalent convolutions, so it runs densely over images of any size.
 from .api import convolutionalize, geometry_of
 from .errors import NotConvolutionalizable
 from .geometry import Geometry, Span
+from .inference import dense_map
 from .plan import FeatureMap, HeadPlan, HeadStep
 from .verify import VerifyReport, verify
 
@@ -21,6 +22,7 @@ __all__ = [
     "Span",
     "VerifyReport",
     "convolutionalize",
+    "dense_map",
     "geometry_of",
     "verify",
 ]

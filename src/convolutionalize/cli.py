@@ -261,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
                        help="random seed for the image and the cells (default: 0)")
     check.set_defaults(command=_verify_command)
+    from ._cli_predict import register as register_predict
+    register_predict(sub, common)
     from ._cli_render import register as register_render
     register_render(sub, common)
     return parser
@@ -268,9 +270,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common_options() -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, or a "
+    common.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, a "
                         ".pt/.pth file holding a whole pickled nn.Module (torch.save(model); "
-                        "loading it runs its pickled code)")
+                        "loading it runs its pickled code), or a .keras / .onnx model file")
     common.add_argument("--weights", metavar="W", help="'random', a state_dict file, or a "
                         "torchvision weights name (default: the pretrained weights, "
                         "downloaded once)")

@@ -1,0 +1,115 @@
+"""Benchmark: peak memory and throughput of a zarr image streamed to a zarr map, tile by tile.
+
+Writes a ``SIZE x SIZE x 3`` uint8 zarr image (random pixels, chunk by chunk), then in a fresh
+subprocess runs ``dense_map(shufflenet_v2_x0_5, image, out=map.zarr)`` at the default
+(memory-budget) tile size and reports that process's peak RSS (``resource.getrusage``) and its
+per-pixel throughput, against an in-memory numpy run on a ``REFERENCE``-square image in another
+subprocess. Run with
+``.venv/bin/python benchmarks/out_of_core.py [--size 16384] [--reference 2048] [--precision fp32]
+[--budget-mib N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODEL = "shufflenet_v2_x0_5"
+CHUNK = 1024
+
+
+def make_image(path: Path, size: int) -> None:
+    import zarr
+
+    array = zarr.create_array(path, shape=(size, size, 3), chunks=(CHUNK, CHUNK, 3), dtype="uint8")
+    rng = np.random.default_rng(0)
+    for y in range(0, size, CHUNK):
+        for x in range(0, size, CHUNK):
+            h, w = min(CHUNK, size - y), min(CHUNK, size - x)
+            array[y:y + h, x:x + w] = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def child(mode: str, image: str, out: str, precision: str, size: int, budget: int) -> None:
+    """Run one dense map in this (fresh) process and print its time and peak RSS as JSON."""
+    import torch
+    import torchvision
+    import zarr
+
+    from convolutionalize import dense_map
+    from convolutionalize.inference import dense
+
+    if budget:
+        dense.MEMORY_BUDGET = budget
+
+    model = torchvision.models.get_model(MODEL, weights=None).eval()
+    if mode == "stream":
+        source = zarr.open_array(image, mode="r")
+        pixels = source.shape[0] * source.shape[1]
+        start = time.perf_counter()
+        dense_map(model, source, input_size=224, out=out, precision=precision)
+    else:
+        array = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+        pixels = size * size
+        dense_map(model, array[:448, :448], input_size=224, precision=precision)  # warm-up
+        start = time.perf_counter()
+        dense_map(model, array, input_size=224, precision=precision)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+    print(json.dumps({"seconds": seconds, "pixels": pixels, "peak_bytes": peak,
+                      "threads": torch.get_num_threads()}))
+
+
+def run_child(*args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
+                            capture_output=True, text=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=16384)
+    parser.add_argument("--reference", type=int, default=2048)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--workdir", type=Path, help="where the zarr image and map go (default: a temp dir)")
+    parser.add_argument("--budget-mib", type=int, default=0,
+                        help="override the library's MEMORY_BUDGET (MiB) that sets the default tile")
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        mode, image, out, precision, size, budget = args.child
+        child(mode, image, out, precision, int(size), int(budget))
+        return 0
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="ooc-"))
+    image, out = workdir / "image.zarr", workdir / "map.zarr"
+    try:
+        start = time.perf_counter()
+        make_image(image, args.size)
+        print(f"wrote {args.size}x{args.size}x3 uint8 zarr in {time.perf_counter() - start:.0f} s")
+        budget = str(args.budget_mib << 20)
+        memory = run_child("memory", "-", "-", args.precision, str(args.reference), budget)
+        stream = run_child("stream", str(image), str(out), args.precision, str(args.size), budget)
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    gib = 1 << 30
+    for label, r in (("in memory", memory), ("zarr -> zarr", stream)):
+        side = round(r["pixels"] ** 0.5)
+        print(f"{label:<13} {side}x{side}: {r['seconds']:8.1f} s  "
+              f"{r['pixels'] / r['seconds'] / 1e6:6.2f} Mpixel/s  peak RSS {r['peak_bytes'] / gib:5.2f} GiB  "
+              f"({r['threads']} threads, {args.precision})")
+    ratio = (stream["pixels"] / stream["seconds"]) / (memory["pixels"] / memory["seconds"])
+    print(f"streamed throughput / in-memory throughput: {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

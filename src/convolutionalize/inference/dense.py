@@ -1,0 +1,273 @@
+"""``dense_map``: a classifier's score for every window of an image, at any image size.
+
+The model is convolutionalized (unless it already is), the image is wrapped as a lazy source
+(:mod:`.images`), and the map is computed in one pass or in exact tiles (:mod:`.tiling`) that
+each read a halo covering their cells' receptive field, so the stitched map equals the
+whole-image map. Tiles run in this process (batched, optionally in bfloat16) or as dask tasks
+(:mod:`.distributed`); the map is returned as numpy, written tile by tile to a resumable zarr
+store (:mod:`.store`), or returned as a dask array for a dask input.
+
+Models that cannot be converted (vision transformers) can be evaluated crop by crop on the
+same kind of grid with ``fallback="windows"`` (:mod:`.windows`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+
+from ..api import check_pool, convolutionalize
+from ..errors import NotConvolutionalizable
+from ..frameworks.torch_layers import ConvolutionalizedModule
+from ..geometry import PoolMode
+from ._runner import Precision, ShapeProbe, TileRunner, runner_for
+from .images import ImageSource, open_image
+from .store import MapSink, ZarrSink, model_digest, open_zarr_sink
+from .tiling import Tile, TileGrid, halo_of, plan_tiles
+
+__all__ = ["MEMORY_BUDGET", "Fallback", "TilingWarning", "dense_map"]
+
+logger = logging.getLogger(__name__)
+
+Fallback = Literal["error", "windows"]
+MEMORY_BUDGET = 1 << 30  # activation bytes one tile (or the whole image) may take
+
+
+class TilingWarning(UserWarning):
+    """Tiling changes the map of a model with global context (no finite receptive field)."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """The validated options of one ``dense_map`` call."""
+
+    tile: int | None
+    precision: Precision
+    batch_size: int
+    fallback: Fallback
+    stride: tuple[int, int] | None
+    pool: PoolMode
+    device: torch.device
+
+
+def dense_map(
+    model: nn.Module,
+    image: Any,
+    *,
+    input_size: int | tuple[int, int] | None = None,
+    pool: PoolMode = "window",
+    tile: int | None = None,
+    out: str | os.PathLike[str] | None = None,
+    precision: Precision = "fp32",
+    batch_size: int | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: str | torch.device | None = None,
+    scheduler: Any = None,
+    progress: bool = False,
+    fallback: Fallback = "error",
+    stride: int | tuple[int, int] | None = None,
+) -> Any:
+    """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
+
+    Args:
+        model: a classifier (converted first, keeping its weights) or a converted module.
+        image: a model-ready float ``(C, H, W)`` tensor or array, or an image: a path (PNG,
+            JPEG, ``.npy``, ``.zarr``, TIFF read lazily), a PIL image, or a uint8 ``(H, W, C)``
+            numpy/zarr/dask array, scaled to [0, 1] and normalized with ``mean``/``std``.
+        input_size, pool: passed to ``convolutionalize`` (see there).
+        tile: input pixels between tile starts (whole strides); each tile also reads a halo.
+            Default: one pass when the image fits ``MEMORY_BUDGET``, else tiles that do. For a
+            model with global context (``geometry.receptive_field is None``, e.g. squeeze-
+            excitation) tiles change the map; a :class:`TilingWarning` says so.
+        out: a ``.zarr`` path: the map is written there tile by tile and the zarr array
+            returned; an interrupted run restarted with the same arguments resumes.
+        precision: ``"fp32"`` (exact) or ``"bf16"`` (bfloat16 autocast, channels-last).
+        batch_size: tiles of equal shape run together (default 1).
+        mean, std: normalization for images (default: the model's own, else ImageNet).
+        device: where the model runs (default CPU).
+        scheduler: a dask scheduler name, a ``distributed.Client`` or its address: tiles
+            run as dask tasks (also with a dask array input or an active Client).
+        progress: a progress bar over tiles.
+        fallback: ``"windows"`` evaluates models that cannot be converted crop by crop.
+        stride: the window grid's stride for ``fallback="windows"``.
+
+    Returns:
+        A float32 numpy array; the zarr array with ``out``; a dask array for a dask input.
+
+    Raises:
+        ValueError: a bad option or image (the message names the value and the fix).
+        NotConvolutionalizable: the model cannot be converted and ``fallback="error"``.
+    """
+    options = check_options(tile, precision, batch_size, fallback, stride, pool, device)
+    fcn = prepare_model(model, input_size, options)
+    source = open_image(image, fcn.plan.in_channels, mean, std, model)
+    shape, grid = plan_map(fcn, source, options)
+    runner = runner_for(fcn, options.precision, options.device)
+    sink = None if out is None else open_zarr_sink(out, shape, grid, _resume_key(fcn, source, grid, options))
+    if _use_dask(source, scheduler):
+        from .distributed import run_dask
+
+        return run_dask(grid, source, runner, sink, shape, scheduler, progress)
+    local = sink if sink is not None else MapSink(shape)
+    run_tiles(grid.tiles, source, runner, local, options.batch_size, progress)
+    return local.result()
+
+
+def check_options(
+    tile: object, precision: object, batch_size: object, fallback: object, stride: object,
+    pool: object, device: object,
+) -> Options:
+    """Validate every option in one place; errors name the bad value and the fix."""
+    pool = check_pool(pool)
+    if tile is not None and not _positive_int(tile):
+        raise ValueError(f"tile must be a positive number of input pixels, got {tile!r}; pass e.g. "
+                         "tile=1024, or leave it out to choose one from the memory budget")
+    if precision not in get_args(Precision):
+        raise ValueError(f"precision must be one of {', '.join(map(repr, get_args(Precision)))}, "
+                         f"got {precision!r}")
+    if batch_size is not None and not _positive_int(batch_size):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if fallback not in get_args(Fallback):
+        raise ValueError(f"fallback must be 'error' or 'windows', got {fallback!r}")
+    pair = (stride, stride) if isinstance(stride, int) else stride
+    if pair is not None and (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                             or not all(_positive_int(s) for s in pair)):
+        raise ValueError(f"stride must be a positive int or two of them (rows, cols), got {stride!r}")
+    if pool == "global" and tile is not None:
+        raise ValueError('pool="global" gives one prediction per image and cannot be tiled; '
+                         'leave tile out or use pool="window"')
+    try:
+        where = torch.device(device) if device is not None else torch.device("cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device {device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'") from exc
+    return Options(tile, precision, batch_size or 1, fallback,  # type: ignore[arg-type]
+                   None if pair is None else (int(pair[0]), int(pair[1])), pool, where)
+
+
+def prepare_model(model: nn.Module, input_size: object, options: Options) -> ConvolutionalizedModule:
+    """The converted model: given, converted now, or (fallback) a crop-by-crop equivalent."""
+    if isinstance(model, ConvolutionalizedModule):
+        fcn = model
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"dense_map takes a torch.nn.Module, got {type(model).__name__}")
+    else:
+        try:
+            fcn = convolutionalize(model, input_size, pool=options.pool)  # type: ignore[arg-type]
+        except NotConvolutionalizable as exc:
+            if options.fallback != "windows":
+                raise
+            from .windows import windows_module
+
+            return windows_module(model, input_size, options.stride, exc)
+    if options.stride is not None and options.stride != fcn.geometry.stride:
+        raise ValueError(f"stride={options.stride} differs from the converted network's stride "
+                         f"{fcn.geometry.stride}, which fixes the grid; leave stride out "
+                         '(it is for fallback="windows")')
+    return fcn
+
+
+def plan_map(fcn: ConvolutionalizedModule, source: ImageSource,
+             options: Options) -> tuple[tuple[int, int, int], TileGrid]:
+    """The whole-image map's shape and the tiles that compute it (warns when tiling is inexact)."""
+    height, width = source.height, source.width
+    geometry = fcn.geometry
+    need = geometry.input_size if geometry.pool == "window" else geometry.window
+    if height < need[0] or width < need[1]:
+        raise ValueError(f"input {height}x{width} is smaller than the {need[0]}x{need[1]} window; "
+                         'pass a larger image or pool="global"')
+    probe = ShapeProbe(fcn, source.channels)
+    size, _ = probe.run((height, width))
+    shape = (size[0], 1, 1) if len(size) == 1 else (size[0], size[1], size[2])
+    tile = options.tile
+    if tile is None and geometry.pool != "global":
+        tile = _auto_tile(fcn, source, probe)
+    if tile is None:
+        whole = Tile((0, 0), (0, height, 0, width), (0, shape[1], 0, shape[2]), (0, 0))
+        return shape, TileGrid((whole,), (1, 1), (shape[1], shape[2]), (0, 0))
+    grid = plan_tiles(geometry, (height, width), (shape[1], shape[2]), tile)
+    if len(grid.tiles) > 1 and not halo_of(geometry)[1]:
+        warnings.warn(
+            "this model has global context (no finite receptive field: "
+            f"{'; '.join(geometry.notes) or 'a layer sees the whole image'}), so a tiled map differs "
+            "from the whole-image map; pass a tile larger than the image to avoid tiling",
+            TilingWarning, stacklevel=3)
+    logger.info("dense map %s from %dx%d input in %d tiles of %s cells", shape, height, width,
+                len(grid.tiles), grid.cells_per_tile)
+    return shape, grid
+
+
+def run_tiles(tiles: Sequence[Tile], source: ImageSource, runner: TileRunner,
+              sink: MapSink | ZarrSink, batch_size: int, progress: bool) -> None:
+    """Run unfinished tiles in order, ``batch_size`` equal-shape tiles per forward pass."""
+    from tqdm.auto import tqdm
+
+    pending = [t for t in tiles if not sink.is_done(t)]
+    if len(pending) < len(tiles):
+        logger.info("resuming: %d of %d tiles already done", len(tiles) - len(pending), len(tiles))
+    with tqdm(total=len(tiles), initial=len(tiles) - len(pending), disable=not progress,
+              unit="tile", desc="dense map") as bar:
+        for group in _batches(pending, batch_size):
+            blocks = [source.read(*t.read) for t in group]
+            scores = runner(blocks[0][None] if len(blocks) == 1 else torch.stack(blocks))
+            for t, cells in zip(group, scores):
+                sink.write(t, cells[(slice(None), *t.crop())])
+            bar.update(len(group))
+
+
+def _batches(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
+    group: list[Tile] = []
+    for t in tiles:
+        if group and (len(group) == size or t.shape != group[0].shape):
+            yield group
+            group = []
+        group.append(t)
+    if group:
+        yield group
+
+
+def _auto_tile(fcn: ConvolutionalizedModule, source: ImageSource, probe: ShapeProbe) -> int | None:
+    """``None`` (one pass) when the image fits the budget, else the largest tile that does."""
+    geometry = fcn.geometry
+    per_pixel = probe.bytes_per_pixel(geometry.input_size)
+    if source.height * source.width * per_pixel <= MEMORY_BUDGET:
+        return None
+    side = int(math.sqrt(MEMORY_BUDGET / per_pixel))
+    halo, _ = halo_of(geometry)
+    stride = max(geometry.stride)
+    tile = side - 2 * max(halo) - max(geometry.window) + stride
+    return max(tile // stride * stride, 4 * stride)
+
+
+def _resume_key(fcn: ConvolutionalizedModule, source: ImageSource, grid: TileGrid,
+                options: Options) -> dict[str, Any]:
+    return {"model": model_digest(fcn), "image": [source.height, source.width, source.channels],
+            "normalization": [source.mean, source.std], "tiles": list(grid.cells_per_tile),
+            "precision": options.precision}
+
+
+def _use_dask(source: ImageSource, scheduler: object) -> bool:
+    if scheduler is not None or source.is_dask:
+        return True
+    if "distributed" not in sys.modules:  # no Client can be active without it
+        return False
+    from distributed import default_client
+
+    try:
+        default_client()
+    except ValueError:
+        return False
+    return True
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -1,0 +1,147 @@
+"""Dense maps as dask graphs: one task per exact tile, on threads, processes or a cluster.
+
+The graph is the tiled computation of :mod:`.tiling` written out for dask, an equivalent of
+``map_overlap`` whose overlaps follow the network's stride-aligned halos: one task loads the
+model (so the model's bytes sit in the graph once and each worker fetches the loaded model
+once, from a peer, and a lost copy is simply recomputed), and one task per tile reads the
+tile's pixels (a slice of a dask input, or a lazy read of a zarr/numpy source), runs the model
+and either returns the owned cells (assembled with ``dask.array.block``) or writes them to the
+zarr store and flags the tile done. Tasks are idempotent, so dask may retry one whose worker
+died without changing the map.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._runner import TileRunner
+from .images import ImageSource
+from .store import ZarrSink
+from .tiling import Tile, TileGrid
+
+__all__ = ["run_dask"]
+
+logger = logging.getLogger(__name__)
+
+LOCAL_SCHEDULERS = ("threads", "processes", "synchronous", "sync", "single-threaded")
+
+
+def run_dask(grid: TileGrid, source: ImageSource, runner: TileRunner, sink: ZarrSink | None,
+             shape: tuple[int, int, int], scheduler: Any, progress: bool) -> Any:
+    """Run the tiles as dask tasks.
+
+    Returns:
+        With ``sink``: the zarr array, once every tile is written. Without: a dask array for
+        a dask input (nothing computed yet), else the computed numpy array.
+    """
+    import dask
+    import dask.array as da
+
+    model = dask.delayed(_load_runner)(pickle.dumps(runner),
+                                       dask_key_name=f"convolutionalize-model-{id(runner):x}")
+    reader = ImageSource(None, source.is_image, source.mean, source.std, source.scale)
+    lazy = None if source.is_dask else dask.delayed(source, traverse=False)
+    tasks = []
+    for tile in grid.tiles:
+        if sink is not None and sink.is_done(tile):
+            continue
+        block = _block(source, tile) if source.is_dask else lazy
+        tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, tile, sink))
+    if sink is not None:
+        with _scheduler(scheduler) as chosen:
+            _compute(tasks, chosen, progress)
+        return sink.result()
+    blocks = [[None] * grid.grid[1] for _ in range(grid.grid[0])]
+    for tile, task in zip(grid.tiles, tasks):
+        r0, r1, c0, c1 = tile.cells
+        blocks[tile.index[0]][tile.index[1]] = da.from_delayed(task, (shape[0], r1 - r0, c1 - c0),
+                                                               dtype=np.float32)
+    result = da.block(blocks)
+    if source.is_dask and scheduler is None:
+        return result
+    with _scheduler(scheduler) as chosen:
+        return result.compute(scheduler=chosen)
+
+
+def _block(source: ImageSource, tile: Tile) -> Any:
+    y0, y1, x0, x1 = tile.read
+    return source.array[y0:y1, x0:x1] if source.is_image else source.array[:, y0:y1, x0:x1]
+
+
+def _load_runner(blob: bytes) -> TileRunner:
+    return pickle.loads(blob)
+
+
+def _run_tile(runner: TileRunner, reader: ImageSource, block: Any, tile: Tile,
+              sink: ZarrSink | None) -> np.ndarray | None:
+    """One tile: read, score, crop to the owned cells; write them to ``sink`` if given."""
+    if isinstance(block, ImageSource):
+        pixels = block.read(*tile.read)
+    else:
+        pixels = reader.prepare(block)
+    with _threads(1):
+        cells = runner(pixels[None])[0][(slice(None), *tile.crop())]
+    if sink is None:
+        return cells
+    sink.write(tile, cells)
+    return None
+
+
+@contextlib.contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """Inside a dask worker thread, torch uses ``count`` threads (workers supply parallelism)."""
+    saved = torch.get_num_threads()
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        yield  # not on a distributed worker: keep torch's own threading
+        return
+    torch.set_num_threads(max(count, 1))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+@contextlib.contextmanager
+def _scheduler(scheduler: Any) -> Iterator[Any]:
+    """A dask scheduler: a name, a Client, an address (connected for this call), or default."""
+    if scheduler is None or (isinstance(scheduler, str) and scheduler in LOCAL_SCHEDULERS):
+        yield scheduler
+        return
+    if isinstance(scheduler, str):
+        from distributed import Client
+
+        try:
+            client = Client(scheduler, timeout="10s", set_as_default=False)
+        except OSError as exc:
+            raise ValueError(f"cannot reach a dask scheduler at {scheduler!r}: {exc}") from exc
+        with client:
+            yield client
+        return
+    yield scheduler
+
+
+def _compute(tasks: list[Any], scheduler: Any, progress: bool) -> None:
+    import dask
+
+    if not tasks:
+        return
+    if scheduler is not None and hasattr(scheduler, "compute") and progress:
+        from distributed import as_completed
+        from tqdm.auto import tqdm
+
+        futures = scheduler.compute(tasks)
+        for _ in tqdm(as_completed(futures), total=len(futures), unit="tile", desc="dense map"):
+            pass
+        return
+    dask.compute(*tasks, scheduler=scheduler)

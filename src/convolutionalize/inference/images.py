@@ -1,0 +1,221 @@
+"""Image inputs for dense maps: one lazy, model-ready view over any kind of image.
+
+``open_image`` turns what a caller passes (a path, a PIL image, a uint8 ``(H, W, C)`` array
+from numpy, zarr or dask, or a model-ready float ``(C, H, W)`` tensor or array) into an
+:class:`ImageSource`. A source knows its size and reads one rectangle at a time as a
+normalized float32 ``(C, h, w)`` tensor, so a zarr array, a dask array or a (pyramidal)
+TIFF opened through ``tifffile`` as zarr is never loaded whole: only the tiles are read.
+
+Images (uint8) are scaled to [0, 1] and normalized with ``mean``/``std``: the caller's, else
+the model's own (timm's ``pretrained_cfg``), else ImageNet's for 3-channel models and none
+(mean 0, std 1) for others. Model-ready float inputs are used as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageSource", "default_normalization", "open_image"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi")
+
+
+@dataclass
+class ImageSource:
+    """A lazily read image: ``array`` indexed ``[y0:y1, x0:x1]`` on demand.
+
+    Attributes:
+        array: anything sliceable with numpy semantics (numpy, zarr, dask, a memory map);
+            ``(H, W, C)`` when ``is_image`` else ``(C, H, W)``.
+        is_image: uint8-style pixels to scale and normalize, channels last.
+        mean, std: per-channel normalization applied to images after scaling to [0, 1].
+        scale: what one pixel unit is (255 for uint8, 65535 for uint16).
+    """
+
+    array: Any
+    is_image: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float = 255.0
+
+    @property
+    def height(self) -> int:
+        return int(self.array.shape[0 if self.is_image else 1])
+
+    @property
+    def width(self) -> int:
+        return int(self.array.shape[1 if self.is_image else 2])
+
+    @property
+    def channels(self) -> int:
+        return int(self.array.shape[2 if self.is_image else 0])
+
+    @property
+    def is_dask(self) -> bool:
+        return type(self.array).__module__.startswith("dask")
+
+    def read(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        """The rectangle ``[y0, y1) x [x0, x1)`` as a normalized float32 ``(C, h, w)`` tensor."""
+        block = self.array[y0:y1, x0:x1] if self.is_image else self.array[:, y0:y1, x0:x1]
+        return self.prepare(block)
+
+    def prepare(self, block: Any) -> torch.Tensor:
+        """Turn a block read from ``array`` into a model-ready ``(C, h, w)`` tensor."""
+        if hasattr(block, "compute"):
+            block = block.compute()
+        if not isinstance(block, torch.Tensor):
+            block = np.asarray(block)
+            block = block if block.flags.writeable else block.copy()
+        tensor = torch.as_tensor(block)
+        if not self.is_image:
+            return tensor.to(torch.float32)
+        tensor = tensor.permute(2, 0, 1).to(torch.float32).div_(self.scale)
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return tensor.sub_(mean).div_(std)
+
+
+def default_normalization(model: object, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The model's own mean/std (timm ``pretrained_cfg``), else ImageNet's (3 channels), else none."""
+    for candidate in (model, getattr(model, "original", None)):
+        cfg = getattr(candidate, "pretrained_cfg", None) or getattr(candidate, "default_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("mean") and cfg.get("std"):
+            return tuple(map(float, cfg["mean"])), tuple(map(float, cfg["std"]))
+    if channels == 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return (0.0,) * channels, (1.0,) * channels
+
+
+def open_image(
+    image: Any,
+    channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    model: object = None,
+) -> ImageSource:
+    """Wrap ``image`` as an :class:`ImageSource` for a model taking ``channels`` channels.
+
+    Raises:
+        ValueError: a missing or unreadable file, a shape or channel count the model cannot
+            take, or ``mean``/``std`` of the wrong length.
+        TypeError: an object that is not an image.
+    """
+    array = _as_array(image, channels)
+    is_image = not _is_float(array)
+    if len(array.shape) == 2 and is_image:
+        array = _Gray(array)
+    if len(array.shape) != 3:
+        raise ValueError(
+            f"image must be (H, W, C) uint8 pixels or a model-ready (C, H, W) float array, "
+            f"got shape {tuple(array.shape)}"
+        )
+    source = ImageSource(array, is_image, (), ())
+    if source.channels != channels:
+        layout = "(H, W, C) pixels" if is_image else "a (C, H, W) float array"
+        raise ValueError(
+            f"the model takes {channels} channels but the image, read as {layout}, has "
+            f"{source.channels}; pass {channels}-channel input"
+        )
+    if is_image:
+        source.scale = float(np.iinfo(np.dtype(array.dtype)).max) if np.dtype(array.dtype).kind in "ui" \
+            else 1.0
+        source.mean, source.std = _normalization(model, channels, mean, std)
+    return source
+
+
+class _Gray:
+    """A 2-D (grayscale) array read as ``(H, W, 1)``, lazily: slices go to the array."""
+
+    def __init__(self, array: Any) -> None:
+        self.array, self.dtype = array, array.dtype
+        self.shape = (*array.shape, 1)
+
+    def __getitem__(self, index: tuple[slice, slice]) -> np.ndarray:
+        return np.asarray(self.array[index])[:, :, None]
+
+
+def _normalization(model: object, channels: int, mean: Sequence[float] | None,
+                   std: Sequence[float] | None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    default_mean, default_std = default_normalization(model, channels)
+    pairs = {"mean": (mean, default_mean), "std": (std, default_std)}
+    chosen = {}
+    for name, (given, default) in pairs.items():
+        values = tuple(float(v) for v in (default if given is None else given))
+        if len(values) == 1:
+            values = values * channels
+        if len(values) != channels:
+            raise ValueError(f"{name} has {len(values)} values but the model takes {channels} "
+                             f"channels; pass one value per channel")
+        chosen[name] = values
+    if any(v == 0 for v in chosen["std"]):
+        raise ValueError(f"std must not contain zero, got {chosen['std']}")
+    return chosen["mean"], chosen["std"]
+
+
+def _is_float(array: Any) -> bool:
+    dtype = array.dtype
+    if isinstance(dtype, torch.dtype):
+        return dtype.is_floating_point
+    return np.dtype(dtype).kind == "f"
+
+
+def _as_array(image: Any, channels: int) -> Any:
+    """Something sliceable: paths are opened (lazily where the format allows), PIL converted."""
+    if isinstance(image, (str, os.PathLike)):
+        return _open_path(Path(image), channels)
+    if type(image).__module__.startswith("PIL"):
+        return np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    if isinstance(image, torch.Tensor):
+        return image.detach().cpu()
+    if isinstance(image, np.ndarray) or (hasattr(image, "shape") and hasattr(image, "dtype")
+                                         and hasattr(image, "__getitem__")):
+        return image
+    raise TypeError(
+        f"image must be a path, a PIL image, a numpy/zarr/dask array or a tensor, got "
+        f"{type(image).__name__}"
+    )
+
+
+def _open_path(path: Path, channels: int) -> Any:
+    if not path.exists():
+        raise ValueError(f"image {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
+            import zarr
+
+            array = zarr.open(str(path), mode="r")
+            if not hasattr(array, "shape"):
+                raise ValueError(f"{path} is a zarr group, not an array; pass the array inside it")
+            return array
+        if suffix in TIFF_SUFFIXES:
+            return _open_tiff(path)
+        if suffix == ".npy":
+            return np.load(path, mmap_mode="r")
+        from PIL import Image
+
+        with Image.open(path) as pil:
+            return np.asarray(pil.convert("L" if channels == 1 else "RGB"))
+    except (OSError, SyntaxError, KeyError) as exc:
+        raise ValueError(f"cannot read image {path}: {' '.join(str(exc).split())}") from exc
+
+
+def _open_tiff(path: Path) -> Any:
+    """Level 0 of a (pyramidal) TIFF as a lazy zarr array, read tile by tile."""
+    import tifffile
+    import zarr
+
+    store = tifffile.imread(path, aszarr=True, level=0)
+    array = zarr.open(store, mode="r")
+    if not hasattr(array, "shape"):  # a multiscale group: take the full-resolution level
+        array = array["0"]
+    return array

@@ -1,0 +1,115 @@
+"""Where a dense map goes: a numpy array in memory, or a resumable zarr store on disk.
+
+A zarr output is a group holding ``map`` (``(classes, rows, cols)`` float32, one chunk per
+tile) and ``done`` (one bool per tile, one chunk each, so that concurrent writers never
+touch the same chunk). A tile's cells are written before its ``done`` flag, so a run that
+stops anywhere leaves only finished tiles flagged. The group's attributes record what the
+map was made from (``key``); a restart with the same arguments skips the flagged tiles, a
+restart with different ones is refused rather than mixing two maps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .tiling import Tile, TileGrid
+
+__all__ = ["MapSink", "ZarrSink", "model_digest", "open_zarr_sink"]
+
+KEY_ATTR = "convolutionalize.key"
+
+
+class MapSink:
+    """An in-memory map: ``write`` owned cells, ``result`` the numpy array."""
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.array = np.empty(shape, dtype=np.float32)
+
+    def is_done(self, tile: Tile) -> bool:
+        return False
+
+    def write(self, tile: Tile, cells: np.ndarray) -> None:
+        r0, r1, c0, c1 = tile.cells
+        self.array[:, r0:r1, c0:c1] = cells
+
+    def result(self) -> Any:
+        return self.array
+
+
+@dataclass
+class ZarrSink:
+    """A map in a zarr group, with per-tile completion flags (see the module docstring)."""
+
+    path: str
+    map: Any
+    done: Any
+
+    def is_done(self, tile: Tile) -> bool:
+        return bool(self.done[tile.index])
+
+    def write(self, tile: Tile, cells: np.ndarray) -> None:
+        r0, r1, c0, c1 = tile.cells
+        self.map[:, r0:r1, c0:c1] = cells
+        self.done[tile.index] = True
+
+    def result(self) -> Any:
+        return self.map
+
+    def __reduce__(self) -> tuple[Any, ...]:  # workers reopen the store by path
+        return (_reopen, (self.path,))
+
+
+def _reopen(path: str) -> ZarrSink:
+    import zarr
+
+    group = zarr.open_group(path, mode="r+")
+    return ZarrSink(path, group["map"], group["done"])
+
+
+def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], grid: TileGrid,
+                   key: dict[str, Any]) -> ZarrSink:
+    """Open ``path`` to resume a map made with the same ``key``, or create it.
+
+    Raises:
+        ValueError: ``path`` holds something else: another map, or data that is not ours.
+    """
+    import zarr
+
+    path = str(Path(path))
+    text = json.dumps(key, sort_keys=True)
+    if Path(path).exists():
+        try:
+            group = zarr.open_group(path, mode="r+")
+            found = group.attrs.get(KEY_ATTR)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{path} exists and is not a dense-map zarr store; remove it or pass "
+                             "another out") from exc
+        if found != text:
+            raise ValueError(f"{path} holds a map made with different arguments (model, image, "
+                             "tile or precision); remove it or pass another out")
+        return ZarrSink(path, group["map"], group["done"])
+    group = zarr.open_group(path, mode="w")
+    chunks = (shape[0], *grid.cells_per_tile)
+    group.create_array("map", shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan)
+    group.create_array("done", shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
+    group.attrs[KEY_ATTR] = text
+    return ZarrSink(path, group["map"], group["done"])
+
+
+def model_digest(model: nn.Module) -> str:
+    """A short hash of a model's weights and structure (what a resumed run must match)."""
+    digest = hashlib.sha1(repr(model).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        if tensor.numel():
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
