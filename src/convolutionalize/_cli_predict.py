@@ -16,6 +16,7 @@ from typing import Any, get_args
 
 import numpy as np
 
+from .cli import int_at_least
 from .inference import dense_map
 from .inference._runner import Precision
 from .models import default_input_size, load_model
@@ -34,11 +35,11 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     predict_parser.add_argument("-o", "--output", required=True, type=Path, metavar="MAP",
                                 help="MAP.npy (in memory) or MAP.zarr (written tile by tile, "
                                 "resumable)")
-    predict_parser.add_argument("--tile", type=_positive_int, metavar="N", help="input pixels per "
+    predict_parser.add_argument("--tile", type=int_at_least(1), metavar="N", help="input pixels per "
                                 "tile side (default: chosen from a memory budget)")
     predict_parser.add_argument("--precision", choices=get_args(Precision), default="fp32",
                                 help="fp32 (exact, default) or bf16 (faster on CPUs with AMX)")
-    predict_parser.add_argument("--batch-size", type=_positive_int, metavar="B",
+    predict_parser.add_argument("--batch-size", type=int_at_least(1), metavar="B",
                                 help="tiles per forward pass (default: 1)")
     predict_parser.add_argument("--scheduler", metavar="ADDRESS", help="run tiles as dask tasks: "
                                 "a dask.distributed scheduler address, or threads/processes")
@@ -90,12 +91,4 @@ def _save_npy(array: np.ndarray, output: Path) -> None:
         raise
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
 

@@ -214,24 +214,20 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {' '.join(message.split())}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive integer")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum`` (1: positive, 0: non-negative)."""
+    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {kind}")
+        return value
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a non-negative integer")
-    return value
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -255,10 +251,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("verify", parents=[common], help="measure the converted model "
                            "against the original; exit 1 when it fails")
-    check.add_argument("--samples", type=_positive_int, default=8, metavar="K",
+    check.add_argument("--samples", type=int_at_least(1), default=8, metavar="K",
                        help="map cells compared with crops (default: 8)")
     _image_size_option(check, "image size for the crop check (default: native + 3 strides)")
-    check.add_argument("--seed", type=_non_negative_int, default=0, metavar="S",
+    check.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
                        help="random seed for the image and the cells (default: 0)")
     check.set_defaults(command=_verify_command)
     from ._cli_predict import register as register_predict
@@ -276,7 +272,7 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--weights", metavar="W", help="'random', a state_dict file, or a "
                         "torchvision weights name (default: the pretrained weights, "
                         "downloaded once)")
-    common.add_argument("--input-size", nargs=2, type=_positive_int, metavar=("H", "W"),
+    common.add_argument("--input-size", nargs=2, type=int_at_least(1), metavar=("H", "W"),
                         help="native (training) input size (default: the model's own; 224 "
                         "for most torchvision models, 299 for inception_v3)")
     common.add_argument("-v", "--verbose", action="store_true",
@@ -289,5 +285,5 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def _image_size_option(parser: argparse.ArgumentParser, help_text: str) -> None:
-    parser.add_argument("--image-size", nargs=2, type=_positive_int, metavar=("H", "W"),
+    parser.add_argument("--image-size", nargs=2, type=int_at_least(1), metavar=("H", "W"),
                         help=help_text)
