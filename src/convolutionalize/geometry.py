@@ -78,6 +78,10 @@ class Geometry:
         pool: the pooling mode of the conversion.
         notes: why the map may differ from crop-by-crop results (padding, global
             context, unproven layers), each naming the layer.
+        receptive_offset: ``(y, x)`` where cell (0, 0)'s receptive field starts relative to
+            its window's origin (negative: it reads zero padding before the image), or
+            ``None`` with ``receptive_field``. Exact tiling needs ``-offset`` pixels of
+            context before a window and ``offset + receptive_field - window`` after it.
     """
 
     window: tuple[int, int]
@@ -89,6 +93,7 @@ class Geometry:
     feature_size: tuple[int, int]
     pool: PoolMode = "window"
     notes: tuple[str, ...] = field(default=())
+    receptive_offset: tuple[int, int] | None = None
 
     def cells(self, height: int, width: int) -> tuple[int, int]:
         """Map size for an input of ``height x width``.
@@ -122,7 +127,8 @@ class Geometry:
     @classmethod
     def from_json(cls, text: str) -> Geometry:
         data = json.loads(text)
-        for key in ("window", "stride", "offset", "receptive_field", "input_size", "feature_size"):
+        for key in ("window", "stride", "offset", "receptive_field", "input_size", "feature_size",
+                    "receptive_offset"):
             if data.get(key) is not None:
                 data[key] = tuple(data[key])
         data["notes"] = tuple(data.get("notes", ()))
@@ -210,6 +216,7 @@ def geometry_from_plan(plan: HeadPlan, pool: PoolMode, body: BodyGeometry) -> Ge
         stride=(sy, sx),
         offset=(0, 0),
         receptive_field=(ry, rx) if local and mode != "global" else None,
+        receptive_offset=(ys.lo, xs.lo) if local and mode != "global" else None,
         crop_equivalent=crop_equivalent,
         input_size=plan.input_size,
         feature_size=plan.feature.size,

@@ -244,7 +244,7 @@ def _auto_tile(fcn: ConvolutionalizedModule, source: ImageSource, probe: ShapePr
     side = int(math.sqrt(MEMORY_BUDGET / per_pixel))
     halo, _ = halo_of(geometry)
     stride = max(geometry.stride)
-    tile = side - 2 * max(halo) - max(geometry.window) + stride
+    tile = side - max(sum(h) for h in halo) - max(geometry.window) + stride
     return max(tile // stride * stride, 4 * stride)
 
 

@@ -48,23 +48,25 @@ class TileGrid:
     tiles: tuple[Tile, ...]
     grid: tuple[int, int]
     cells_per_tile: tuple[int, int]
-    halo: tuple[int, int]
+    halo: tuple[tuple[int, int], tuple[int, int]]  # (before, after) pixels per axis
 
 
-def halo_of(geometry: Geometry) -> tuple[tuple[int, int], bool]:
-    """Pixels of context each side of the owned windows, and whether that is exact.
+def halo_of(geometry: Geometry) -> tuple[tuple[tuple[int, int], tuple[int, int]], bool]:
+    """Pixels of context ``(before, after)`` per axis around the owned windows, and whether
+    that is exact.
 
-    A cell's footprint (its receptive field) contains its window with ``pool="window"``, so
-    ``receptive_field - window`` each side covers it; otherwise the whole receptive field.
-    This is up to twice what a symmetric network needs (about half on each side), but the
-    geometry records the footprint's size, not where it starts, so only this bound is proven.
+    A cell's receptive field starts ``receptive_offset`` pixels from its window's origin and
+    spans ``receptive_field``: a tile that holds it computes the cell exactly as the whole
+    image does (every zero a tile edge introduces lies outside it).
     """
-    if geometry.receptive_field is None:
-        return geometry.window, False
-    rf = geometry.receptive_field
-    if geometry.pool == "window":
-        return (max(rf[0] - geometry.window[0], 0), max(rf[1] - geometry.window[1], 0)), True
-    return rf, True
+    if geometry.receptive_field is None or geometry.receptive_offset is None:
+        return ((geometry.window[0],) * 2, (geometry.window[1],) * 2), False
+    halos = tuple(
+        (max(-lo, 0), max(lo + rf - window, 0))
+        for lo, rf, window in zip(geometry.receptive_offset, geometry.receptive_field,
+                                  geometry.window)
+    )
+    return halos, True  # type: ignore[return-value]
 
 
 def plan_tiles(
@@ -96,11 +98,11 @@ def plan_tiles(
     return TileGrid(tiles, (grid[0], grid[1]), (per_tile[0], per_tile[1]), halo)
 
 
-def _axis(i: int, per_tile: int, cells: int, size: int, geometry: Geometry, halo: int,
-          axis: int) -> tuple[int, int, int, int, int]:
+def _axis(i: int, per_tile: int, cells: int, size: int, geometry: Geometry,
+          halo: tuple[int, int], axis: int) -> tuple[int, int, int, int, int]:
     """Along one axis: (read start, read end, first owned cell, end owned cell, first tile cell)."""
     stride, offset, window = geometry.stride[axis], geometry.offset[axis], geometry.window[axis]
     c0, c1 = i * per_tile, min((i + 1) * per_tile, cells)
-    start = max(c0 * stride + offset - halo, 0) // stride * stride
-    end = min((c1 - 1) * stride + offset + window + halo, size)
+    start = max(c0 * stride + offset - halo[0], 0) // stride * stride
+    end = min((c1 - 1) * stride + offset + window + halo[1], size)
     return start, end, c0, c1, start // stride
