@@ -26,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from .api import convolutionalize
+from .cli import int_at_least
 from .detect import class_probabilities, detect
 from .frameworks.torch_layers import ConvolutionalizedModule
 from .models import default_input_size, load_model
@@ -45,9 +46,9 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     heat.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.png",
                       help="the PNG to write (one panel of the image's size per class)")
     which = heat.add_mutually_exclusive_group()
-    which.add_argument("--class", dest="class_index", type=_int_at_least(0), metavar="K",
+    which.add_argument("--class", dest="class_index", type=int_at_least(0), metavar="K",
                        help="draw class K")
-    which.add_argument("--top", type=_int_at_least(1), default=1, metavar="N",
+    which.add_argument("--top", type=int_at_least(1), default=1, metavar="N",
                        help="draw the N classes with the highest peak probability, one panel "
                        "each (default: 1; the background class is skipped)")
     heat.set_defaults(command=_heatmap_command)
@@ -71,7 +72,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                           "load_digits, convolutionalize it and find the digits on held-out pages")
     demo.add_argument("--output", type=Path, default=Path("demo-output"), metavar="DIR",
                       help="output directory (default: demo-output)")
-    demo.add_argument("--seed", type=_int_at_least(0), default=0, metavar="S",
+    demo.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
                       help="random seed of the split, the training and the pages (default: 0)")
     demo.add_argument("-v", "--verbose", action="store_true", help="library messages on stderr")
     demo.set_defaults(command=_demo_command)
@@ -82,7 +83,7 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
                         "the model's window in size; converted to the model's channels, scaled to 0..1")
     parser.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line "
                         "(default: the model's own 'labels' attribute, else 'class K')")
-    parser.add_argument("--background-class", type=_int_at_least(0), metavar="K",
+    parser.add_argument("--background-class", type=int_at_least(0), metavar="K",
                         help="the 'nothing here' class: never detected, not ranked (default: the "
                         "model's 'background_class' attribute, else none)")
     parser.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean "
@@ -246,15 +247,3 @@ def _atomic(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _int_at_least(low: int) -> Any:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
-        return value
-    return parse
