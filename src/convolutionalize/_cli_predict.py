@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, get_args
 
 import numpy as np
 
+from ._files import atomic_path
 from .cli import int_at_least
 from .inference import dense_map
 from .inference._runner import Precision
@@ -81,14 +81,8 @@ def predict(args: argparse.Namespace) -> int:
 
 def _save_npy(array: np.ndarray, output: Path) -> None:
     """``np.save`` to a temporary file beside ``output``, renamed into place when complete."""
-    handle, temp = tempfile.mkstemp(suffix=".npy", prefix=f".{output.stem}.", dir=output.parent or ".")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.save(file, array)
-        os.replace(temp, output)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_path(output) as temp:
+        np.save(temp, array)
 
 
 

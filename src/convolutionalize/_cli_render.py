@@ -15,8 +15,6 @@ import argparse
 import contextlib
 import json
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
+from ._files import atomic_path
 from .api import convolutionalize
 from .cli import int_at_least
 from .detect import class_probabilities, detect
@@ -103,7 +102,7 @@ def _heatmap_command(args: argparse.Namespace) -> int:
     fcn, image, probs, labels, background = _prepare(args)
     picture = heatmap(image, probs, fcn.geometry, class_index=args.class_index, top=args.top,
                       labels=labels, background_class=background)
-    with _atomic(args.output) as tmp:
+    with atomic_path(args.output) as tmp:
         picture.save(tmp, format="PNG")
     print(f"wrote {args.output} ({picture.width}x{picture.height})")
     return EXIT_OK
@@ -122,10 +121,10 @@ def _detect_command(args: argparse.Namespace) -> int:
     text = json.dumps(records, indent=2) + "\n"
     picture = draw_detections(image, found, labels) if args.draw is not None else None
     with contextlib.ExitStack() as stack:  # both files appear only when both are written
-        tmp = stack.enter_context(_atomic(args.output))
+        tmp = stack.enter_context(atomic_path(args.output))
         tmp.write_text(text)
         if picture is not None:
-            picture.save(stack.enter_context(_atomic(args.draw)), format="PNG")
+            picture.save(stack.enter_context(atomic_path(args.draw)), format="PNG")
     print(f"{len(found)} detections -> {args.output}" + (f", {args.draw}" if args.draw else ""))
     return EXIT_OK
 
@@ -236,14 +235,3 @@ def _check_output(path: Path) -> None:
         raise ValueError(f"cannot write {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write {path}: directory {parent} is not writable")
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path``, renamed onto it when the block succeeds."""
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -21,7 +21,6 @@ import contextlib
 import io
 import logging
 import os
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._files import atomic_path
 from .api import geometry_of, is_keras_model, is_onnx_model
 from .geometry import Geometry
 
@@ -61,7 +61,7 @@ def save(fcn: Any, path: str | os.PathLike[str]) -> Path:
             f"use one of {', '.join(FORMATS)}"
         )
     geometry_of(fcn)
-    with _atomic(path) as tmp:
+    with atomic_path(path) as tmp:
         writer(fcn, tmp)
     logger.info("wrote %s", path)
     return path
@@ -82,25 +82,6 @@ def _save_other(fcn: Any, path: Path) -> Path:
     from .frameworks.onnx_graph import save_onnx
 
     return save_onnx(fcn, path)
-
-
-@contextlib.contextmanager
-def _atomic(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path``, moved onto ``path`` if the block succeeds."""
-    if not path.parent.is_dir():
-        problem = "is not a directory" if path.parent.exists() else "does not exist"
-        raise ValueError(f"cannot write {path}: {path.parent} {problem}")
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        tmp.open("xb").close()
-    except OSError as exc:
-        raise ValueError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _example(fcn: nn.Module, geometry: Geometry, extra: tuple[int, int]) -> torch.Tensor:

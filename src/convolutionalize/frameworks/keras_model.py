@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from typing import Any, Literal
 import keras
 import numpy as np
 
+from .._files import atomic_path
 from ..errors import NotConvolutionalizable
 from ..geometry import BodyGeometry, Geometry, PoolMode, Span, geometry_from_plan
 from ..plan import FeatureMap, HeadPlan, HeadStep
@@ -684,9 +684,7 @@ def save_keras(fcn: keras.Model, path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     if path.suffix.lower() != ".keras":
         raise ValueError(f"a Keras model is saved as .keras, got {path.name}")
-    fd, tmp = tempfile.mkstemp(suffix=".keras", prefix=f".{path.stem}-", dir=path.parent or ".")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fcn.save(tmp)
         geometry, plan = getattr(fcn, "geometry", None), getattr(fcn, "plan", None)
         if isinstance(geometry, Geometry) and isinstance(plan, HeadPlan):
@@ -694,10 +692,6 @@ def save_keras(fcn: keras.Model, path: str | os.PathLike[str]) -> Path:
                     "native_error": getattr(fcn, "native_error", None)}
             with zipfile.ZipFile(tmp, "a") as archive:
                 archive.writestr(META_FILE, json.dumps(meta))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

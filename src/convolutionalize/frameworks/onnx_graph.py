@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .._files import atomic_path
 from ..api import GEOMETRY_KEY, check_pool
 from ..errors import NotConvolutionalizable
 from ..geometry import BodyGeometry, Geometry, PoolMode, Span, geometry_from_plan
@@ -107,15 +107,8 @@ def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
 def save_onnx(model: onnx.ModelProto, path: str | os.PathLike[str]) -> Path:
     """Write ``model`` to ``path`` atomically (a temporary file beside it, then a rename)."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise ValueError(f"cannot write {path}: {path.parent} does not exist")
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
+    with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     logger.info("wrote %s", path)
     return path
 
