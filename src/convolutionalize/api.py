@@ -144,14 +144,12 @@ def conversion_info(fcn: object) -> ConversionInfo:
     """The plan, geometry, native-size error and image channels of a converted model."""
     geometry = geometry_of(fcn)
     if is_onnx_model(fcn):
-        from .frameworks.onnx_graph import NATIVE_ERROR_KEY, PLAN_KEY, Predictor
+        from .frameworks.onnx_graph import NATIVE_ERROR_KEY, PLAN_KEY, input_channels
 
         props = {p.key: p.value for p in fcn.metadata_props}  # type: ignore[attr-defined]
-        image = fcn.graph.input[0].type.tensor_type.shape.dim  # type: ignore[attr-defined]
-        channel_axis = 3 if Predictor(fcn).layout == "NHWC" else 1  # type: ignore[arg-type]
         return ConversionInfo(props.get(PLAN_KEY, ""), geometry,
                               json.loads(props.get(NATIVE_ERROR_KEY, "null")),
-                              int(image[channel_axis].dim_value))
+                              input_channels(fcn))  # type: ignore[arg-type]
     plan = fcn.plan  # type: ignore[attr-defined]
     return ConversionInfo(plan.describe(), geometry, fcn.native_error,  # type: ignore[attr-defined]
                           plan.in_channels)

@@ -46,8 +46,10 @@ __all__ = [
     "NATIVE_RTOL",
     "PLAN_KEY",
     "Predictor",
+    "activation_shapes",
     "analyse",
     "convolutionalize_onnx",
+    "input_channels",
     "load_onnx",
     "metadata_of",
     "predict_nchw",
@@ -155,6 +157,51 @@ class Predictor:
 def predict_nchw(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
     """Run ``model`` once in onnxruntime on an NCHW float32 batch (see :class:`Predictor`)."""
     return Predictor(model)(x)
+
+
+def input_channels(model: onnx.ModelProto) -> int:
+    """The image channels the graph's input takes (from its declared shape)."""
+    dims = _dims(_image_input(model.graph)) or ()
+    axis = 3 if _input_layout(model) == "NHWC" else 1
+    if len(dims) != 4 or not dims[axis]:
+        raise ValueError(f"the graph's image input has shape {dims}; a 4-D input with a known "
+                         "channel count is needed")
+    return int(dims[axis])
+
+
+def activation_shapes(model: onnx.ModelProto, size: tuple[int, int]
+                      ) -> tuple[tuple[int, ...], list[int]]:
+    """The output shape (without batch, classes first) for one ``size`` input, and the element
+    count of every intermediate tensor, without running the model.
+
+    Uses onnxruntime's symbolic shape inference, which follows the Shape -> Gather -> Concat
+    -> Reshape chains a converted graph computes its channel shuffles with (``onnx``'s own
+    inference gives up there).
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    layout = _input_layout(model)
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    image = _image_input(fixed.graph)
+    channels = input_channels(model)
+    values = (1, *size, channels) if layout == "NHWC" else (1, channels, *size)
+    for dim, value in zip(image.type.tensor_type.shape.dim, values):
+        dim.Clear()
+        dim.dim_value = value
+    for output in fixed.graph.output:
+        output.type.tensor_type.ClearField("shape")
+    del fixed.graph.value_info[:]
+    try:
+        inferred = SymbolicShapeInference.infer_shapes(fixed)
+    except Exception as exc:  # an op the inference does not know
+        raise ValueError(f"cannot infer the map size at {size[0]}x{size[1]}: {_first_line(exc)}") from exc
+    out = _dims(inferred.graph.output[0]) or ()
+    if not out or not all(out):
+        raise ValueError(f"cannot infer the map size at {size[0]}x{size[1]} (output shape {out})")
+    counts = [int(np.prod(dims)) for v in inferred.graph.value_info
+              if (dims := _dims(v)) and all(dims)]
+    return tuple(int(d) for d in out[1:]), counts
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,4 +1,10 @@
-"""Running a converted model on batches of tiles, in the chosen precision and device.
+"""What ``dense_map`` needs from a converted model, per framework, and running it on tiles.
+
+:func:`dense_model` wraps a converted PyTorch, Keras or ONNX model in one small adapter that
+gives the rest of ``dense_map`` the same things: the geometry, the image channels, shapes at
+an input size without computing anything (the map size and the memory budget), a runner
+that scores batches of tiles (and pickles, for dask workers), and a digest of the model that
+a resumed run must match.
 
 ``TileRunner`` is what travels to workers (it pickles with its model): it moves a batch to
 the device in the channels-last memory format (about 1.3x faster for float32 convolutions on
@@ -13,20 +19,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
+import tempfile
 import weakref
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["Precision", "ShapeProbe", "TileRunner", "runner_for"]
+from ..api import geometry_of, is_keras_model, is_onnx_model
+from ..geometry import Geometry
+
+__all__ = ["DenseModel", "FrameworkRunner", "Precision", "Runner", "TileRunner", "dense_model", "runner_for"]
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
+Runner = Callable[[Any], np.ndarray]  # a batch (N, C, H, W) -> its maps (N, classes, rows, cols)
 
 
 class TileRunner:
@@ -98,20 +111,45 @@ def _fast_bf16(model: nn.Module) -> nn.Module:
     return model.to(torch.bfloat16)
 
 
-class ShapeProbe:
-    """Shapes without compute: the model run on ``meta`` tensors (its weights swapped for meta
-    stand-ins with ``torch.func.functional_call``, nothing copied).
+class DenseModel:
+    """A converted model as ``dense_map`` sees it (subclassed per framework)."""
 
-    Several times faster than fake tensors for models with batch norm; falls back to the
-    converted model's own ``output_size`` (fake tensors) where a layer has no meta kernel.
-    """
-
-    def __init__(self, model: nn.Module, channels: int) -> None:
+    def __init__(self, model: Any, channels: int) -> None:
         self.model = model
+        self.geometry: Geometry = geometry_of(model)
         self.channels = channels
 
-    def run(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-        """The output shape (without batch) at ``size`` and every leaf module's output numel."""
+    def shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
+        """The output shape (without batch; ``(classes, rows, cols)`` or ``(classes,)``) of a
+        ``size`` input, and the element counts of the intermediate tensors, without computing."""
+        raise NotImplementedError
+
+    def runner(self, precision: Precision, device: torch.device) -> Runner:
+        """A picklable runner in ``precision`` on ``device``."""
+        raise NotImplementedError
+
+    def digest(self) -> str:
+        """A short hash of the model's structure and weights."""
+        raise NotImplementedError
+
+    def map_shape(self, size: tuple[int, int]) -> tuple[int, int, int]:
+        out, _ = self.shapes(size)
+        return (out[0], 1, 1) if len(out) == 1 else (out[0], out[1], out[2])
+
+    def bytes_per_pixel(self, size: tuple[int, int]) -> float:
+        """Activation bytes per input pixel at ``size``: the two largest intermediate tensors
+        plus the input, float32; an estimate of what a forward pass keeps alive at once."""
+        _, counts = self.shapes(size)
+        area = size[0] * size[1]
+        largest = sorted(counts, reverse=True)[:2] or [8 * self.channels * area]
+        return 4.0 * (sum(largest) + self.channels * area) / area
+
+
+class TorchModel(DenseModel):
+    def shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
+        """Run on ``meta`` tensors (weights swapped for meta stand-ins with ``functional_call``,
+        nothing copied): several times faster than fake tensors for models with batch norm;
+        falls back to the converted model's own ``output_size`` where a layer has no meta kernel."""
         from torch.func import functional_call
 
         sizes: list[int] = []
@@ -130,12 +168,119 @@ class ShapeProbe:
         finally:
             for hook in hooks:
                 hook.remove()
-        return tuple(self.model.output_size(*size)), []  # type: ignore[operator]
+        return tuple(self.model.output_size(*size)), []
 
-    def bytes_per_pixel(self, size: tuple[int, int]) -> float:
-        """Activation bytes per input pixel at ``size``: the two largest layer outputs plus the
-        input, float32; an estimate of what a forward pass keeps alive at once."""
-        _, sizes = self.run(size)
-        area = size[0] * size[1]
-        largest = sorted(sizes, reverse=True)[:2] or [8 * self.channels * area]
-        return 4.0 * (sum(largest) + self.channels * area) / area
+    def runner(self, precision: Precision, device: torch.device) -> TileRunner:
+        return runner_for(self.model, precision, device)
+
+    def digest(self) -> str:
+        digest = hashlib.sha1(repr(self.model).encode())
+        for name, tensor in self.model.state_dict().items():
+            digest.update(name.encode())
+            if tensor.numel():
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()[:16]
+
+
+class KerasModel(DenseModel):
+    def shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
+        from ..frameworks.keras_model import activation_shapes
+
+        return activation_shapes(self.model, size)
+
+    def runner(self, precision: Precision, device: torch.device) -> FrameworkRunner:
+        _framework_options("Keras", precision, device)
+        return FrameworkRunner(self.model)
+
+    def digest(self) -> str:
+        import json
+
+        digest = hashlib.sha1(json.dumps(self.model.get_config(), sort_keys=True, default=str).encode())
+        for weights in self.model.get_weights():
+            digest.update(np.ascontiguousarray(weights).tobytes())
+        return digest.hexdigest()[:16]
+
+
+class OnnxModel(DenseModel):
+    def shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
+        from ..frameworks.onnx_graph import activation_shapes
+
+        return activation_shapes(self.model, size)
+
+    def runner(self, precision: Precision, device: torch.device) -> FrameworkRunner:
+        _framework_options("ONNX", precision, device)
+        return FrameworkRunner(self.model)
+
+    def digest(self) -> str:
+        return hashlib.sha1(self.model.SerializeToString(deterministic=True)).hexdigest()[:16]
+
+
+def dense_model(fcn: Any) -> DenseModel:
+    """The adapter for a converted model of any framework."""
+    if is_keras_model(fcn):
+        from ..frameworks.keras_model import input_channels
+
+        return KerasModel(fcn, input_channels(fcn))
+    if is_onnx_model(fcn):
+        from ..frameworks.onnx_graph import input_channels
+
+        return OnnxModel(fcn, input_channels(fcn))
+    return TorchModel(fcn, fcn.plan.in_channels)
+
+
+def _framework_options(name: str, precision: Precision, device: torch.device) -> None:
+    if precision != "fp32":
+        raise ValueError(f'precision="{precision}" runs PyTorch models only; {name} models run in '
+                         'float32 (leave precision out)')
+    if device.type != "cpu":
+        raise ValueError(f"device={str(device)!r} applies to PyTorch models; {name} models run "
+                         "where their framework places them (leave device out)")
+
+
+class FrameworkRunner:
+    """A converted Keras or ONNX model scoring batches of tiles (float32, on the CPU).
+
+    Pickles as the saved model file's bytes (``.keras`` or ``.onnx``), so a dask worker loads
+    it once; the onnxruntime session (or the Keras model) is made on first use.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self._predict: Any = None
+
+    def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
+        if self._predict is None:
+            if is_onnx_model(self.model):
+                from ..frameworks.onnx_graph import Predictor
+
+                self._predict = Predictor(self.model)
+            else:
+                from ..frameworks.keras_model import predict_nchw
+
+                self._predict = lambda x: predict_nchw(self.model, x)
+        x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
+        return np.asarray(self._predict(x), dtype=np.float32)
+
+    def __getstate__(self) -> dict[str, Any]:
+        if is_onnx_model(self.model):
+            return {"onnx": self.model.SerializeToString()}
+        from ..frameworks.keras_model import save_keras
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.keras"
+            save_keras(self.model, path)
+            return {"keras": path.read_bytes()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._predict = None
+        if "onnx" in state:
+            import onnx
+
+            self.model = onnx.load_from_string(state["onnx"])
+            return
+        from ..frameworks.keras_model import load_keras
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.keras"
+            path.write_bytes(state["keras"])
+            self.model = load_keras(path)

@@ -25,13 +25,12 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from ..api import check_pool, convolutionalize
+from ..api import check_pool, convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
-from ..frameworks.torch_layers import ConvolutionalizedModule
 from ..geometry import PoolMode
-from ._runner import Precision, ShapeProbe, TileRunner, runner_for
+from ._runner import DenseModel, Precision, Runner, dense_model
 from .images import ImageSource, open_image
-from .store import MapSink, ZarrSink, model_digest, open_zarr_sink
+from .store import MapSink, ZarrSink, open_zarr_sink
 from .tiling import Tile, TileGrid, halo_of, plan_tiles
 
 __all__ = ["MEMORY_BUDGET", "Fallback", "TilingWarning", "dense_map"]
@@ -60,7 +59,7 @@ class Options:
 
 
 def dense_map(
-    model: nn.Module,
+    model: Any,
     image: Any,
     *,
     input_size: int | tuple[int, int] | None = None,
@@ -80,7 +79,10 @@ def dense_map(
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
     Args:
-        model: a classifier (converted first, keeping its weights) or a converted module.
+        model: a classifier (converted first, keeping its weights) or a converted model:
+            a ``torch.nn.Module``, a ``keras.Model``, an ``onnx.ModelProto`` or a path to a
+            ``.keras``/``.onnx`` file. Keras and ONNX models run in their own framework
+            (float32, CPU).
         image: a model-ready float ``(C, H, W)`` tensor or array, or an image: a path (PNG,
             JPEG, ``.npy``, ``.zarr``, TIFF read lazily), a PIL image, or a uint8 ``(H, W, C)``
             numpy/zarr/dask array, scaled to [0, 1] and normalized with ``mean``/``std``.
@@ -91,10 +93,10 @@ def dense_map(
             excitation) tiles change the map; a :class:`TilingWarning` says so.
         out: a ``.zarr`` path: the map is written there tile by tile and the zarr array
             returned; an interrupted run restarted with the same arguments resumes.
-        precision: ``"fp32"`` (exact) or ``"bf16"`` (bfloat16 autocast, channels-last).
+        precision: ``"fp32"`` (exact) or ``"bf16"`` (PyTorch: bfloat16 autocast, channels-last).
         batch_size: tiles of equal shape run together (default 1).
         mean, std: normalization for images (default: the model's own, else ImageNet).
-        device: where the model runs (default CPU).
+        device: where a PyTorch model runs (default CPU).
         scheduler: a dask scheduler name, a ``distributed.Client`` or its address: tiles
             run as dask tasks (also with a dask array input or an active Client).
         progress: a progress bar over tiles.
@@ -109,10 +111,10 @@ def dense_map(
         NotConvolutionalizable: the model cannot be converted and ``fallback="error"``.
     """
     options = check_options(tile, precision, batch_size, fallback, stride, pool, device)
-    fcn = prepare_model(model, input_size, options)
-    source = open_image(image, fcn.plan.in_channels, mean, std, model)
+    fcn = dense_model(prepare_model(model, input_size, options))
+    runner = fcn.runner(options.precision, options.device)
+    source = open_image(image, fcn.channels, mean, std, model)
     shape, grid = plan_map(fcn, source, options)
-    runner = runner_for(fcn, options.precision, options.device)
     sink = None if out is None else open_zarr_sink(out, shape, grid, _resume_key(fcn, source, grid, options))
     if _use_dask(source, scheduler):
         from .distributed import run_dask
@@ -154,29 +156,40 @@ def check_options(
                    None if pair is None else (int(pair[0]), int(pair[1])), pool, where)
 
 
-def prepare_model(model: nn.Module, input_size: object, options: Options) -> ConvolutionalizedModule:
+def prepare_model(model: Any, input_size: object, options: Options) -> Any:
     """The converted model: given, converted now, or (fallback) a crop-by-crop equivalent."""
-    if isinstance(model, ConvolutionalizedModule):
+    if isinstance(model, (str, os.PathLike)):
+        from ..api import load_model_file
+
+        model = load_model_file(model)
+    framework = is_keras_model(model) or is_onnx_model(model)
+    if not framework and not isinstance(model, nn.Module):
+        raise TypeError("dense_map takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
+                        f".keras/.onnx path, got {type(model).__name__}")
+    try:
+        geometry = geometry_of(model)  # already converted
         fcn = model
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"dense_map takes a torch.nn.Module, got {type(model).__name__}")
-    else:
+    except TypeError:
         try:
             fcn = convolutionalize(model, input_size, pool=options.pool)  # type: ignore[arg-type]
         except NotConvolutionalizable as exc:
             if options.fallback != "windows":
                 raise
+            if framework:
+                raise NotConvolutionalizable(f'{exc} (fallback="windows" evaluates PyTorch models '
+                                             "only)") from exc
             from .windows import windows_module
 
             return windows_module(model, input_size, options.stride, exc)
-    if options.stride is not None and options.stride != fcn.geometry.stride:
+        geometry = geometry_of(fcn)
+    if options.stride is not None and options.stride != geometry.stride:
         raise ValueError(f"stride={options.stride} differs from the converted network's stride "
-                         f"{fcn.geometry.stride}, which fixes the grid; leave stride out "
+                         f"{geometry.stride}, which fixes the grid; leave stride out "
                          '(it is for fallback="windows")')
     return fcn
 
 
-def plan_map(fcn: ConvolutionalizedModule, source: ImageSource,
+def plan_map(fcn: DenseModel, source: ImageSource,
              options: Options) -> tuple[tuple[int, int, int], TileGrid]:
     """The whole-image map's shape and the tiles that compute it (warns when tiling is inexact)."""
     height, width = source.height, source.width
@@ -185,12 +198,10 @@ def plan_map(fcn: ConvolutionalizedModule, source: ImageSource,
     if height < need[0] or width < need[1]:
         raise ValueError(f"input {height}x{width} is smaller than the {need[0]}x{need[1]} window; "
                          'pass a larger image or pool="global"')
-    probe = ShapeProbe(fcn, source.channels)
-    size, _ = probe.run((height, width))
-    shape = (size[0], 1, 1) if len(size) == 1 else (size[0], size[1], size[2])
+    shape = fcn.map_shape((height, width))
     tile = options.tile
     if tile is None and geometry.pool != "global":
-        tile = _auto_tile(fcn, source, probe)
+        tile = _auto_tile(fcn, source)
     if tile is None:
         whole = Tile((0, 0), (0, height, 0, width), (0, shape[1], 0, shape[2]), (0, 0))
         return shape, TileGrid((whole,), (1, 1), (shape[1], shape[2]), (0, 0))
@@ -206,7 +217,7 @@ def plan_map(fcn: ConvolutionalizedModule, source: ImageSource,
     return shape, grid
 
 
-def run_tiles(tiles: Sequence[Tile], source: ImageSource, runner: TileRunner,
+def run_tiles(tiles: Sequence[Tile], source: ImageSource, runner: Runner,
               sink: MapSink | ZarrSink, batch_size: int, progress: bool) -> None:
     """Run unfinished tiles in order, ``batch_size`` equal-shape tiles per forward pass."""
     from tqdm.auto import tqdm
@@ -235,10 +246,10 @@ def _batches(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
         yield group
 
 
-def _auto_tile(fcn: ConvolutionalizedModule, source: ImageSource, probe: ShapeProbe) -> int | None:
+def _auto_tile(fcn: DenseModel, source: ImageSource) -> int | None:
     """``None`` (one pass) when the image fits the budget, else the largest tile that does."""
     geometry = fcn.geometry
-    per_pixel = probe.bytes_per_pixel(geometry.input_size)
+    per_pixel = fcn.bytes_per_pixel(geometry.input_size)
     if source.height * source.width * per_pixel <= MEMORY_BUDGET:
         return None
     side = int(math.sqrt(MEMORY_BUDGET / per_pixel))
@@ -248,9 +259,9 @@ def _auto_tile(fcn: ConvolutionalizedModule, source: ImageSource, probe: ShapePr
     return max(tile // stride * stride, 4 * stride)
 
 
-def _resume_key(fcn: ConvolutionalizedModule, source: ImageSource, grid: TileGrid,
+def _resume_key(fcn: DenseModel, source: ImageSource, grid: TileGrid,
                 options: Options) -> dict[str, Any]:
-    return {"model": model_digest(fcn), "image": [source.height, source.width, source.channels],
+    return {"model": fcn.digest(), "image": [source.height, source.width, source.channels],
             "normalization": [source.mean, source.std], "tiles": list(grid.cells_per_tile),
             "precision": options.precision}
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._runner import TileRunner
+from ._runner import Runner
 from .images import ImageSource
 from .store import ZarrSink
 from .tiling import Tile, TileGrid
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 LOCAL_SCHEDULERS = ("threads", "processes", "synchronous", "sync", "single-threaded")
 
 
-def run_dask(grid: TileGrid, source: ImageSource, runner: TileRunner, sink: ZarrSink | None,
+def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink | None,
              shape: tuple[int, int, int], scheduler: Any, progress: bool) -> Any:
     """Run the tiles as dask tasks.
 
@@ -75,11 +75,11 @@ def _block(source: ImageSource, tile: Tile) -> Any:
     return source.array[y0:y1, x0:x1] if source.is_image else source.array[:, y0:y1, x0:x1]
 
 
-def _load_runner(blob: bytes) -> TileRunner:
+def _load_runner(blob: bytes) -> Runner:
     return pickle.loads(blob)
 
 
-def _run_tile(runner: TileRunner, reader: ImageSource, block: Any, tile: Tile,
+def _run_tile(runner: Runner, reader: ImageSource, block: Any, tile: Tile,
               sink: ZarrSink | None) -> np.ndarray | None:
     """One tile: read, score, crop to the owned cells; write them to ``sink`` if given."""
     if isinstance(block, ImageSource):

@@ -10,7 +10,6 @@ restart with different ones is refused rather than mixing two maps.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,12 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from .tiling import Tile, TileGrid
 
-__all__ = ["MapSink", "ZarrSink", "model_digest", "open_zarr_sink"]
+__all__ = ["MapSink", "ZarrSink", "open_zarr_sink"]
 
 KEY_ATTR = "convolutionalize.key"
 
@@ -103,13 +100,3 @@ def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], gr
     group.create_array("done", shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
     group.attrs[KEY_ATTR] = text
     return ZarrSink(path, group["map"], group["done"])
-
-
-def model_digest(model: nn.Module) -> str:
-    """A short hash of a model's weights and structure (what a resumed run must match)."""
-    digest = hashlib.sha1(repr(model).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        if tensor.numel():
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
