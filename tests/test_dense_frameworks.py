@@ -183,3 +183,22 @@ def test_cli_predict_takes_model_files(suffix: str, torch_model: Padded, onnx_mo
                  "--precision", "bf16"]) == 2
     assert "runs PyTorch models only" in capsys.readouterr().err
     assert not bad.exists()
+
+
+@pytest.mark.zoo
+def test_zoo_tiling_is_exact_for_real_architectures(tmp_path: Path) -> None:
+    """TF 'same' padding (asymmetric at stride 2) in Keras MobileNetV2, and shufflenet's channel
+    shuffles (Reshapes that read H and W at run time) in ONNX: tiled == whole image."""
+    import torchvision
+
+    keras.utils.set_random_seed(0)
+    torch.manual_seed(0)
+    mobilenet = keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3))
+    shufflenet = torchvision.models.shufflenet_v2_x0_5().eval()
+    path = tmp_path / "shufflenet.onnx"
+    torch.onnx.export(shufflenet, (torch.randn(1, 3, 224, 224),), str(path), dynamo=False)
+    image = np.random.default_rng(4).standard_normal((3, 300, 420)).astype(np.float32)
+    for model, tile in ((mobilenet, 96), (onnx.load(str(path)), 128)):
+        fcn = convolutionalize(model)
+        expected = FrameworkRunner(fcn)(image[None])[0]
+        assert rel(dense_map(fcn, image, tile=tile), expected) < RTOL
