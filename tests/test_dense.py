@@ -191,6 +191,7 @@ def test_automatic_tiles_follow_the_memory_budget(padded: nn.Module, image: torc
     original = TileRunner.__call__
     monkeypatch.setattr(TileRunner, "__call__", lambda self, b: calls.append(len(b)) or original(self, b))
     monkeypatch.setattr(dense_module, "MEMORY_BUDGET", 200_000)
+    monkeypatch.setattr(dense_module, "TILE_BUDGET", 100_000)
     assert rel(dense_map(padded, image), whole(padded, image)) <= RTOL
     assert len(calls) > 1
 
@@ -246,6 +247,41 @@ def test_bf16_leaves_the_model_alone_and_reuses_its_prepared_copy(image: torch.T
     with torch.no_grad():
         next(fcn.parameters()).mul_(2)
     assert not np.array_equal(dense_map(fcn, image, precision="bf16"), first)  # new weights, new copy
+
+
+class BatchNormNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).amax((2, 3)))
+
+
+def test_fp32_runner_folds_batch_norms_and_keeps_the_values(image: torch.Tensor) -> None:
+    torch.manual_seed(0)
+    model = BatchNormNet()
+    for bn in (model.body[1], model.body[4]):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    fcn = convolutionalize(model.eval(), (16, 16))
+    runner = _runner.runner_for(fcn, "fp32", torch.device("cpu"))
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.model.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in fcn.modules())  # the caller's copy keeps them
+    assert rel(dense_map(fcn, image, tile=24), whole(fcn, image)) < RTOL
+
+
+def test_repeated_maps_reuse_the_shapes(padded: nn.Module, image: torch.Tensor,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, int]] = []
+    original = _runner.TorchModel.infer_shapes
+    monkeypatch.setattr(_runner.TorchModel, "infer_shapes",
+                        lambda self, size: calls.append(size) or original(self, size))
+    first = dense_map(padded, image)
+    assert np.array_equal(dense_map(padded, image), first)
+    assert len(calls) == len(set(calls))  # each size inferred once (image size, native size)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none on this machine")
