@@ -70,7 +70,8 @@ def windows_module(model: nn.Module, input_size: object, stride: tuple[int, int]
         "of a dense pass", FallbackWarning, stacklevel=4)
     geometry = Geometry(window=window, stride=step, offset=(0, 0), receptive_field=window,
                         crop_equivalent=True, input_size=window, feature_size=(1, 1), pool="window",
-                        notes=("evaluated crop by crop (fallback): no shared computation",))
+                        notes=("evaluated crop by crop (fallback): no shared computation",),
+                        receptive_offset=(0, 0))
     plan = HeadPlan("torch", window, channels, FeatureMap("input", channels, window),
                     (HeadStep("model", "keep", "the whole classifier, once per window (fallback)"),))
     net = WindowsClassifier(copy.deepcopy(model).eval(), window, step)
