@@ -73,6 +73,11 @@ def reference(fcn: nn.Module, pixels: np.ndarray) -> np.ndarray:
     return dense_map(fcn, pixels)
 
 
+def key_name(task: dict) -> str:
+    key = task["key"]
+    return key[0] if isinstance(key, tuple) else key
+
+
 def rel(actual: np.ndarray, expected: np.ndarray) -> float:
     assert actual.shape == expected.shape
     return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
@@ -84,7 +89,7 @@ def test_cluster_map_equals_the_in_process_map(client: distributed.Client, fcn: 
         got = dense_map(fcn, pixels, tile=16, scheduler=client)
     assert isinstance(got, np.ndarray)
     assert rel(got, reference) <= RTOL
-    assert sum("run_tile" in task["key"][0] for task in stream.data) == 6 * 8  # 23x30 cells, 4x4 a tile
+    assert sum("run_tile" in key_name(task) for task in stream.data) == 6 * 8  # 23x30 cells, 4x4 a tile
 
 
 def test_an_active_client_is_used(client: distributed.Client, fcn: nn.Module, pixels: np.ndarray,
@@ -92,7 +97,7 @@ def test_an_active_client_is_used(client: distributed.Client, fcn: nn.Module, pi
     with client.as_current(), distributed.get_task_stream(client) as stream:
         got = dense_map(fcn, pixels, tile=32)
     assert rel(got, reference) <= RTOL
-    assert any("run_tile" in task["key"][0] for task in stream.data)
+    assert any("run_tile" in key_name(task) for task in stream.data)
 
 
 def test_dask_input_on_the_cluster_gives_a_dask_array(client: distributed.Client, fcn: nn.Module,
@@ -135,3 +140,13 @@ def _wait_for_busy_worker(client: distributed.Client) -> int:
             return client.run(os.getpid, workers=busy[:1])[busy[0]]
         time.sleep(0.025)
     raise AssertionError("no worker started a tile within 10 s")
+
+
+@pytest.mark.parametrize("where", ["threads", "client"])
+def test_progress_bar_counts_tiles(where: str, client: distributed.Client, fcn: nn.Module,
+                                   pixels: np.ndarray, reference: np.ndarray,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    got = dense_map(fcn, pixels, tile=16, scheduler=client if where == "client" else "threads",
+                    progress=True)
+    assert rel(got, reference) <= RTOL
+    assert "48/48" in capsys.readouterr().err  # 6 x 8 tiles

@@ -5,9 +5,10 @@ The graph is the tiled computation of :mod:`.tiling` written out for dask, an eq
 model (so the model's bytes sit in the graph once and each worker fetches the loaded model
 once, from a peer, and a lost copy is simply recomputed), and one task per tile reads the
 tile's pixels (a slice of a dask input, or a lazy read of a zarr/numpy source), runs the model
-and either returns the owned cells (assembled with ``dask.array.block``) or writes them to the
-zarr store and flags the tile done. Tasks are idempotent, so dask may retry one whose worker
-died without changing the map.
+and either returns the owned cells (assembled with ``dask.array.block`` for a lazy result, else
+with ``numpy.block``) or writes them to the zarr store and flags the tile done. A progress bar
+counts finished tiles (a dask callback on local schedulers, futures on a cluster). Tasks are
+idempotent, so dask may retry one whose worker died without changing the map.
 """
 
 from __future__ import annotations
@@ -54,20 +55,21 @@ def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink
             continue
         block = _block(source, tile) if source.is_dask else lazy
         tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, tile, sink))
-    if sink is not None:
-        with _scheduler(scheduler) as chosen:
-            _compute(tasks, chosen, progress)
-        return sink.result()
-    blocks = [[None] * grid.grid[1] for _ in range(grid.grid[0])]
-    for tile, task in zip(grid.tiles, tasks):
-        r0, r1, c0, c1 = tile.cells
-        blocks[tile.index[0]][tile.index[1]] = da.from_delayed(task, (shape[0], r1 - r0, c1 - c0),
-                                                               dtype=np.float32)
-    result = da.block(blocks)
-    if source.is_dask and scheduler is None:
-        return result
+    if sink is None and source.is_dask and scheduler is None:  # lazy: a dask array of the map
+        blocks = [[None] * grid.grid[1] for _ in range(grid.grid[0])]
+        for tile, task in zip(grid.tiles, tasks):
+            r0, r1, c0, c1 = tile.cells
+            blocks[tile.index[0]][tile.index[1]] = da.from_delayed(
+                task, (shape[0], r1 - r0, c1 - c0), dtype=np.float32)
+        return da.block(blocks)
     with _scheduler(scheduler) as chosen:
-        return result.compute(scheduler=chosen)
+        cells = _compute(tasks, chosen, progress)
+    if sink is not None:
+        return sink.result()
+    rows: list[list[np.ndarray]] = [[] for _ in range(grid.grid[0])]
+    for tile, block in zip(grid.tiles, cells):
+        rows[tile.index[0]].append(block)
+    return np.block(rows)  # type: ignore[arg-type]
 
 
 def _block(source: ImageSource, tile: Tile) -> Any:
@@ -131,17 +133,22 @@ def _scheduler(scheduler: Any) -> Iterator[Any]:
     yield scheduler
 
 
-def _compute(tasks: list[Any], scheduler: Any, progress: bool) -> None:
+def _compute(tasks: list[Any], scheduler: Any, progress: bool) -> list[Any]:
+    """Compute the tile tasks, in order, with a progress bar over tiles if asked."""
     import dask
+    from tqdm.auto import tqdm
 
     if not tasks:
-        return
-    if scheduler is not None and hasattr(scheduler, "compute") and progress:
-        from distributed import as_completed
-        from tqdm.auto import tqdm
+        return []
+    with tqdm(total=len(tasks), unit="tile", desc="dense map", disable=not progress) as bar:
+        if scheduler is not None and hasattr(scheduler, "compute"):  # a distributed Client
+            futures = scheduler.compute(tasks)
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update(1))
+            return scheduler.gather(futures)
+        from dask.callbacks import Callback
 
-        futures = scheduler.compute(tasks)
-        for _ in tqdm(as_completed(futures), total=len(futures), unit="tile", desc="dense map"):
-            pass
-        return
-    dask.compute(*tasks, scheduler=scheduler)
+        keys = {task.key for task in tasks}
+        counter = Callback(posttask=lambda key, *_: bar.update(1) if key in keys else None)
+        with counter:
+            return list(dask.compute(*tasks, scheduler=scheduler))
