@@ -896,6 +896,26 @@ def test_output_size_flatten_head(flatten_fcn: nn.Module, size: tuple[int, int])
     assert flatten_fcn.output_size(*size) == tuple(real)
 
 
+def test_output_size_falls_back_to_fake_tensors(gap_model: nn.Module,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.func
+
+    from convolutionalize.frameworks.torch_layers import activation_shapes
+
+    fcn = convolutionalize(gap_model, PADDED)
+    with torch.no_grad():
+        real = tuple(fcn(_image((21, 17))).shape[1:])
+    meta_shape, sizes = activation_shapes(fcn, 3, (21, 17))
+    assert meta_shape == real and sizes  # the meta run, with every leaf's output size
+
+    def no_meta_kernel(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError("no meta kernel for a custom op")
+
+    monkeypatch.setattr(torch.func, "functional_call", no_meta_kernel)
+    assert fcn.output_size(21, 17) == real
+    assert activation_shapes(fcn, 3, (21, 17)) == (real, [])  # fake tensors: no leaf sizes
+
+
 @pytest.mark.parametrize("size", [VALID, (13 + 2 * 3, 13 + 2 * 2)], ids=["native", "larger"])
 def test_torch_compile_eager(flatten_fcn: nn.Module, size: tuple[int, int]) -> None:
     compiled = torch.compile(flatten_fcn, backend="eager")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -12,7 +13,10 @@ if TYPE_CHECKING:
     from ..geometry import Geometry
     from ..plan import HeadPlan
 
-__all__ = ["ChannelLayerNorm", "ConvolutionalizedModule", "WindowPool", "channel_layer_norm"]
+__all__ = ["ChannelLayerNorm", "ConvolutionalizedModule", "WindowPool", "activation_shapes",
+           "channel_layer_norm"]
+
+logger = logging.getLogger(__name__)
 
 
 class WindowPool(nn.Module):
@@ -99,12 +103,40 @@ class ConvolutionalizedModule(nn.Module):
         return self.net(x)
 
     def output_size(self, height: int, width: int) -> tuple[int, ...]:
-        """The output shape (without batch) for an ``height x width`` input.
+        """The output shape (without batch) for an ``height x width`` input, without compute
+        (see :func:`activation_shapes`)."""
+        return activation_shapes(self, self.plan.in_channels, (height, width))[0]
 
-        Measured with fake tensors: no memory for activations, no compute.
-        """
-        from torch._subclasses.fake_tensor import FakeTensorMode
 
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-            x = mode.from_tensor(torch.empty(1, self.plan.in_channels, height, width))
-            return tuple(self.net(x).shape[1:])
+def activation_shapes(model: nn.Module, channels: int, size: tuple[int, int]
+                      ) -> tuple[tuple[int, ...], list[int]]:
+    """The output shape (without batch) of ``model`` for one ``channels x size`` input, and the
+    element count of every leaf module's output, without memory for activations or compute.
+
+    Runs on ``meta`` tensors, the weights swapped for meta stand-ins with ``functional_call``
+    (nothing copied; ~0.1 s for a ResNet-50); where a layer has no meta kernel, falls back to
+    fake tensors (several times slower with batch norms), without the leaf sizes.
+    """
+    from torch.func import functional_call
+
+    sizes: list[int] = []
+    meta = {name: torch.empty_like(t, device="meta") for name, t in
+            (*model.named_parameters(), *model.named_buffers())}
+    hooks = [m.register_forward_hook(lambda _m, _a, out: sizes.append(out.numel())
+                                     if isinstance(out, torch.Tensor) else None)
+             for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            out = functional_call(model, meta, (torch.empty(1, channels, *size, device="meta"),),
+                                  strict=False)
+        return tuple(out.shape[1:]), sizes
+    except (RuntimeError, NotImplementedError, TypeError) as exc:
+        logger.debug("meta shapes failed (%s); measuring with fake tensors", exc)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+        x = mode.from_tensor(torch.empty(1, channels, *size))
+        return tuple(model(x).shape[1:]), []

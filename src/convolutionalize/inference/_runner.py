@@ -155,28 +155,9 @@ class DenseModel:
 
 class TorchModel(DenseModel):
     def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-        """Run on ``meta`` tensors (weights swapped for meta stand-ins with ``functional_call``,
-        nothing copied): several times faster than fake tensors for models with batch norm;
-        falls back to the converted model's own ``output_size`` where a layer has no meta kernel."""
-        from torch.func import functional_call
+        from ..frameworks.torch_layers import activation_shapes
 
-        sizes: list[int] = []
-        meta = {name: torch.empty_like(t, device="meta") for name, t in
-                (*self.model.named_parameters(), *self.model.named_buffers())}
-        hooks = [m.register_forward_hook(lambda _m, _a, out: sizes.append(out.numel())
-                                         if isinstance(out, torch.Tensor) else None)
-                 for m in self.model.modules() if not list(m.children())]
-        try:
-            with torch.no_grad():
-                x = torch.empty(1, self.channels, *size, device="meta")
-                out = functional_call(self.model, meta, (x,), strict=False)
-            return tuple(out.shape[1:]), sizes
-        except (RuntimeError, NotImplementedError, TypeError) as exc:
-            logger.debug("meta shapes failed (%s); measuring with fake tensors", exc)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return tuple(self.model.output_size(*size)), []
+        return activation_shapes(self.model, self.channels, size)
 
     def runner(self, precision: Precision, device: torch.device) -> TileRunner:
         return runner_for(self.model, precision, device)
