@@ -528,3 +528,13 @@ def test_predict_bad_input_is_one_line_exit_2_and_no_output(cli_files: Path, ima
     assert len(err.strip().splitlines()) == 1 and err.startswith("convolutionalize: error: ")
     assert re.search(match, err)
     assert set(cli_files.iterdir()) == before
+
+
+def test_small_tiles_say_how_much_their_halos_cost(padded: nn.Module, image: torch.Tensor,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="convolutionalize"):
+        dense_map(padded, image, tile=64)  # few tiles, little overlap
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="convolutionalize"):
+        dense_map(padded, image, tile=4)
+    assert re.search(r"exact tiling reads \d+\.\dx the image's pixels", caplog.text)

@@ -224,9 +224,10 @@ def plan_map(fcn: DenseModel, source: ImageSource,
                 len(grid.tiles), grid.cells_per_tile)
     read = sum(t.shape[0] * t.shape[1] for t in grid.tiles) / (height * width)
     if read > READ_WARNING:
-        logger.warning("exact tiling reads %.1fx the image's pixels (tiles of %d px with halos of %s "
-                       "px): pass a larger tile= (it takes more memory) to compute less", read,
-                       tile, grid.halo)
+        (top, bottom), (left, right) = grid.halo
+        logger.warning("exact tiling reads %.1fx the image's pixels (tiles of %d px; halos of %d + %d "
+                       "rows and %d + %d columns): a larger tile (more memory) computes less", read,
+                       tile, top, bottom, left, right)
     return shape, grid
 
 
