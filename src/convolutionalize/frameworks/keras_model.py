@@ -17,6 +17,7 @@ result maps are ``(N, rows, cols, classes)`` for channels_last models and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -35,8 +36,8 @@ from ..geometry import BodyGeometry, Geometry, PoolMode, Span, geometry_from_pla
 from ..plan import FeatureMap, HeadPlan, HeadStep
 from ..weights import dense_to_hwio
 
-__all__ = ["activation_shapes", "convolutionalize_keras", "input_channels", "load_keras", "predict_nchw",
-           "save_keras"]
+__all__ = ["activation_shapes", "convolutionalize_keras", "input_channels", "load_keras", "model_digest",
+           "predict_nchw", "save_keras"]
 
 log = logging.getLogger(__name__)
 
@@ -695,6 +696,14 @@ def activation_shapes(model: keras.Model, size: tuple[int, int]) -> tuple[tuple[
     out = tuple(int(d) for d in new[id(graph.output)].shape[1:])
     counts = [int(np.prod(t.shape)) for t in new.values() if None not in t.shape]
     return (out[2], out[0], out[1]) if len(out) == 3 and layout == "NHWC" else out, counts
+
+
+def model_digest(model: keras.Model) -> str:
+    """A short hash of a model's configuration and weights."""
+    digest = hashlib.sha1(json.dumps(model.get_config(), sort_keys=True, default=str).encode())
+    for weights in model.get_weights():
+        digest.update(np.ascontiguousarray(weights).tobytes())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- files

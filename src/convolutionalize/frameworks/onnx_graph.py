@@ -20,6 +20,7 @@ original at the native size.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ __all__ = [
     "input_channels",
     "load_onnx",
     "metadata_of",
+    "model_digest",
     "predict_nchw",
     "save_onnx",
 ]
@@ -167,6 +169,11 @@ def input_channels(model: onnx.ModelProto) -> int:
         raise ValueError(f"the graph's image input has shape {dims}; a 4-D input with a known "
                          "channel count is needed")
     return int(dims[axis])
+
+
+def model_digest(model: onnx.ModelProto) -> str:
+    """A short hash of the serialized graph (structure, weights and metadata)."""
+    return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
 def activation_shapes(model: onnx.ModelProto, size: tuple[int, int]

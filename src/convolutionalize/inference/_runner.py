@@ -26,6 +26,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
@@ -171,37 +172,27 @@ class TorchModel(DenseModel):
         return digest.hexdigest()[:16]
 
 
-class KerasModel(DenseModel):
-    def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-        from ..frameworks.keras_model import activation_shapes
+class FrameworkModel(DenseModel):
+    """A Keras or ONNX model: shapes, runs and digests in its own framework (float32, CPU)."""
 
-        return activation_shapes(self.model, size)
+    def __init__(self, model: Any, framework: ModuleType, name: str) -> None:
+        super().__init__(model, framework.input_channels(model))
+        self.framework, self.name = framework, name
+
+    def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
+        return self.framework.activation_shapes(self.model, size)
 
     def runner(self, precision: Precision, device: torch.device) -> FrameworkRunner:
-        _framework_options("Keras", precision, device)
+        if precision != "fp32":
+            raise ValueError(f'precision="{precision}" runs PyTorch models only; {self.name} models '
+                             "run in float32 (leave precision out)")
+        if device.type != "cpu":
+            raise ValueError(f"device={str(device)!r} applies to PyTorch models; {self.name} models "
+                             "run where their framework places them (leave device out)")
         return FrameworkRunner(self.model)
 
     def digest(self) -> str:
-        import json
-
-        digest = hashlib.sha1(json.dumps(self.model.get_config(), sort_keys=True, default=str).encode())
-        for weights in self.model.get_weights():
-            digest.update(np.ascontiguousarray(weights).tobytes())
-        return digest.hexdigest()[:16]
-
-
-class OnnxModel(DenseModel):
-    def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-        from ..frameworks.onnx_graph import activation_shapes
-
-        return activation_shapes(self.model, size)
-
-    def runner(self, precision: Precision, device: torch.device) -> FrameworkRunner:
-        _framework_options("ONNX", precision, device)
-        return FrameworkRunner(self.model)
-
-    def digest(self) -> str:
-        return hashlib.sha1(self.model.SerializeToString(deterministic=True)).hexdigest()[:16]
+        return self.framework.model_digest(self.model)
 
 
 def dense_model(fcn: Any) -> DenseModel:
@@ -211,14 +202,14 @@ def dense_model(fcn: Any) -> DenseModel:
         return _ADAPTERS[fcn]
     except (KeyError, TypeError):
         pass
+    if is_onnx_model(fcn):
+        from ..frameworks import onnx_graph
+
+        return FrameworkModel(fcn, onnx_graph, "ONNX")
     if is_keras_model(fcn):
-        from ..frameworks.keras_model import input_channels
+        from ..frameworks import keras_model
 
-        adapter: DenseModel = KerasModel(fcn, input_channels(fcn))
-    elif is_onnx_model(fcn):
-        from ..frameworks.onnx_graph import input_channels
-
-        return OnnxModel(fcn, input_channels(fcn))
+        adapter: DenseModel = FrameworkModel(fcn, keras_model, "Keras")
     else:
         adapter = TorchModel(fcn, fcn.plan.in_channels)
     _ADAPTERS[fcn] = adapter
@@ -226,15 +217,6 @@ def dense_model(fcn: Any) -> DenseModel:
 
 
 _ADAPTERS: weakref.WeakKeyDictionary[Any, DenseModel] = weakref.WeakKeyDictionary()
-
-
-def _framework_options(name: str, precision: Precision, device: torch.device) -> None:
-    if precision != "fp32":
-        raise ValueError(f'precision="{precision}" runs PyTorch models only; {name} models run in '
-                         'float32 (leave precision out)')
-    if device.type != "cpu":
-        raise ValueError(f"device={str(device)!r} applies to PyTorch models; {name} models run "
-                         "where their framework places them (leave device out)")
 
 
 class FrameworkRunner:
