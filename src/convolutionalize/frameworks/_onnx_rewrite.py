@@ -1,0 +1,343 @@
+"""Rewriting an analysed ONNX graph: one function per head op type, then dynamic body
+reshapes, symbolic input/output dims, dead-node removal and a topological sort."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ..errors import NotConvolutionalizable
+from ..geometry import PoolMode, Span
+from ..plan import HeadPlan
+from ..weights import linear_to_oihw
+from ._onnx_graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, attr_value, describe_node
+from ._onnx_head import Head, HeadNode, Value, linear_weight
+
+logger = logging.getLogger(__name__)
+
+
+class _Rewrite:
+    """New nodes and initializers replacing the head, one registered function per op type."""
+
+    def __init__(self, graph: Graph, plan: HeadPlan, pool: PoolMode) -> None:
+        self.graph, self.plan, self.pool = graph, plan, pool
+        self.alias: dict[str, str] = {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.taken = set(graph.producer) | set(graph.inits) | {i.name for i in graph.model.graph.input}
+        self.counter = 0
+
+    def fresh(self, stem: str) -> str:
+        while True:
+            name = f"convolutionalize_{stem}_{self.counter}"
+            self.counter += 1
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def src(self, name: str) -> str:
+        return self.alias.get(name, name)
+
+    def constant(self, stem: str, array: np.ndarray) -> str:
+        name = self.fresh(stem)
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def add(self, op: str, inputs: list[str], outputs: list[str], **attrs: object) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=self.fresh(op.lower()), **attrs))
+
+    def bypass(self, hn: HeadNode) -> None:
+        self.alias[hn.node.output[0]] = self.src(self.graph.data_inputs(hn.node)[0])
+
+    def keep(self, hn: HeadNode, inputs: list[str] | None = None) -> None:
+        new = onnx.NodeProto()
+        new.CopyFrom(hn.node)
+        del new.input[:]
+        new.input.extend(inputs if inputs is not None else [self.src(n) for n in hn.node.input])
+        self.nodes.append(new)
+
+
+Rewriter = Callable[[_Rewrite, HeadNode], None]
+
+
+def _rewrite_pool(rw: _Rewrite, hn: HeadNode) -> None:
+    """A global pool -> a stride-1 window pool or nothing; the map stays NCHW unless the
+    original pooled map was channels-last (then a Transpose follows)."""
+    src, out = rw.src(hn.node.input[0]), hn.node.output[0]
+    nhwc = hn.after.kind == "pooled" and hn.after.layout == "NHWC"
+    if rw.pool == "none" and not nhwc:
+        rw.bypass(hn)
+        return
+    pooled = rw.fresh("pooled") if nhwc else out
+    if rw.pool == "none":
+        pooled = src
+    else:
+        op = "MaxPool" if hn.step.reduce == "max" else "AveragePool"
+        rw.add(op, [src], [pooled], kernel_shape=list(rw.plan.feature.size), strides=[1, 1])
+    if nhwc:
+        rw.add("Transpose", [pooled], [out], perm=[0, 2, 3, 1])
+
+
+def _rewrite_shape(rw: _Rewrite, hn: HeadNode) -> None:
+    """A shape run disappears; only a pooled map's layout change survives as a Transpose."""
+    if not hn.run_end:
+        rw.bypass(hn)
+        return
+    src = rw.src(_run_input(rw, hn))
+    have = hn.before.layout if hn.before.kind == "pooled" else "NCHW"
+    want = hn.after.layout if hn.after.kind == "pooled" else "NCHW"
+    if have == want:
+        rw.alias[hn.node.output[0]] = src
+        return
+    perm = [0, 2, 3, 1] if want == "NHWC" else [0, 3, 1, 2]
+    rw.add("Transpose", [src], [hn.node.output[0]], perm=perm)
+
+
+def _run_input(rw: _Rewrite, hn: HeadNode) -> str:
+    return rw.graph.data_inputs(hn.node)[0]
+
+
+def _rewrite_linear(rw: _Rewrite, hn: HeadNode) -> None:
+    if hn.before.kind == "pooled":  # MatMul on a channels-last pooled map: per location
+        rw.keep(hn)
+        return
+    weight = linear_weight(rw.graph, hn.node)
+    out_f = weight.shape[0]
+    if hn.before.kind == "flat":
+        assert hn.before.flat is not None
+        kernel = linear_to_oihw(weight, *hn.before.flat, layout=hn.before.flat_layout)
+    else:
+        kernel = weight.reshape(out_f, -1, 1, 1)
+    inputs = [rw.src(hn.node.input[0]), rw.constant("weight", kernel)]
+    if hn.node.op_type == "Gemm" and len(hn.node.input) > 2 and hn.node.input[2]:
+        inputs.append(rw.constant("bias", _gemm_bias(rw.graph, hn.node, out_f)))
+    rw.add("Conv", inputs, [hn.node.output[0]], kernel_shape=list(kernel.shape[2:]))
+
+
+def _gemm_bias(graph: Graph, node: onnx.NodeProto, out_f: int) -> np.ndarray:
+    bias = graph.const(node.input[2])
+    if bias is None or bias.size not in (1, out_f) or (bias.ndim == 2 and bias.shape[0] != 1):
+        raise NotConvolutionalizable(f"{describe_node(node)}: bias '{node.input[2]}' is not a constant "
+                                     f"of {out_f} values")
+    beta = float(attr_value(node, "beta", 1.0))  # type: ignore[arg-type]
+    bias = np.broadcast_to(bias.reshape(-1), (out_f,))
+    return (bias * beta).astype(bias.dtype) if beta != 1.0 else np.array(bias)
+
+
+def _rewrite_keep(rw: _Rewrite, hn: HeadNode) -> None:
+    """Elementwise and per-location ops: unchanged, a feature-vector constant as (F, 1, 1)."""
+    inputs = [rw.src(n) for n in hn.node.input]
+    if hn.before.kind == "vector" and hn.node.op_type in BINARY:
+        for i, name in enumerate(hn.node.input):
+            array = rw.graph.const(name) if name in rw.graph.static else None
+            if array is not None and array.size > 1:
+                inputs[i] = rw.constant("operand", array.reshape(-1, 1, 1))
+    rw.keep(hn, inputs)
+
+
+def _rewrite_layernorm(rw: _Rewrite, hn: HeadNode) -> None:
+    if hn.before.kind == "pooled":
+        rw.keep(hn)
+        return
+    last, normed = rw.fresh("nhwc"), rw.fresh("normed")
+    rw.add("Transpose", [rw.src(hn.node.input[0])], [last], perm=[0, 2, 3, 1])
+    rw.keep(hn, [last, *hn.node.input[1:]])
+    rw.nodes[-1].output[0] = normed
+    _set_int(rw.nodes[-1], "axis", -1)
+    rw.add("Transpose", [normed], [hn.node.output[0]], perm=[0, 3, 1, 2])
+
+
+def _rewrite_softmax(rw: _Rewrite, hn: HeadNode) -> None:
+    rw.keep(hn)
+    if hn.before.kind == "vector":
+        _set_int(rw.nodes[-1], "axis", 1)
+
+
+def _set_int(node: onnx.NodeProto, name: str, value: int) -> None:
+    for attr in node.attribute:
+        if attr.name == name:
+            node.attribute.remove(attr)
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+REWRITES: dict[str, Rewriter] = {
+    **{op: _rewrite_pool for op in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
+                                    "ReduceMax", "AveragePool", "MaxPool")},
+    **{op: _rewrite_shape for op in SHAPE_OPS},
+    **{op: _rewrite_keep for op in ELEMENTWISE | {"BatchNormalization", "Conv"}},
+    "Gemm": _rewrite_linear,
+    "MatMul": _rewrite_linear,
+    "LayerNormalization": _rewrite_layernorm,
+    "Softmax": _rewrite_softmax,
+    "LogSoftmax": _rewrite_softmax,
+}
+
+
+def rewrite(graph: Graph, plan: HeadPlan, head: Head, pool: PoolMode,
+            spans: dict[str, tuple[Span, Span]]) -> onnx.ModelProto:
+    """Replace the head of ``graph.model`` (the adapter's private copy) and clean up."""
+    model, g = graph.model, graph.model.graph
+    output = g.output[0]
+    rw = _Rewrite(graph, plan, "window" if pool == "global" else pool)
+    out_value = head.nodes[-1].after
+    if not (pool == "global" and plan.global_pooling):
+        head_names = {hn.node.name for hn in head.nodes}
+        for hn in head.nodes:
+            handler = REWRITES.get(hn.node.op_type)
+            if handler is None:
+                raise NotConvolutionalizable(f"no rewrite for {describe_node(hn.node)}")
+            handler(rw, hn)
+        last = head.nodes[-1].node.output[0]
+        if pool == "global":  # a flatten head: the mean of the window map
+            _append_mean(rw, graph.opset, _rename_output(rw, output.name), output.name)
+        elif rw.src(last) != last:
+            rw.add("Identity", [rw.src(last)], [output.name])
+        kept = [n for n in g.node if n.name not in head_names]
+        del g.node[:]
+        g.node.extend(kept + rw.nodes)
+        g.initializer.extend(rw.inits)
+    _dynamic_body_reshapes(graph, rw, spans, {hn.node.name for hn in head.nodes})
+    _set_io_dims(graph, plan, pool, out_value)
+    _toposort(g)
+    _remove_dead(model)
+    del g.value_info[:]
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _rename_output(rw: _Rewrite, name: str) -> str:
+    """Give the new node that writes the graph output ``name`` a fresh output name."""
+    src = rw.src(name)
+    if src != name:
+        return src
+    fresh = rw.fresh("map")
+    for node in rw.nodes:
+        for i, out in enumerate(node.output):
+            if out == name:
+                node.output[i] = fresh
+    return fresh
+
+
+def _append_mean(rw: _Rewrite, opset: int, src: str, out: str) -> None:
+    if opset >= 18:
+        rw.add("ReduceMean", [src, rw.constant("axes", np.array([2, 3], np.int64))], [out],
+               keepdims=0)
+    else:
+        rw.add("ReduceMean", [src], [out], axes=[2, 3], keepdims=0)
+
+
+def _dynamic_body_reshapes(graph: Graph, rw: _Rewrite, spans: dict[str, tuple[Span, Span]],
+                           head: set[str]) -> None:
+    """Body Reshapes with a constant shape that spells out H and W: read H, W at run time."""
+    g = graph.model.graph
+    first_node, first_init = len(rw.nodes), len(rw.inits)
+    for node in list(g.node):
+        if node.op_type != "Reshape" or node.name in head or node.input[0] not in spans:
+            continue
+        target = graph.const(node.input[1])
+        in_shape = graph.shape(node.input[0])
+        if not in_shape or None in in_shape[-2:]:  # shape inference lost it: H, W are kept
+            in_shape = (1, None, *target[-2:]) if target is not None and len(target) >= 3 else None
+        if target is None or not in_shape or len(target) < 3 or tuple(target[-2:]) != tuple(
+                in_shape[-2:]) or tuple(in_shape[-2:]) == (1, 1):
+            continue
+        shape_of, parts = rw.fresh("shape"), []
+        rw.add("Shape", [node.input[0]], [shape_of])
+        head_dims = [int(v) for v in target[:-2]]
+        batch = head_dims[0] == in_shape[0]
+        if batch:
+            parts.append(_slice(rw, shape_of, 0, 1))
+        rest = head_dims[1:] if batch else head_dims
+        if rest:
+            parts.append(rw.constant("dims", np.array(rest, np.int64)))
+        parts.append(_slice(rw, shape_of, -2, 2**62))
+        dynamic = rw.fresh("dynamic_shape")
+        rw.add("Concat", parts, [dynamic], axis=0)
+        node.input[1] = dynamic
+        logger.debug("body Reshape '%s' reads H, W at run time", node.name)
+    g.node.extend(rw.nodes[first_node:])
+    g.initializer.extend(rw.inits[first_init:])
+
+
+def _slice(rw: _Rewrite, src: str, start: int, end: int) -> str:
+    out = rw.fresh("dims")
+    rw.add("Slice", [src, rw.constant("start", np.array([start], np.int64)),
+                     rw.constant("end", np.array([end], np.int64))], [out])
+    return out
+
+
+def _set_io_dims(graph: Graph, plan: HeadPlan, pool: PoolMode, out_value: Value) -> None:
+    g = graph.model.graph
+    image = next(i for i in g.input if i.name == graph.image)
+    axes = (2, 3) if graph.layout == "NCHW" else (1, 2)
+    dims = image.type.tensor_type.shape.dim
+    for axis, param in zip((0, *axes), ("batch", "height", "width")):
+        if not dims[axis].HasField("dim_param"):
+            dims[axis].Clear()
+            dims[axis].dim_param = param
+    output = g.output[0]
+    t = output.type.tensor_type
+    batch, classes = onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()
+    batch.CopyFrom(dims[0])
+    native = graph.shape(output.name)
+    if native and native[-1] is not None and out_value.kind == "vector":
+        classes.dim_value = native[-1]
+    t.ClearField("shape")
+    t.shape.dim.append(batch)
+    if pool == "global":
+        t.shape.dim.append(classes)
+        return
+    rows, cols = onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()
+    rows.dim_param, cols.dim_param = "rows", "cols"
+    last = out_value.kind == "pooled" and out_value.layout == "NHWC"
+    t.shape.dim.extend([rows, cols, classes] if last else [classes, rows, cols])
+
+
+def _remove_dead(model: onnx.ModelProto) -> None:
+    g = model.graph
+    live = {o.name for o in g.output}
+    kept = []
+    for node in reversed(g.node):
+        if any(o in live for o in node.output):
+            kept.append(node)
+            live.update(_all_inputs(node))
+    del g.node[:]
+    g.node.extend(reversed(kept))
+    inits = [i for i in g.initializer if i.name in live]
+    del g.initializer[:]
+    g.initializer.extend(inits)
+
+
+def _all_inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """A node's inputs and the outer names its subgraphs read."""
+    yield from (n for n in node.input if n)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                yield from _all_inputs(inner)
+
+
+def _toposort(g: onnx.GraphProto) -> None:
+    """Kahn's algorithm, keeping the original order among ready nodes."""
+    ready = {i.name for i in g.input} | {i.name for i in g.initializer} | {""}
+    produced = {o for n in g.node for o in n.output}
+    pending = list(g.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        rest = []
+        for node in pending:
+            needs = [n for n in _all_inputs(node) if n in produced]
+            if all(n in ready for n in needs):
+                ordered.append(node)
+                ready.update(node.output)
+            else:
+                rest.append(node)
+        if len(rest) == len(pending):
+            raise NotConvolutionalizable(f"the rewritten graph has a cycle at node '{rest[0].name}'")
+        pending = rest
+    del g.node[:]
+    g.node.extend(ordered)
