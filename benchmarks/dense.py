@@ -7,7 +7,9 @@ for runs under a second) of:
 - crop by crop, batched, fp32: what users do today (every window cropped and classified;
   timed on ``--crop-sample`` windows and scaled to all of them, which is exact for a loop
   whose batches all cost the same);
-- ``dense_map`` fp32 (one pass, the exact default) and ``dense_map`` bf16 (autocast + AMX).
+- ``dense_map`` fp32 (one pass, the exact default) and ``dense_map`` bf16 (autocast + AMX);
+- with ``--onnx``: the model exported to ONNX, convolutionalized, run by ``dense_map`` in
+  onnxruntime (fp32).
 
 and prints the FLOP-sharing ratio (crop-by-crop FLOPs / dense FLOPs), each speedup and the fp32
 speedup as a fraction of that ratio, the achieved GFLOP/s against this machine's measured GEMM
@@ -15,7 +17,7 @@ peak in the same precision, the per-pixel cost of the dense pass against the cla
 non-overlapping native crops, and the bf16 map's relative error against fp32.
 
 Run with ``.venv/bin/python benchmarks/dense.py [--models resnet18 resnet50] [--sizes 768 2048]
-[--repeats 3] [--crop-sample 32]``.
+[--repeats 3] [--crop-sample 32] [--onnx]``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +90,11 @@ def bench(name: str, size: int, args: argparse.Namespace, peaks: dict[str, float
         def run(precision: str = precision) -> None:
             maps[precision] = dense_map(fcn, image, precision=precision)
         seconds[precision] = median_time(run, args.repeats)
-    error = float(np.abs(maps["bf16"] - maps["fp32"]).max() / np.abs(maps["fp32"]).max())
+    if args.onnx:
+        onnx_fcn = convolutionalize(exported(model))
+        maps["onnx"] = dense_map(onnx_fcn, image)
+        seconds["onnx"] = median_time(lambda: dense_map(onnx_fcn, image), args.repeats)
+    error = _rel(maps["bf16"], maps["fp32"])
     print(f"\n{name} {size}x{size}: {windows} windows, FLOP-sharing ratio {flops.ratio:.1f}x "
           f"(crop by crop {flops.crop_by_crop / 1e12:.2f} TFLOP, dense {flops.dense / 1e9:.1f} GFLOP)")
     print(f"  {'method':<26}{'seconds':>10}{'speedup':>9}{'/ ratio':>9}{'GFLOP/s':>9}{'% peak':>8}"
@@ -95,6 +102,9 @@ def bench(name: str, size: int, args: argparse.Namespace, peaks: dict[str, float
     rows = [("crop by crop fp32 (batched)", crop_s, flops.crop_by_crop, "fp32", None),
             ("dense fp32", seconds["fp32"], flops.dense, "fp32", seconds["fp32"] / size**2),
             ("dense bf16", seconds["bf16"], flops.dense, "bf16", seconds["bf16"] / size**2)]
+    if args.onnx:
+        rows.append(("dense ONNX fp32 (ORT)", seconds["onnx"], flops.dense, "fp32",
+                     seconds["onnx"] / size**2))
     for label, secs, count, precision, per_pixel in rows:
         speedup = crop_s / secs
         rate = count / secs / 1e9
@@ -103,7 +113,26 @@ def bench(name: str, size: int, args: argparse.Namespace, peaks: dict[str, float
               f"{100 * rate / peaks[precision]:>7.0f}%{pixel}")
     print(f"  native crops (non-overlapping, fp32): {native_per_pixel * 1e9:.1f} ns/pixel; "
           f"crop-by-crop timed on {min(args.crop_sample, windows)} of {windows} windows; "
-          f"bf16 vs fp32 map: relative error {error:.1e}")
+          f"bf16 vs fp32 map: relative error {error:.1e}"
+          + (f"; ONNX vs PyTorch fp32 map: {_rel(maps['onnx'], maps['fp32']):.1e}" if args.onnx else ""))
+
+
+def _rel(actual: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def exported(model: torch.nn.Module) -> Any:
+    """``model`` exported to ONNX at the native size (a static graph, as deployed): a ModelProto."""
+    import io
+    import warnings
+
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter's notice
+        torch.onnx.export(model, (torch.randn(1, 3, WINDOW, WINDOW),), buffer, dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", nargs="+", type=int, default=[768, 2048])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crop-sample", type=int, default=32, help="windows timed crop by crop")
+    parser.add_argument("--onnx", action="store_true", help="also time the model exported to ONNX, "
+                        "convolutionalized and run by dense_map in onnxruntime")
     args = parser.parse_args(argv)
     peaks = {"fp32": gemm_peak(torch.float32, args.repeats), "bf16": gemm_peak(torch.bfloat16, args.repeats)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs; "

@@ -202,3 +202,20 @@ def test_zoo_tiling_is_exact_for_real_architectures(tmp_path: Path) -> None:
         fcn = convolutionalize(model)
         expected = FrameworkRunner(fcn)(image[None])[0]
         assert rel(dense_map(fcn, image, tile=tile), expected) < RTOL
+
+
+def test_repeated_maps_reuse_the_adapter_and_its_session(onnx_model: onnx.ModelProto,
+                                                         torch_model: Padded) -> None:
+    from convolutionalize.inference import _runner
+
+    fcn = convolutionalize(onnx_model)
+    adapter = dense_model(fcn)
+    assert dense_model(fcn) is adapter
+    assert adapter.runner("fp32", torch.device("cpu")) is adapter.runner("fp32", torch.device("cpu"))
+    fcn.graph.node.append(onnx.helper.make_node("Identity", [fcn.graph.output[0].name], ["spare"]))
+    assert dense_model(fcn) is not adapter  # the graph changed: shapes and session made again
+    for _ in range(_runner.ONNX_CACHE + 2):  # a bounded cache: old protos are let go
+        dense_model(convolutionalize(onnx_model))
+    assert len(_runner._ONNX_ADAPTERS) == _runner.ONNX_CACHE
+    keras_fcn = convolutionalize(keras_padded(torch_model))
+    assert dense_model(keras_fcn) is dense_model(keras_fcn)

@@ -178,6 +178,7 @@ class FrameworkModel(DenseModel):
     def __init__(self, model: Any, framework: ModuleType, name: str) -> None:
         super().__init__(model, framework.input_channels(model))
         self.framework, self.name = framework, name
+        self._runner: FrameworkRunner | None = None
 
     def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
         return self.framework.activation_shapes(self.model, size)
@@ -189,23 +190,39 @@ class FrameworkModel(DenseModel):
         if device.type != "cpu":
             raise ValueError(f"device={str(device)!r} applies to PyTorch models; {self.name} models "
                              "run where their framework places them (leave device out)")
-        return FrameworkRunner(self.model)
+        if self._runner is None:  # one onnxruntime session (or Keras model) for every map
+            self._runner = FrameworkRunner(self.model)
+        return self._runner
 
     def digest(self) -> str:
         return self.framework.model_digest(self.model)
 
 
 def dense_model(fcn: Any) -> DenseModel:
-    """The adapter for a converted model of any framework (the same one while the model lives,
-    so that repeated maps reuse its shapes; ONNX protos cannot be weakly referenced)."""
+    """The adapter for a converted model of any framework: the same one while the model lives,
+    so that repeated maps reuse its shapes and its runner (for ResNet-18 ONNX at 768x768 a new
+    session and symbolic shapes cost 0.2 s, as much as the map).
+
+    ONNX protos cannot be weakly referenced: the last few are held in a small cache keyed by
+    identity, and their adapter is made again when nodes or initializers were added or removed
+    since (``ByteSize`` would serialize the weights: 0.1 s for ResNet-18). Weights edited in
+    place in a proto already mapped are not noticed: pass a copy instead.
+    """
+    if is_onnx_model(fcn):
+        key, size = id(fcn), (len(fcn.graph.node), len(fcn.graph.initializer))
+        held = _ONNX_ADAPTERS.pop(key, None)
+        if held is None or held[1] != size:
+            from ..frameworks import onnx_graph
+
+            held = (fcn, size, FrameworkModel(fcn, onnx_graph, "ONNX"))
+        _ONNX_ADAPTERS[key] = held  # most recent last
+        while len(_ONNX_ADAPTERS) > ONNX_CACHE:
+            _ONNX_ADAPTERS.pop(next(iter(_ONNX_ADAPTERS)))
+        return held[2]
     try:
         return _ADAPTERS[fcn]
-    except (KeyError, TypeError):
+    except KeyError:
         pass
-    if is_onnx_model(fcn):
-        from ..frameworks import onnx_graph
-
-        return FrameworkModel(fcn, onnx_graph, "ONNX")
     if is_keras_model(fcn):
         from ..frameworks import keras_model
 
@@ -217,6 +234,8 @@ def dense_model(fcn: Any) -> DenseModel:
 
 
 _ADAPTERS: weakref.WeakKeyDictionary[Any, DenseModel] = weakref.WeakKeyDictionary()
+ONNX_CACHE = 4
+_ONNX_ADAPTERS: dict[int, tuple[Any, tuple[int, int], DenseModel]] = {}
 
 
 class FrameworkRunner:
