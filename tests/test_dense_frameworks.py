@@ -218,4 +218,20 @@ def test_repeated_maps_reuse_the_adapter_and_its_session(onnx_model: onnx.ModelP
         dense_model(convolutionalize(onnx_model))
     assert len(_runner._ONNX_ADAPTERS) == _runner.ONNX_CACHE
     keras_fcn = convolutionalize(keras_padded(torch_model))
-    assert dense_model(keras_fcn) is dense_model(keras_fcn)
+    dense_model(keras_fcn).shapes((40, 40))
+    assert (40, 40) in dense_model(keras_fcn)._shapes  # a new adapter, the same shapes
+
+
+def test_the_caches_keep_no_model_alive(torch_model: Padded, image: np.ndarray) -> None:
+    import gc
+    import weakref
+
+    makers = (lambda: convolutionalize(torch_model, NATIVE),
+              lambda: convolutionalize(keras_padded(torch_model)))
+    for make in makers:
+        model = make()
+        dense_map(model, image, tile=40)
+        ref = weakref.ref(model)
+        del model
+        gc.collect()
+        assert ref() is None

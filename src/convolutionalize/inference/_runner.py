@@ -116,16 +116,17 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
 class DenseModel:
     """A converted model as ``dense_map`` sees it (subclassed per framework)."""
 
-    def __init__(self, model: Any, channels: int) -> None:
+    def __init__(self, model: Any, channels: int, shapes: dict | None = None) -> None:
         self.model = model
         self.geometry: Geometry = geometry_of(model)
         self.channels = channels
-        self._shapes: dict[tuple[int, int], tuple[tuple[int, ...], list[int]]] = {}
+        self._shapes: dict[tuple[int, int], tuple[tuple[int, ...], list[int]]] = \
+            {} if shapes is None else shapes
 
     def shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
         """The output shape (without batch; ``(classes, rows, cols)`` or ``(classes,)``) of a
         ``size`` input, and the element counts of the intermediate tensors, without computing.
-        Remembered per size: a symbolic pass costs 20-100 ms, a third of a small map's time."""
+        Remembered per size (see :func:`dense_model`)."""
         if size not in self._shapes:
             self._shapes[size] = self.infer_shapes(size)
         return self._shapes[size]
@@ -175,8 +176,8 @@ class TorchModel(DenseModel):
 class FrameworkModel(DenseModel):
     """A Keras or ONNX model: shapes, runs and digests in its own framework (float32, CPU)."""
 
-    def __init__(self, model: Any, framework: ModuleType, name: str) -> None:
-        super().__init__(model, framework.input_channels(model))
+    def __init__(self, model: Any, framework: ModuleType, name: str, shapes: dict | None = None) -> None:
+        super().__init__(model, framework.input_channels(model), shapes)
         self.framework, self.name = framework, name
         self._runner: FrameworkRunner | None = None
 
@@ -199,12 +200,13 @@ class FrameworkModel(DenseModel):
 
 
 def dense_model(fcn: Any) -> DenseModel:
-    """The adapter for a converted model of any framework: the same one while the model lives,
-    so that repeated maps reuse its shapes and its runner (for ResNet-18 ONNX at 768x768 a new
-    session and symbolic shapes cost 0.2 s, as much as the map).
+    """The adapter for a converted model of any framework. Repeated maps of one model reuse its
+    shapes (a symbolic pass costs 20-100 ms), and for ONNX its onnxruntime session too (for
+    ResNet-18 at 768x768 a new session and symbolic shapes cost 0.2 s, as much as the map).
 
-    ONNX protos cannot be weakly referenced: the last few are held in a small cache keyed by
-    identity, and their adapter is made again when nodes or initializers were added or removed
+    PyTorch and Keras models key a weak cache of their shapes (the cache never keeps a model
+    alive). ONNX protos cannot be weakly referenced: the last few adapters are held in a small
+    cache keyed by identity, and made again when nodes or initializers were added or removed
     since (``ByteSize`` would serialize the weights: 0.1 s for ResNet-18). Weights edited in
     place in a proto already mapped are not noticed: pass a copy instead.
     """
@@ -219,21 +221,15 @@ def dense_model(fcn: Any) -> DenseModel:
         while len(_ONNX_ADAPTERS) > ONNX_CACHE:
             _ONNX_ADAPTERS.pop(next(iter(_ONNX_ADAPTERS)))
         return held[2]
-    try:
-        return _ADAPTERS[fcn]
-    except KeyError:
-        pass
+    shapes = _SHAPES.setdefault(fcn, {})
     if is_keras_model(fcn):
         from ..frameworks import keras_model
 
-        adapter: DenseModel = FrameworkModel(fcn, keras_model, "Keras")
-    else:
-        adapter = TorchModel(fcn, fcn.plan.in_channels)
-    _ADAPTERS[fcn] = adapter
-    return adapter
+        return FrameworkModel(fcn, keras_model, "Keras", shapes)
+    return TorchModel(fcn, fcn.plan.in_channels, shapes)
 
 
-_ADAPTERS: weakref.WeakKeyDictionary[Any, DenseModel] = weakref.WeakKeyDictionary()
+_SHAPES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 ONNX_CACHE = 4
 _ONNX_ADAPTERS: dict[int, tuple[Any, tuple[int, int], DenseModel]] = {}
 
