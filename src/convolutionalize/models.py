@@ -24,7 +24,7 @@ import os
 import pickle
 import socket
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -105,30 +105,43 @@ def _torchvision_model(name: str, weights: str | None) -> nn.Module:
     import torchvision.models as tvm
 
     if name not in tvm.list_models():
-        raise ValueError(
-            f"unknown torchvision model {name!r}; list the names with: python -c "
-            "'import torchvision; print(torchvision.models.list_models())'"
-        )
-    if weights == RANDOM:
-        return tvm.get_model(name, weights=None)
-    if weights is not None and _is_path(weights):
-        return _load_state_dict(tvm.get_model(name, weights=None), Path(weights),
-                                f"torchvision:{name}")
+        raise _unknown("torchvision", name, "torchvision.models.list_models()")
+    untrained = _untrained(f"torchvision:{name}", weights, lambda: tvm.get_model(name, weights=None))
+    if untrained is not None:
+        return untrained
     chosen = _torchvision_weights(name, weights or "DEFAULT")
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(chosen.url).path).name
-    if not cached.is_file() and not _reachable(chosen.url):
-        raise ValueError(
-            f"cannot download the pretrained weights of torchvision:{name} (no network); "
-            + _OFFLINE_HINT
-        )
+    return _pretrained(f"torchvision:{name}", None if cached.is_file() else chosen.url,
+                       lambda: tvm.get_model(name, weights=chosen))
+
+
+def _unknown(source: str, name: str, listing: str) -> ValueError:
+    return ValueError(f"unknown {source} model {name!r}; list the names with: python -c "
+                      f"'import {source}; print({listing})'")
+
+
+def _untrained(spec: str, weights: str | None, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """The model with random weights (``--weights random``) or a state-dict file's weights;
+    ``None`` when pretrained weights are asked for."""
+    if weights == RANDOM:
+        return build()
+    if weights is not None and _is_path(weights):
+        return _load_state_dict(build(), Path(weights), spec)
+    return None
+
+
+def _pretrained(spec: str, url: str | None, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``, which downloads pretrained weights from ``url`` (``None``: already cached),
+    failing fast with a hint when the host does not answer."""
+    if url is not None and not _reachable(url):
+        raise ValueError(f"cannot download the pretrained weights of {spec} (no network); "
+                         + _OFFLINE_HINT)
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            return tvm.get_model(name, weights=chosen)
+            return build()
     except (OSError, RuntimeError) as exc:
-        raise ValueError(
-            f"cannot load the pretrained weights of torchvision:{name}: {_first_line(exc)}; "
-            + _OFFLINE_HINT
-        ) from exc
+        raise ValueError(f"cannot load the pretrained weights of {spec}: {_first_line(exc)}; "
+                         + _OFFLINE_HINT) from exc
 
 
 def _torchvision_weights(name: str, weights: str) -> Any:
@@ -173,15 +186,10 @@ def _timm_model(name: str, weights: str | None) -> nn.Module:
     except ImportError as exc:
         raise ValueError("timm models need timm: pip install 'convolutionalize[timm]'") from exc
     if not timm.is_model(name):
-        raise ValueError(
-            f"unknown timm model {name!r}; list the names with: python -c "
-            "'import timm; print(timm.list_models())'"
-        )
-    if weights == RANDOM:
-        return timm.create_model(name, pretrained=False)
-    if weights is not None and _is_path(weights):
-        return _load_state_dict(timm.create_model(name, pretrained=False), Path(weights),
-                                f"timm:{name}")
+        raise _unknown("timm", name, "timm.list_models()")
+    untrained = _untrained(f"timm:{name}", weights, lambda: timm.create_model(name, pretrained=False))
+    if untrained is not None:
+        return untrained
     if weights is not None:
         raise ValueError(
             f"timm models name their pretrained weights in the model name "
@@ -203,18 +211,7 @@ def _timm_pretrained(name: str) -> nn.Module:
     except RuntimeError as exc:  # timm: "No pretrained weights exist for ..."
         raise ValueError(f"timm:{name}: {_first_line(exc)}; {_OFFLINE_HINT}") from exc
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    if not _reachable(endpoint):
-        raise ValueError(
-            f"cannot download the pretrained weights of timm:{name} (no network); {_OFFLINE_HINT}"
-        )
-    try:
-        with _socket_timeout(DOWNLOAD_TIMEOUT_S):
-            return timm.create_model(name, pretrained=True)
-    except (OSError, RuntimeError) as exc:
-        raise ValueError(
-            f"cannot load the pretrained weights of timm:{name}: {_first_line(exc)}; "
-            + _OFFLINE_HINT
-        ) from exc
+    return _pretrained(f"timm:{name}", endpoint, lambda: timm.create_model(name, pretrained=True))
 
 
 @contextlib.contextmanager
