@@ -59,3 +59,19 @@ def flattened_linears(fcn: nn.Module, input_size: tuple[int, int], in_channels: 
 @pytest.fixture
 def seeded() -> None:
     torch.manual_seed(0)
+
+
+def cells_and_crops(model: nn.Module, fcn: nn.Module,
+                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every cell of ``fcn``'s window map (cells x classes) and ``model`` on each cell's box."""
+    geometry = fcn.geometry
+    with torch.no_grad():
+        dense = fcn(image)
+        rows, cols = dense.shape[-2:]
+        crops = []
+        for i in range(rows):
+            for j in range(cols):
+                x0, y0, x1, y1 = geometry.box(i, j)
+                crops.append(image[:, :, y0:y1, x0:x1])
+        expected = model(torch.cat(crops))
+    return dense[0].flatten(1).T, expected

@@ -23,7 +23,7 @@ from convolutionalize import NotConvolutionalizable, convolutionalize
 from convolutionalize.export import ONNX_RTOL, export_program, save
 from convolutionalize.verify import CROP_RTOL
 
-from conftest import fingerprint, flattened_linears, rel_error
+from conftest import cells_and_crops, fingerprint, flattened_linears, rel_error
 
 RTOL = 1e-5
 CLASSES = 5
@@ -221,22 +221,6 @@ def _larger(geometry: cz.Geometry, rows: int, cols: int) -> tuple[int, int]:
     return (h + (rows - 1) * geometry.stride[0], w + (cols - 1) * geometry.stride[1])
 
 
-def _cells_and_crops(model: nn.Module, fcn: nn.Module,
-                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every cell of ``fcn``'s window map (cells x classes) and ``model`` on each cell's box."""
-    geometry = fcn.geometry
-    with torch.no_grad():
-        dense = fcn(image)
-        rows, cols = dense.shape[-2:]
-        crops = []
-        for i in range(rows):
-            for j in range(cols):
-                x0, y0, x1, y1 = geometry.box(i, j)
-                crops.append(image[:, :, y0:y1, x0:x1])
-        expected = model(torch.cat(crops))
-    return dense[0].flatten(1).T, expected
-
-
 def _native(model: nn.Module, fcn: nn.Module, size: tuple[int, int],
             channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
     x = _image(size, channels, batch=2)
@@ -304,7 +288,7 @@ def flatten_model() -> nn.Module:
 
 def test_flatten_window_cells_equal_crops(flatten_model: nn.Module) -> None:
     fcn = convolutionalize(flatten_model, VALID)
-    dense, expected = _cells_and_crops(flatten_model, fcn, _image(_larger(fcn.geometry, 3, 4)))
+    dense, expected = cells_and_crops(flatten_model, fcn, _image(_larger(fcn.geometry, 3, 4)))
     assert dense.shape == (12, CLASSES)
     assert rel_error(dense, expected) < RTOL
     assert flattened_linears(fcn, VALID) == []
@@ -356,7 +340,7 @@ def test_avgpool7_becomes_a_stride_1_window_pool(form: str) -> None:
 def test_avgpool7_cells_equal_crops(form: str) -> None:
     model = _build(lambda: AvgPool7Net(form))
     fcn = convolutionalize(model, (15, 15))
-    dense, expected = _cells_and_crops(model, fcn, _image((15 + 2 * 2, 15 + 2 * 2)))
+    dense, expected = cells_and_crops(model, fcn, _image((15 + 2 * 2, 15 + 2 * 2)))
     assert rel_error(dense, expected) < CROP_RTOL  # the window pool averages 49 cells
 
 
@@ -383,11 +367,9 @@ def test_adaptive_pool_identity_at_native_is_removed() -> None:
 def test_adaptive_pool_identity_cells_equal_crops() -> None:
     model = _build(lambda: AdaptiveNet(convs=2, pool_to=5))
     fcn = convolutionalize(model, (9, 9))
-    dense, expected = _cells_and_crops(model, fcn, _image((12, 11)))
+    dense, expected = cells_and_crops(model, fcn, _image((12, 11)))
     assert dense.shape == (4 * 3, CLASSES)
     assert rel_error(dense, expected) < RTOL
-
-
 
 
 def test_adaptive_pool_multiple_is_noted() -> None:
@@ -430,7 +412,7 @@ def test_adaptive_pool_multiple_geometry_cells_equal_the_real_map() -> None:
 def test_adaptive_pool_multiple_cells_equal_crops() -> None:
     model = _build(lambda: AdaptiveNet(convs=1, pool_to=4))
     fcn = convolutionalize(model, (10, 10))
-    dense, expected = _cells_and_crops(model, fcn, _image((10 + 2 * 2, 10 + 2 * 3)))
+    dense, expected = cells_and_crops(model, fcn, _image((10 + 2 * 2, 10 + 2 * 3)))
     assert dense.shape == (3 * 4, CLASSES)
     assert rel_error(dense, expected) < RTOL
 
@@ -514,7 +496,7 @@ def test_padding_free_is_crop_equivalent(flatten_model: nn.Module) -> None:
 def test_padded_dense_map_differs_from_crops(gap_model: nn.Module) -> None:
     """What crop_equivalent=False warns about is real: border context changes the scores."""
     fcn = convolutionalize(gap_model, PADDED)
-    dense, expected = _cells_and_crops(gap_model, fcn, _image((16 + 2 * 2, 16 + 2 * 2)))
+    dense, expected = cells_and_crops(gap_model, fcn, _image((16 + 2 * 2, 16 + 2 * 2)))
     assert rel_error(dense, expected) > 1e-3
 
 
@@ -538,7 +520,7 @@ def test_nhwc_window_map_at_native_equals_logits(head: str, pixel: bool) -> None
 def test_nhwc_cells_equal_crops(head: str, pixel: bool) -> None:
     model = _build(lambda: NhwcNet(head, pixel))
     fcn = convolutionalize(model, VALID)
-    dense, expected = _cells_and_crops(model, fcn, _image(_larger(fcn.geometry, 3, 2)))
+    dense, expected = cells_and_crops(model, fcn, _image(_larger(fcn.geometry, 3, 2)))
     assert dense.shape == (6, CLASSES)
     assert rel_error(dense, expected) < CROP_RTOL  # window pools average 25 cells
 
@@ -571,7 +553,7 @@ def test_head_op_matches_at_native(op: str) -> None:
 def test_head_op_cells_equal_crops(op: str) -> None:
     model = _build(lambda: HeadOpNet(op))
     fcn = convolutionalize(model, VALID)
-    dense, expected = _cells_and_crops(model, fcn, _image(_larger(fcn.geometry, 2, 3)))
+    dense, expected = cells_and_crops(model, fcn, _image(_larger(fcn.geometry, 2, 3)))
     assert dense.shape == (6, CLASSES)
     assert rel_error(dense, expected) < CROP_RTOL  # window pools average 25 cells
 
@@ -606,7 +588,7 @@ class PooledConvHead(nn.Module):
 def test_pooled_conv_head_window_cells_equal_crops() -> None:
     model = _build(PooledConvHead)
     fcn = convolutionalize(model, VALID)
-    dense, expected = _cells_and_crops(model, fcn, _image(_larger(fcn.geometry, 3, 2)))
+    dense, expected = cells_and_crops(model, fcn, _image(_larger(fcn.geometry, 3, 2)))
     assert rel_error(dense, expected) < CROP_RTOL  # the window pool averages 25 cells
 
 

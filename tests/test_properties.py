@@ -10,7 +10,7 @@ from torch import nn
 
 from convolutionalize import convolutionalize
 
-from conftest import flattened_linears, rel_error
+from conftest import cells_and_crops, flattened_linears, rel_error
 
 FLATTEN_FORMS = ["nn.Flatten", "torch.flatten", "view", "reshape"]
 POOL_FORMS = ["mean", "mean-keepdim", "adaptive_avg_pool2d", "AdaptiveMaxPool2d", "amax",
@@ -123,13 +123,6 @@ def test_random_padding_free_classifiers_equal_their_crops(
     size = (native[0] + extra_y * geo.stride[0], native[1] + extra_x * geo.stride[1])
     image = torch.randn(1, channels, *size)
     with torch.no_grad():
-        dense = fcn(image)
-        assert tuple(dense.shape[-2:]) == geo.cells(*size)
-        rows, cols = dense.shape[-2:]
-        crops = []
-        for i in range(rows):
-            for j in range(cols):
-                x0, y0, x1, y1 = geo.box(i, j)
-                crops.append(image[:, :, y0:y1, x0:x1])
-        expected = model(torch.cat(crops))
-    assert rel_error(dense[0].flatten(1).T, expected) < 1e-4
+        assert tuple(fcn(image).shape[-2:]) == geo.cells(*size)
+    dense, expected = cells_and_crops(model, fcn, image)
+    assert rel_error(dense, expected) < 1e-4
