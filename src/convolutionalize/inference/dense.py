@@ -120,9 +120,9 @@ def dense_map(
     """
     options = check_options(tile, precision, batch_size, fallback, stride, pool, device)
     fcn = dense_model(prepare_model(model, input_size, options))
-    runner = fcn.runner(options.precision, options.device)
     source = open_image(image, fcn.channels, mean, std, model)
     shape, grid = plan_map(fcn, source, options)
+    runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     sink = None if out is None else open_zarr_sink(out, shape, grid, _resume_key(fcn, source, grid, options))
     if _use_dask(source, scheduler):
         from .distributed import run_dask
