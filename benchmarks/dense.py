@@ -1,31 +1,37 @@
 """Benchmark: dense maps against crop-by-crop classification, side by side, on this machine.
 
 For ResNet-18 and ResNet-50 (random weights; speed does not depend on them) at 768² and 2048²
-(stride 32, native window 224), measures the median wall time (of ``--repeats`` runs, more
-for runs under a second) of:
+(stride 32, native window 224), times:
 
 - crop by crop, batched, fp32: what users do today (every window cropped and classified;
   timed on ``--crop-sample`` windows and scaled to all of them, which is exact for a loop
   whose batches all cost the same);
+- the classifier on non-overlapping native crops (the per-pixel reference);
 - ``dense_map`` fp32 (one pass, the exact default) and ``dense_map`` bf16 (autocast + AMX);
+- with ``--unfused``: both again without the oneDNN fast path (``CONVOLUTIONALIZE_FUSION=0``);
 - with ``--onnx``: the model exported to ONNX, convolutionalized, run by ``dense_map`` in
-  onnxruntime (fp32).
+  onnxruntime (fp32);
+- an n x n matmul in fp32 and in bf16 (this machine's GEMM peak in each precision).
 
-and prints the FLOP-sharing ratio (crop-by-crop FLOPs / dense FLOPs), each speedup and the fp32
-speedup as a fraction of that ratio, the achieved GFLOP/s against this machine's measured GEMM
-peak in the same precision, the per-pixel cost of the dense pass against the classifier on
-non-overlapping native crops, and the bf16 map's relative error against fp32.
+This CPU is shared and its speed drifts by up to 2x between minutes, so every measurement is
+taken in ``--rounds`` rounds that run each method in turn (sub-second runs repeated for half
+a second, their median kept): each ratio (speedup, % of peak, per-pixel cost) is computed
+within a round, from measurements taken under the same conditions, and the median over the
+rounds is printed. Also printed: the FLOP-sharing ratio (crop-by-crop FLOPs / dense FLOPs) and
+each speedup as a fraction of it, and the bf16 map's relative error against fp32.
 
 Run with ``.venv/bin/python benchmarks/dense.py [--models resnet18 resnet50] [--sizes 768 2048]
-[--repeats 3] [--crop-sample 32] [--onnx]``.
+[--rounds 5] [--crop-sample 32] [--unfused] [--onnx]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -37,30 +43,31 @@ from convolutionalize.flops import compare_flops
 
 WINDOW = 224
 BATCH = 32
+GEMM = 2048
 
 
-def median_time(run: Callable[[], object], repeats: int, budget: float = 2.0) -> float:
-    """Median seconds of ``repeats`` runs, or of more (up to 30) while they take under
-    ``budget`` seconds in all: sub-second runs vary by 2x on a shared CPU."""
-    run()  # warm-up: allocator, oneDNN primitives for this shape
+def timed(run: Callable[[], object], budget: float = 0.5) -> float:
+    """Seconds of one run; the median of several when one takes under ``budget`` seconds."""
     times: list[float] = []
-    while len(times) < repeats or (sum(times) < budget and len(times) < 30):
+    while not times or (sum(times) < budget and len(times) < 15):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def gemm_peak(dtype: torch.dtype, repeats: int, n: int = 2048) -> float:
-    """Measured GFLOP/s of an ``n x n`` matmul in ``dtype`` (the peak to compare against)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    seconds = median_time(lambda: torch.mm(a, b), max(repeats, 5))
-    return 2 * n**3 / seconds / 1e9
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> list[dict[str, float]]:
+    """Seconds of every run, in ``rounds`` rounds that take each run in turn (after one warm-up
+    run each: allocator, oneDNN primitives and packed weights for the shape)."""
+    for run in runs.values():
+        run()
+    return [{name: timed(run) for name, run in runs.items()} for _ in range(rounds)]
 
 
-def crops_time(model: torch.nn.Module, image: torch.Tensor, stride: int, sample: int,
-               repeats: int) -> tuple[float, int]:
-    """Seconds per window crop, classified in batches of ``BATCH``, and the window count."""
+def crops(model: torch.nn.Module, image: torch.Tensor, stride: int,
+          sample: int) -> tuple[Callable[[], None], int, int]:
+    """A run classifying ``sample`` window crops in batches of ``BATCH``, the windows it
+    classifies and the image's window count."""
     views = image.unfold(1, WINDOW, stride).unfold(2, WINDOW, stride)  # C, rows, cols, 224, 224
     rows, cols = views.shape[1:3]
     index = [(i, j) for i in range(rows) for j in range(cols)][:sample]
@@ -68,53 +75,82 @@ def crops_time(model: torch.nn.Module, image: torch.Tensor, stride: int, sample:
     def run() -> None:
         with torch.inference_mode():
             for k in range(0, len(index), BATCH):
-                batch = torch.stack([views[:, i, j] for i, j in index[k:k + BATCH]])
-                model(batch)
+                model(torch.stack([views[:, i, j] for i, j in index[k:k + BATCH]]))
 
-    return median_time(run, repeats) / len(index), rows * cols
+    return run, len(index), rows * cols
 
 
-def bench(name: str, size: int, args: argparse.Namespace, peaks: dict[str, float]) -> None:
+@contextlib.contextmanager
+def unfused() -> Iterator[None]:
+    """``dense_map`` without the oneDNN fast path while inside (its documented switch)."""
+    os.environ["CONVOLUTIONALIZE_FUSION"] = "0"
+    try:
+        yield
+    finally:
+        del os.environ["CONVOLUTIONALIZE_FUSION"]
+
+
+def bench(name: str, size: int, args: argparse.Namespace) -> None:
     model = torchvision.models.get_model(name, weights=None).eval()
     fcn = convolutionalize(model, (WINDOW, WINDOW))
     flops = compare_flops(model, fcn, (size, size))
     image = torch.randn(3, size, size, generator=torch.Generator().manual_seed(0))
-    per_crop, windows = crops_time(model, image, 32, args.crop_sample, args.repeats)
-    crop_s = per_crop * windows
-    native = (size // WINDOW) ** 2
-    native_per_pixel = crops_time(model, image, WINDOW, min(native, args.crop_sample), args.repeats)[0] \
-        / WINDOW**2
+    crop_run, sampled, windows = crops(model, image, 32, args.crop_sample)
+    native_run, native_sampled, _ = crops(model, image, WINDOW, args.crop_sample)
+    a, b = (torch.randn(GEMM, GEMM), torch.randn(GEMM, GEMM))
+    a16, b16 = a.bfloat16(), b.bfloat16()
     maps: dict[str, np.ndarray] = {}
-    seconds: dict[str, float] = {}
-    for precision in ("fp32", "bf16"):
-        def run(precision: str = precision) -> None:
-            maps[precision] = dense_map(fcn, image, precision=precision)
-        seconds[precision] = median_time(run, args.repeats)
+
+    def mapping(key: str, precision: str = "fp32", model: Any = fcn,
+                context: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
+        def run() -> None:
+            with context():
+                maps[key] = dense_map(model, image, precision=precision)
+        return run
+
+    runs: dict[str, Callable[[], object]] = {
+        "crops": crop_run, "native": native_run,
+        "gemm fp32": lambda: torch.mm(a, b), "gemm bf16": lambda: torch.mm(a16, b16),
+        "dense fp32": mapping("dense fp32"), "dense bf16": mapping("dense bf16", "bf16")}
+    if args.unfused:
+        runs["dense fp32 unfused"] = mapping("dense fp32 unfused", context=unfused)
+        runs["dense bf16 unfused"] = mapping("dense bf16 unfused", "bf16", context=unfused)
     if args.onnx:
         onnx_fcn = convolutionalize(exported(model))
-        maps["onnx"] = dense_map(onnx_fcn, image)
-        seconds["onnx"] = median_time(lambda: dense_map(onnx_fcn, image), args.repeats)
-    error = _rel(maps["bf16"], maps["fp32"])
+        runs["dense ONNX fp32 (ORT)"] = mapping("dense ONNX fp32 (ORT)", model=onnx_fcn)
+    rounds = interleaved(runs, args.rounds)
+    for r in rounds:  # per round: all windows crop by crop, native cost per pixel, GEMM peaks
+        r["crops"] *= windows / sampled
+        r["native"] /= native_sampled * WINDOW**2
+        for precision in ("fp32", "bf16"):
+            r[f"peak {precision}"] = 2 * GEMM**3 / r[f"gemm {precision}"] / 1e9
+
+    def median(value: Callable[[dict[str, float]], float]) -> float:
+        return statistics.median(value(r) for r in rounds)
+
     print(f"\n{name} {size}x{size}: {windows} windows, FLOP-sharing ratio {flops.ratio:.1f}x "
-          f"(crop by crop {flops.crop_by_crop / 1e12:.2f} TFLOP, dense {flops.dense / 1e9:.1f} GFLOP)")
-    print(f"  {'method':<26}{'seconds':>10}{'speedup':>9}{'/ ratio':>9}{'GFLOP/s':>9}{'% peak':>8}"
+          f"(crop by crop {flops.crop_by_crop / 1e12:.2f} TFLOP, dense {flops.dense / 1e9:.1f} GFLOP); "
+          f"GEMM peak fp32 {median(lambda r: r['peak fp32']):.0f} GFLOP/s, "
+          f"bf16 {median(lambda r: r['peak bf16']):.0f} GFLOP/s")
+    print(f"  {'method':<28}{'seconds':>9}{'speedup':>9}{'/ ratio':>9}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'ns/pixel':>10}{'/ native':>10}")
-    rows = [("crop by crop fp32 (batched)", crop_s, flops.crop_by_crop, "fp32", None),
-            ("dense fp32", seconds["fp32"], flops.dense, "fp32", seconds["fp32"] / size**2),
-            ("dense bf16", seconds["bf16"], flops.dense, "bf16", seconds["bf16"] / size**2)]
-    if args.onnx:
-        rows.append(("dense ONNX fp32 (ORT)", seconds["onnx"], flops.dense, "fp32",
-                     seconds["onnx"] / size**2))
-    for label, secs, count, precision, per_pixel in rows:
-        speedup = crop_s / secs
-        rate = count / secs / 1e9
-        pixel = "" if per_pixel is None else f"{per_pixel * 1e9:>10.1f}{per_pixel / native_per_pixel:>10.2f}"
-        print(f"  {label:<26}{secs:>10.2f}{speedup:>8.1f}x{speedup / flops.ratio:>9.2f}{rate:>9.1f}"
-              f"{100 * rate / peaks[precision]:>7.0f}%{pixel}")
-    print(f"  native crops (non-overlapping, fp32): {native_per_pixel * 1e9:.1f} ns/pixel; "
-          f"crop-by-crop timed on {min(args.crop_sample, windows)} of {windows} windows; "
-          f"bf16 vs fp32 map: relative error {error:.1e}"
-          + (f"; ONNX vs PyTorch fp32 map: {_rel(maps['onnx'], maps['fp32']):.1e}" if args.onnx else ""))
+    for key in ("crops", *(key for key in runs if key.startswith("dense"))):
+        count = flops.crop_by_crop if key == "crops" else flops.dense
+        peak = "peak bf16" if "bf16" in key else "peak fp32"
+        seconds = statistics.median(r[key] for r in rounds)
+        speedup = statistics.median(r["crops"] / r[key] for r in rounds)
+        rate = statistics.median(count / r[key] / 1e9 for r in rounds)
+        of_peak = statistics.median(100 * count / r[key] / 1e9 / r[peak] for r in rounds)
+        pixel = "" if key == "crops" else f"{seconds / size**2 * 1e9:>10.1f}" + \
+            f"{statistics.median(r[key] / size**2 / r['native'] for r in rounds):>10.2f}"
+        title = "crop by crop fp32 (batched)" if key == "crops" else key
+        print(f"  {title:<28}{seconds:>9.2f}{speedup:>8.1f}x{speedup / flops.ratio:>9.2f}{rate:>9.1f}"
+              f"{of_peak:>7.0f}%{pixel}")
+    print(f"  medians of {args.rounds} interleaved rounds; crop by crop timed on {sampled} of {windows} "
+          f"windows; native crops (non-overlapping, fp32) {median(lambda r: r['native']) * 1e9:.1f} "
+          f"ns/pixel; bf16 vs fp32 map: relative error {_rel(maps['dense bf16'], maps['dense fp32']):.1e}"
+          + "".join(f"; {key} vs dense fp32: {_rel(maps[key], maps['dense fp32']):.1e}"
+                    for key in maps if key not in ("dense fp32", "dense bf16")))
 
 
 def _rel(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -139,17 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[768, 2048])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians over them)")
     parser.add_argument("--crop-sample", type=int, default=32, help="windows timed crop by crop")
+    parser.add_argument("--unfused", action="store_true", help="also time dense maps without the "
+                        "oneDNN fast path (fused convolutions with packed weights)")
     parser.add_argument("--onnx", action="store_true", help="also time the model exported to ONNX, "
                         "convolutionalized and run by dense_map in onnxruntime")
     args = parser.parse_args(argv)
-    peaks = {"fp32": gemm_peak(torch.float32, args.repeats), "bf16": gemm_peak(torch.bfloat16, args.repeats)}
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs; "
-          f"GEMM peak fp32 {peaks['fp32']:.0f} GFLOP/s, bf16 {peaks['bf16']:.0f} GFLOP/s")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.models:
         for size in args.sizes:
-            bench(name, size, args, peaks)
+            bench(name, size, args)
     return 0
 
 
