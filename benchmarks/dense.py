@@ -146,6 +146,8 @@ def bench(name: str, size: int, args: argparse.Namespace) -> None:
         title = "crop by crop fp32 (batched)" if key == "crops" else key
         print(f"  {title:<28}{seconds:>9.2f}{speedup:>8.1f}x{speedup / flops.ratio:>9.2f}{rate:>9.1f}"
               f"{of_peak:>7.0f}%{pixel}")
+    bound = statistics.median(r["crops"] * r["peak bf16"] * 1e9 / flops.dense for r in rounds)
+    print(f"  bound: dense bf16 at the bf16 GEMM peak would be {bound:.0f}x crop by crop fp32")
     print(f"  medians of {args.rounds} interleaved rounds; crop by crop timed on {sampled} of {windows} "
           f"windows; native crops (non-overlapping, fp32) {median(lambda r: r['native']) * 1e9:.1f} "
           f"ns/pixel; bf16 vs fp32 map: relative error {_rel(maps['dense bf16'], maps['dense fp32']):.1e}"
