@@ -1,0 +1,109 @@
+"""Rebuild a Keras model with its head as convolutions: one function per HeadStep kind, built
+from Keras layers only (so the result runs on any backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+
+from ..geometry import PoolMode
+from ..plan import HeadStep
+from ..weights import dense_to_hwio
+from ._keras_graph import Call
+from ._keras_head import Analysis
+
+Rewriter = Callable[["_Rewrite", Call, HeadStep, list[Any]], Any]
+
+
+class _Rewrite:
+    """State of one rebuild: the plan, the pool mode and the model's layout."""
+
+    def __init__(self, analysis: Analysis, pool: PoolMode) -> None:
+        self.a, self.plan, self.pool = analysis, analysis.plan, pool
+        self.data_format = "channels_last" if analysis.layout == "NHWC" else "channels_first"
+
+
+def _w_global_pool(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
+    if rw.pool == "none":
+        return ins[0]
+    pool_cls = keras.layers.MaxPooling2D if step.reduce == "max" else keras.layers.AveragePooling2D
+    return pool_cls(pool_size=rw.plan.feature.size, strides=1, padding="valid",
+                    data_format=rw.data_format, name=call.name)(ins[0])
+
+
+def _w_flatten(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
+    return ins[0]
+
+
+def _w_linear(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
+    dense = call.op
+    assert step.kernel is not None
+    kh, kw = step.kernel
+    kernel = np.asarray(keras.ops.convert_to_numpy(dense.kernel))
+    channels = kernel.shape[0] // (kh * kw)
+    src = rw.a.values[id(call.inputs[0])]
+    order = src.flat[3] if src.flat is not None else "HWC"
+    activation = getattr(dense.activation, "__name__", "")
+    softmax_first = rw.data_format == "channels_first" and activation == "softmax"  # over channels
+    conv = keras.layers.Conv2D(dense.units, (kh, kw), data_format=rw.data_format, use_bias=dense.use_bias,
+                               activation=None if softmax_first else dense.activation,
+                               dtype=dense.dtype_policy, name=call.name)
+    out = conv(ins[0])
+    if softmax_first:
+        out = keras.layers.Softmax(axis=1, name=f"{call.name}_softmax")(out)
+    weights = [dense_to_hwio(kernel, channels, kh, kw, order)]  # type: ignore[arg-type]
+    if dense.use_bias:
+        weights.append(np.asarray(keras.ops.convert_to_numpy(dense.bias)))
+    conv.set_weights(weights)
+    return out
+
+
+def _w_channel_layer(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
+    """BatchNormalization / LayerNormalization / Softmax / Concatenate over the channel axis."""
+    op = call.op
+    if type(op).__name__ == "Activation":  # softmax over the last axis of a vector
+        layer = keras.layers.Softmax(axis=rw.a.channel_axis, name=call.name)
+        return layer(ins[0])
+    config = op.get_config()
+    config["axis"] = rw.a.channel_axis
+    layer = type(op).from_config(config)
+    out = layer(ins if type(op).__name__ == "Concatenate" else ins[0])
+    if op.get_weights():
+        layer.set_weights(op.get_weights())
+    return out
+
+
+REWRITES: dict[str, Rewriter] = {
+    "global_pool": _w_global_pool,
+    "flatten": _w_flatten,
+    "linear": _w_linear,
+    "batchnorm": _w_channel_layer,
+    "layernorm": _w_channel_layer,
+    "softmax": _w_channel_layer,
+    "concat": _w_channel_layer,
+}
+
+
+def rebuild(analysis: Analysis, pool: PoolMode, name: str) -> keras.Model:
+    """A new Keras model: the body on an input of unknown size, the head as convolutions."""
+    a, rw = analysis, _Rewrite(analysis, "window" if pool == "global" else pool)
+    shape = (None, None, a.in_channels) if a.layout == "NHWC" else (a.in_channels, None, None)
+    image = keras.Input(shape, name="image")
+    steps = {s.node: s for s in a.plan.steps}
+    keep_head = pool == "global" and a.plan.global_pooling  # already runs at any size
+
+    def handle(call: Call, new: dict[int, Any]) -> list[Any] | None:
+        step = steps.get(call.name) if any(call is c for c in a.head) else None
+        if step is None or keep_head or step.op == "keep":
+            return None
+        ins = [new[id(t)] for t in call.inputs]
+        return [REWRITES[step.op](rw, call, step, ins)]
+
+    new = a.graph.replay(image, handle)
+    out = new[id(a.graph.output)]
+    if pool == "global" and not a.plan.global_pooling:  # flatten head: the mean of the window map
+        out = keras.layers.GlobalAveragePooling2D(data_format=rw.data_format, name="window_mean")(out)
+    return keras.Model(image, out, name=f"{name}_fcn")
