@@ -40,11 +40,12 @@ logger = logging.getLogger(__name__)
 Fallback = Literal["error", "windows"]
 # Activation bytes (estimated: ``DenseModel.bytes_per_pixel``) of one forward pass. An image
 # that fits MEMORY_BUDGET runs in one pass: no halo is computed twice. A larger one runs in
-# tiles that fit TILE_BUDGET: streaming shufflenet_v2_x0_5 over a 16384^2 image took 58.6 s
-# with 512 MiB tiles and 59.8 s with 1 GiB tiles (smaller tiles stay in cache), and peak RSS
-# grows by about 1.3x the tile budget over the ~0.75 GiB that torch and the model take.
+# tiles that fit TILE_BUDGET: streaming shufflenet_v2_x0_5 over a 16384^2 image took 67-68 s at
+# 1.38-1.42 GiB peak RSS with 384 MiB tiles, 59-65 s at 1.47-1.59 GiB with 448 MiB and 66 s at
+# 2.06 GiB with 1 GiB tiles (smaller tiles stay in cache): peak RSS grows by about 1.3-1.5x the
+# tile budget over the ~0.8 GiB that torch and the model take.
 MEMORY_BUDGET = 1 << 30
-TILE_BUDGET = 448 << 20
+TILE_BUDGET = 384 << 20
 READ_WARNING = 4.0  # say so when the tiles' halos make a map read this many times the image
 
 
