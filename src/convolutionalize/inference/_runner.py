@@ -11,11 +11,11 @@ converted model with its batch norms folded into the convolutions before them (`
 ``fuse``: one pass over the activations fewer, 5-10 % faster in float32) in the channels-last
 memory format (about 1.3x faster for float32 convolutions on this CPU). Both change only the
 rounding (relative 1e-6 against the converted model). On CPU its convolutions then run
-oneDNN's fused op with packed weights (:mod:`._onednn`; ``CONVOLUTIONALIZE_FUSION=0`` in the
-environment turns that off). It moves a batch to the device and
-returns float32 numpy. For ``precision="bf16"`` the weights are also stored in bfloat16 and the
-model runs under bfloat16 autocast, which uses AMX on CPUs that have it (and bf16 tensor cores
-on CUDA).
+oneDNN's fused op with packed weights, ReLUs and residual adds as post-ops (:mod:`._onednn`;
+``CONVOLUTIONALIZE_FUSION=0`` in the environment turns that off). It moves a batch to the
+device and returns float32 numpy. For ``precision="bf16"`` the weights are also stored in
+bfloat16 and the model runs under bfloat16 autocast, which uses AMX on CPUs that have it (and
+bf16 tensor cores on CUDA).
 """
 
 from __future__ import annotations
