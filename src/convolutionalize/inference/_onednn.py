@@ -78,10 +78,11 @@ class FusedConv(nn.Module):
         key = tuple(x.shape)
         weight = self._packed.get(key)
         if weight is None:  # oneDNN picks the layout for the input shape: pack per shape, a few kept
-            if len(self._packed) >= PACKED_SHAPES:
-                del self._packed[next(iter(self._packed))]
             weight = torch.ops.mkldnn._reorder_convolution_weight(conv.weight.detach(), *geometry, list(key))
-            self._packed[key] = weight
+            packed = dict(self._packed)  # copy, then swap: threads (dask's) may map tiles at once
+            if len(packed) >= PACKED_SHAPES:
+                del packed[next(iter(packed))]
+            self._packed = {**packed, key: weight}
         bias = None if conv.bias is None else conv.bias.detach()
         unary, scalars = _post_op(self.activation)
         if residual is None:
