@@ -55,6 +55,13 @@ def output_cells(size: int, window: int, stride: int) -> int:
     return (size - window) // stride + 1
 
 
+def same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """TF/Keras ``padding="same"`` (timm's ``get_same_padding``, ONNX ``SAME_UPPER``) along one
+    axis for an input of ``size``: the zeros (before, after); the odd one goes after."""
+    total = max((-(-size // stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
 @dataclass(frozen=True)
 class Geometry:
     """Where each cell of a dense class map sits in the input image.

@@ -5,17 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..geometry import BodyGeometry, Span
+from ..geometry import BodyGeometry, Span, same_padding
 from ._keras_graph import ELEMENTWISE, GLOBAL_OPS, SPATIAL_OPS, Call, axis_of
 
 if TYPE_CHECKING:
     from ._keras_head import Analysis
-
-
-def _same_pad(size: int, k: int, s: int, d: int) -> int:
-    """Leading padding of Keras/TF ``padding="same"`` for an input of ``size``."""
-    total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
-    return total // 2
 
 
 def body_geometry(a: Analysis) -> BodyGeometry:
@@ -53,7 +47,8 @@ def _apply(a: Analysis, call: Call, ys: Span, xs: Span, geo: BodyGeometry) -> tu
         dil = (1, 1) if pooling else tuple(op.dilation_rate)
         pad = (0, 0)
         if op.padding == "same":
-            pad = tuple(_same_pad(in_shape[ax], k, s, d) for ax, k, s, d in zip(a.axes, kernel, stride, dil))
+            pad = tuple(same_padding(in_shape[ax], k, s, d)[0]
+                        for ax, k, s, d in zip(a.axes, kernel, stride, dil))
             if any(k > 1 for k in kernel):
                 geo.padded.append(call.name)
         return (ys.conv(kernel[0], stride[0], pad[0], dil[0]), xs.conv(kernel[1], stride[1], pad[1], dil[1]))

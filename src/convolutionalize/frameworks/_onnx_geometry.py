@@ -3,12 +3,10 @@ attributes and the inferred shapes, with zero padding and global-context ops nam
 
 from __future__ import annotations
 
-import math
-
 import onnx
 
 from ..errors import NotConvolutionalizable
-from ..geometry import BodyGeometry, Span
+from ..geometry import BodyGeometry, Span, same_padding
 from ._onnx_graph import GLOBAL_OPS, PER_LOCATION, SHAPE_OPS, WINDOW_OPS, Axes, Graph, attr_value
 
 
@@ -51,12 +49,6 @@ def body_geometry(graph: Graph, feature: str) -> tuple[BodyGeometry, dict[str, t
 def _pair(values: object, default: int) -> tuple[int, int]:
     seq = list(values) if values is not None else []  # type: ignore[call-overload]
     return (int(seq[0]), int(seq[1])) if len(seq) >= 2 else (default, default)
-
-
-def _same_pad(size: int, k: int, s: int, d: int, lower: bool) -> tuple[int, int]:
-    """TF-SAME padding along one axis: (before, total)."""
-    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-    return (total - total // 2 if lower else total // 2), total
 
 
 def _apply(graph: Graph, node: onnx.NodeProto, src: str, ys: Span, xs: Span, geo: BodyGeometry,
@@ -143,8 +135,10 @@ def _window(graph: Graph, node: onnx.NodeProto, in_shape, out_shape, ys: Span, x
     auto = str(attr_value(node, "auto_pad", "NOTSET"))
     same_total = 0
     if auto.startswith("SAME") and in_shape and None not in in_shape[2:]:
-        same = [_same_pad(in_shape[2 + a], k[a], s[a], d[a], auto == "SAME_LOWER") for a in (0, 1)]
-        begin, same_total = (same[0][0], same[1][0]), same[0][1] + same[1][1]
+        same = [same_padding(in_shape[2 + a], k[a], s[a], d[a]) for a in (0, 1)]
+        if auto == "SAME_LOWER":  # the odd zero goes before
+            same = [pad[::-1] for pad in same]
+        begin, same_total = (same[0][0], same[1][0]), sum(same[0]) + sum(same[1])
     if any(pads) or same_total:
         geo.padded.append(node.name)
     if attr_value(node, "ceil_mode", 0) and in_shape and out_shape and None not in in_shape + out_shape:

@@ -12,11 +12,9 @@ nothing is claimed that is not proven).
 
 from __future__ import annotations
 
-import math
-
 from torch import fx, nn
 
-from ..geometry import BodyGeometry, Span
+from ..geometry import BodyGeometry, Span, same_padding
 from ._torch_graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
 from ._torch_head import Value
 
@@ -81,12 +79,6 @@ def _window(node: fx.Node, name: str, modules: dict[str, nn.Module]):
     return kernel, stride, _pair(padding), dilation, ceil, same
 
 
-def _same_pad(size: int, k: int, s: int, d: int) -> int:
-    """Leading TF-SAME padding (timm's get_same_padding) for an input of ``size``."""
-    total = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-    return total // 2
-
-
 def body_geometry(gm: fx.GraphModule, values: dict[fx.Node, Value], feature: fx.Node,
                   modules: dict[str, nn.Module], keep: set[fx.Node]) -> BodyGeometry:
     """Compose spans from the input to ``feature`` over the nodes in ``keep``."""
@@ -123,7 +115,7 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
     if name in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         kernel, stride, pad, dil, ceil, same = _window(node, name, modules)
         if same and in_shape is not None and src.axes is not None:
-            pad = tuple(_same_pad(in_shape[a], k, s, d)  # type: ignore[assignment]
+            pad = tuple(same_padding(in_shape[a], k, s, d)[0]  # type: ignore[assignment]
                         for a, k, s, d in zip(src.axes, kernel, stride, dil))
         if any(pad) or same:
             geo.padded.append(node.name)
