@@ -126,13 +126,10 @@ def bench(name: str, size: int, args: argparse.Namespace) -> None:
         for precision in ("fp32", "bf16"):
             r[f"peak {precision}"] = 2 * GEMM**3 / r[f"gemm {precision}"] / 1e9
 
-    def median(value: Callable[[dict[str, float]], float]) -> float:
-        return statistics.median(value(r) for r in rounds)
-
     print(f"\n{name} {size}x{size}: {windows} windows, FLOP-sharing ratio {flops.ratio:.1f}x "
           f"(crop by crop {flops.crop_by_crop / 1e12:.2f} TFLOP, dense {flops.dense / 1e9:.1f} GFLOP); "
-          f"GEMM peak fp32 {median(lambda r: r['peak fp32']):.0f} GFLOP/s, "
-          f"bf16 {median(lambda r: r['peak bf16']):.0f} GFLOP/s")
+          f"GEMM peak fp32 {statistics.median(r['peak fp32'] for r in rounds):.0f} GFLOP/s, "
+          f"bf16 {statistics.median(r['peak bf16'] for r in rounds):.0f} GFLOP/s")
     print(f"  {'method':<28}{'seconds':>9}{'speedup':>9}{'/ ratio':>9}{'GFLOP/s':>9}{'% peak':>8}"
           f"{'ns/pixel':>10}{'/ native':>10}")
     for key in ("crops", *(key for key in runs if key.startswith("dense"))):
@@ -149,9 +146,10 @@ def bench(name: str, size: int, args: argparse.Namespace) -> None:
               f"{of_peak:>7.0f}%{pixel}")
     bound = statistics.median(r["crops"] * r["peak bf16"] * 1e9 / flops.dense for r in rounds)
     print(f"  bound: dense bf16 at the bf16 GEMM peak would be {bound:.0f}x crop by crop fp32")
+    native = statistics.median(r["native"] for r in rounds)
     print(f"  medians of {args.rounds} interleaved rounds; crop by crop timed on {sampled} of {windows} "
-          f"windows; native crops (non-overlapping, fp32) {median(lambda r: r['native']) * 1e9:.1f} "
-          f"ns/pixel; bf16 vs fp32 map: relative error {_rel(maps['dense bf16'], maps['dense fp32']):.2e}"
+          f"windows; native crops (non-overlapping, fp32) {native * 1e9:.1f} ns/pixel; bf16 vs fp32 "
+          f"map: relative error {_rel(maps['dense bf16'], maps['dense fp32']):.2e}"
           + "".join(f"; {key} vs dense fp32: {_rel(maps[key], maps['dense fp32']):.2e}"
                     for key in maps if key not in ("dense fp32", "dense bf16")))
 
