@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports keras
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import settings
@@ -31,6 +32,12 @@ def fingerprint(model: nn.Module) -> tuple[str, bool, str]:
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def rel(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Relative error of a dense map (numpy), after checking both have one shape."""
+    assert actual.shape == expected.shape
+    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
 
 
 def flattened_linears(fcn: nn.Module, input_size: tuple[int, int], in_channels: int = 3) -> list[str]:

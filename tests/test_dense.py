@@ -33,7 +33,7 @@ from convolutionalize.inference.tiling import plan_tiles
 from convolutionalize.inference.windows import FallbackWarning
 
 from _tiny import TinyNet
-from conftest import fingerprint
+from conftest import fingerprint, rel
 
 RTOL = 1e-5
 
@@ -82,11 +82,6 @@ class TinyViT(nn.Module):
 def whole(fcn: nn.Module, image: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return fcn(image[None])[0].numpy()
-
-
-def rel(actual: np.ndarray, expected: np.ndarray) -> float:
-    assert actual.shape == expected.shape
-    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ from torch import nn
 from convolutionalize import convolutionalize, dense_map
 from convolutionalize.frameworks.torch_layers import ConvolutionalizedModule
 
+from conftest import rel
+
 distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
 
 RTOL = 1e-5
@@ -76,11 +78,6 @@ def reference(fcn: nn.Module, pixels: np.ndarray) -> np.ndarray:
 def key_name(task: dict) -> str:
     key = task["key"]
     return key[0] if isinstance(key, tuple) else key
-
-
-def rel(actual: np.ndarray, expected: np.ndarray) -> float:
-    assert actual.shape == expected.shape
-    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
 
 
 def test_cluster_map_equals_the_in_process_map(client: distributed.Client, fcn: nn.Module,

@@ -24,6 +24,8 @@ from convolutionalize.frameworks.keras_model import predict_nchw
 from convolutionalize.frameworks.onnx_graph import Predictor, save_onnx
 from convolutionalize.inference._runner import FrameworkRunner, dense_model
 
+from conftest import rel
+
 RTOL = 1e-5
 NATIVE = (24, 24)
 
@@ -82,11 +84,6 @@ def onnx_model(torch_model: Padded, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
     return np.random.default_rng(1).standard_normal((3, 101, 131)).astype(np.float32)
-
-
-def rel(actual: np.ndarray, expected: np.ndarray) -> float:
-    assert actual.shape == expected.shape
-    return float(np.abs(actual.astype(np.float64) - expected).max() / np.abs(expected).max())
 
 
 @pytest.mark.parametrize("data_format", ["channels_last", "channels_first"])
