@@ -1,8 +1,9 @@
 """The command line: output content, written files that load and run at larger sizes,
 exit codes, and one-line errors for every kind of bad input.
 
-Models are small (a tiny padding-free net pickled to a temporary ``.pt``, torchvision's
-resnet18 and squeezenet1_1 with random weights) and nothing touches the network.
+Models are small (a tiny padding-free net pickled to a temporary ``.pt``, loaded with
+``--trust-pickle``, torchvision's resnet18 and squeezenet1_1 with random weights) and nothing
+touches the network.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 
 def tiny(files: Path, *args: str) -> list[str]:
-    return [str(files / "tiny.pt"), "--input-size", *TINY_SIZE, *args]
+    return [str(files / "tiny.pt"), "--trust-pickle", "--input-size", *TINY_SIZE, *args]
 
 
 # --------------------------------------------------------------------------- entry points
@@ -174,13 +175,13 @@ def test_verify_padded_squeezenet_passes_but_is_not_crop_equivalent(
 
 def test_verify_failure_exits_1(capsys: pytest.CaptureFixture[str], files: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    real = cli.verify
+    real = cli.commands.verify
 
     def failing(*args: object, **kwargs: object) -> VerifyReport:
         report = real(*args, **kwargs)  # type: ignore[arg-type]
         return dataclasses.replace(report, crop_error=0.5)  # the tiny net is crop equivalent
 
-    monkeypatch.setattr(cli, "verify", failing)
+    monkeypatch.setattr(cli.commands, "verify", failing)
     code, out, err = run(["verify", *tiny(files)], capsys)
     assert (code, err) == (1, "")
     assert out.rstrip().endswith("FAIL")
@@ -188,17 +189,22 @@ def test_verify_failure_exits_1(capsys: pytest.CaptureFixture[str], files: Path,
 
 # --------------------------------------------------------------------------- bad input
 
+TRUST = "--trust-pickle"  # tiny.pt and branchy.pt are whole pickled modules
+
 BAD_INPUT = {
     "unknown-torchvision-model": (["inspect", "torchvision:no_such_net", "--weights", "random"],
                                   "list_models"),
     "unknown-timm-model": (["inspect", "timm:no_such_net"], "list_models"),
     "unknown-spec": (["inspect", "no_such_net"], "torchvision:NAME"),
+    "unknown-demo-model": (["inspect", "demo:letters", "--weights", "random"], "demo:digits"),
+    "demo-without-weights": (["inspect", "demo:digits"], "--weights demo-output/digits.pth"),
     "missing-model-file": (["inspect", "{files}/missing.pt"], "not found"),
     "garbage-model-file": (["inspect", "{files}/garbage.pth"], "cannot read"),
+    "untrusted-pickle": (["inspect", "{files}/tiny.pt", "--input-size", "12", "12"], TRUST),
     "state-dict-as-model": (["inspect", "{files}/tiny_state.pth"], "--weights"),
     "torchscript": (["inspect", "{files}/scripted.pt"], "torch.save(model"),
-    "untraceable": (["inspect", "{files}/branchy.pt", "--input-size", "12", "12"], "trace"),
-    "no-input-size": (["inspect", "{files}/tiny.pt"], "--input-size"),
+    "untraceable": (["inspect", "{files}/branchy.pt", TRUST, "--input-size", "12", "12"], "trace"),
+    "no-input-size": (["inspect", "{files}/tiny.pt", TRUST], "--input-size"),
     "missing-weights": (["inspect", "torchvision:resnet18", "--weights", "{files}/none.pth"],
                         "not found"),
     "garbage-weights": (["inspect", "torchvision:resnet18", "--weights", "{files}/garbage.pth"],
@@ -211,18 +217,18 @@ BAD_INPUT = {
                         "positive"),
     "negative-image-size": (["inspect", "{files}/tiny.pt", "--input-size", "12", "12",
                              "--image-size", "-5", "20"], "positive"),
-    "image-smaller-than-window": (["inspect", "{files}/tiny.pt", "--input-size", "12", "12",
+    "image-smaller-than-window": (["inspect", "{files}/tiny.pt", TRUST, "--input-size", "12", "12",
                                    "--image-size", "8", "8"], "smaller"),
     "unknown-pool": (["inspect", "{files}/tiny.pt", "--pool", "avg"], "invalid choice"),
     "zero-samples": (["verify", "{files}/tiny.pt", "--samples", "0"], "positive"),
     "missing-command": ([], "required"),
-    "unknown-suffix": (["convert", "{files}/tiny.pt", "--input-size", "12", "12",
+    "unknown-suffix": (["convert", "{files}/tiny.pt", TRUST, "--input-size", "12", "12",
                         "-o", "{out}/tiny.txt"], ".onnx"),
-    "missing-output-dir": (["convert", "{files}/tiny.pt", "--input-size", "12", "12",
+    "missing-output-dir": (["convert", "{files}/tiny.pt", TRUST, "--input-size", "12", "12",
                             "-o", "{out}/nowhere/tiny.onnx"], "does not exist"),
-    "output-dir-is-a-file": (["convert", "{files}/tiny.pt", "--input-size", "12", "12",
+    "output-dir-is-a-file": (["convert", "{files}/tiny.pt", TRUST, "--input-size", "12", "12",
                               "-o", "{files}/tiny.pt/tiny.pt"], "not a directory"),
-    "untraceable-convert": (["convert", "{files}/branchy.pt", "--input-size", "12", "12",
+    "untraceable-convert": (["convert", "{files}/branchy.pt", TRUST, "--input-size", "12", "12",
                              "-o", "{out}/branchy.onnx"], "trace"),
 }
 

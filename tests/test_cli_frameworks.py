@@ -55,7 +55,7 @@ def test_convert_model_file_keeps_its_format(kind: str, tmp_path: Path) -> None:
     assert main(["convert", str(make(tmp_path)), "-o", str(out)]) == 0
     loaded = keras.saving.load_model(out) if kind == "keras" else onnx.load(str(out))
     if kind == "keras":
-        from convolutionalize.frameworks.keras_model import load_keras
+        from convolutionalize.frameworks.keras.model import load_keras
 
         loaded = load_keras(out)
     assert geometry_of(loaded).window == (12, 12)

@@ -709,7 +709,7 @@ class TwoMaps(nn.Module):
 
 
 REFUSALS = {
-    "tuple-output": (TupleOut, r"does not return a single tensor of class scores \(it returns tuple\)"),
+    "tuple-output": (TupleOut, r"the output 'body_3' is already a spatial map"),  # logits and features
     "fully-convolutional": (FullyConvolutional, r"the output 'classifier' is already a spatial map"),
     "sliced-vector": (SlicedFeatures, r"head node 'getitem' \(getitem\) has no known per-location "
                                       r"equivalent on a vector tensor"),
@@ -882,7 +882,7 @@ def test_output_size_falls_back_to_fake_tensors(gap_model: nn.Module,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.func
 
-    from convolutionalize.frameworks.torch_layers import activation_shapes
+    from convolutionalize.frameworks.torch.layers import activation_shapes
 
     fcn = convolutionalize(gap_model, PADDED)
     with torch.no_grad():

@@ -1,5 +1,6 @@
 """The digits demo, fast: trains, converts crop-equivalently, detects, scores and writes its
-outputs; its model works from the command line, which refuses bad input with exit 2."""
+outputs; its model (``demo:digits --weights digits.pth``, no ``--trust-pickle``) works from
+the command line, which refuses bad input with exit 2."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from PIL import Image
 from convolutionalize import convolutionalize
 from convolutionalize.cli import main
 from convolutionalize.demo import DemoConfig, DemoResult, digits_classifier, run_demo
+from convolutionalize.models import load_model
 
+MODEL = ["demo:digits", "--weights", "{weights}"]  # the demo's trained state_dict
 FAST = DemoConfig(seed=0, epochs=1, train_pages=40, pages=2, page_size=96, digits_per_page=3,
                   pictures=1)
 
@@ -28,7 +31,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoResult]:
 
 def test_fast_demo_writes_its_outputs(demo: tuple[Path, DemoResult]) -> None:
     output, result = demo
-    for name in ("digits.pt", "metrics.json", "page00.png", "page00_heatmap.png",
+    for name in ("digits.pth", "metrics.json", "page00.png", "page00_heatmap.png",
                  "page00_detections.png"):
         assert (output / name).is_file(), name
     metrics = json.loads((output / "metrics.json").read_text())
@@ -41,7 +44,7 @@ def test_fast_demo_writes_its_outputs(demo: tuple[Path, DemoResult]) -> None:
 @pytest.mark.parametrize("trained", [False, True], ids=["seeded", "trained"])
 def test_dense_map_equals_crop_by_crop(demo: tuple[Path, DemoResult], trained: bool) -> None:
     if trained:
-        model = torch.load(demo[0] / "digits.pt", weights_only=False)
+        model = load_model("demo:digits", str(demo[0] / "digits.pth"))
     else:
         torch.manual_seed(1)
         model = digits_classifier(2).eval()
@@ -64,13 +67,14 @@ def test_dense_map_equals_crop_by_crop(demo: tuple[Path, DemoResult], trained: b
 
 def test_cli_detect_and_heatmap_on_a_page(demo: tuple[Path, DemoResult], tmp_path: Path) -> None:
     output = demo[0]
-    model, page = str(output / "digits.pt"), str(output / "page00.png")
-    assert main(["detect", model, page, "-o", str(tmp_path / "d.json"), "--draw",
+    model = ["demo:digits", "--weights", str(output / "digits.pth")]
+    page = str(output / "page00.png")
+    assert main(["detect", *model, page, "-o", str(tmp_path / "d.json"), "--draw",
                  str(tmp_path / "d.png"), "--input-size", "16", "16"]) == 0
     records = json.loads((tmp_path / "d.json").read_text())
     assert all(set(r) == {"label", "name", "score", "box"} for r in records)
     assert (tmp_path / "d.png").is_file()
-    assert main(["heatmap", model, page, "-o", str(tmp_path / "h.png"), "--class", "3"]) == 0
+    assert main(["heatmap", *model, page, "-o", str(tmp_path / "h.png"), "--class", "3"]) == 0
     assert Image.open(tmp_path / "h.png").size == (96, 96)
 
 
@@ -78,17 +82,17 @@ def bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     Image.fromarray(np.full((10, 10), 255, np.uint8)).save(root / "small.png")
     (root / "fake.png").write_bytes(b"not an image at all")
     return {
-        "missing image": (["detect", "{model}", str(root / "nope.png")], "not found"),
-        "not an image": (["detect", "{model}", str(root / "fake.png")], "cannot read the image"),
-        "smaller than window": (["detect", "{model}", str(root / "small.png")], "smaller than"),
-        "unknown class": (["heatmap", "{model}", "{page}", "--class", "11"], "unknown class 11"),
-        "unknown background": (["detect", "{model}", "{page}", "--background-class", "12"],
+        "missing image": (["detect", *MODEL, str(root / "nope.png")], "not found"),
+        "not an image": (["detect", *MODEL, str(root / "fake.png")], "cannot read the image"),
+        "smaller than window": (["detect", *MODEL, str(root / "small.png")], "smaller than"),
+        "unknown class": (["heatmap", *MODEL, "{page}", "--class", "11"], "unknown class 11"),
+        "unknown background": (["detect", *MODEL, "{page}", "--background-class", "12"],
                                "unknown background class 12"),
-        "labels unreadable": (["heatmap", "{model}", "{page}", "--labels", str(root / "no.txt")],
+        "labels unreadable": (["heatmap", *MODEL, "{page}", "--labels", str(root / "no.txt")],
                               "cannot read the labels file"),
-        "unwritable output": (["detect", "{model}", "{page}", "-o", str(root / "no" / "x.json")],
+        "unwritable output": (["detect", *MODEL, "{page}", "-o", str(root / "no" / "x.json")],
                               "does not exist"),
-        "bad threshold": (["detect", "{model}", "{page}", "--threshold", "0"],
+        "bad threshold": (["detect", *MODEL, "{page}", "--threshold", "0"],
                           "threshold must be in"),
     }
 
@@ -99,7 +103,7 @@ def bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
 def test_bad_input_exits_2_with_one_line(demo: tuple[Path, DemoResult], tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str], case: str) -> None:
     args, message = bad_cases(tmp_path)[case]
-    args = [a.format(model=demo[0] / "digits.pt", page=demo[0] / "page00.png") for a in args]
+    args = [a.format(weights=demo[0] / "digits.pth", page=demo[0] / "page00.png") for a in args]
     if "-o" not in args:
         args += ["-o", str(tmp_path / "out.json")]
     before = set(tmp_path.rglob("*"))

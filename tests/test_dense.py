@@ -488,7 +488,8 @@ def cli_files(tmp_path: Path) -> Path:
 def predict(files: Path, *args: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["predict", str(files / "tiny.pt"), "--input-size", "12", "12", *args])
+        code = main(["predict", str(files / "tiny.pt"), "--trust-pickle", "--input-size", "12", "12",
+                     *args])
     return code, out.getvalue(), err.getvalue()
 
 

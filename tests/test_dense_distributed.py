@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from convolutionalize import convolutionalize, dense_map
-from convolutionalize.frameworks.torch_layers import ConvolutionalizedModule
+from convolutionalize.frameworks.torch.layers import ConvolutionalizedModule
 
 from conftest import rel
 
@@ -115,7 +115,7 @@ def test_cluster_writes_zarr(client: distributed.Client, fcn: nn.Module, pixels:
 def test_a_worker_killed_mid_run_loses_nothing(client: distributed.Client, fcn: nn.Module,
                                                pixels: np.ndarray, reference: np.ndarray,
                                                tmp_path: Path) -> None:
-    slow = ConvolutionalizedModule(Slow(fcn.net, 0.05), fcn.geometry, fcn.plan, fcn.native_error)
+    slow = ConvolutionalizedModule(Slow(fcn.net, 0.05), fcn.geometry, fcn.plan, fcn.self_check)
     path = tmp_path / "map.zarr"
     done: list[object] = []
     run = threading.Thread(target=lambda: done.append(dense_map(slow, pixels, tile=16, scheduler=client,

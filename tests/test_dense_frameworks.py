@@ -20,8 +20,8 @@ from torch import nn
 
 from convolutionalize import convolutionalize, dense_map, geometry_of
 from convolutionalize.cli import main
-from convolutionalize.frameworks.keras_model import predict_nchw
-from convolutionalize.frameworks.onnx_graph import Predictor, save_onnx
+from convolutionalize.frameworks.keras.model import predict_nchw
+from convolutionalize.frameworks.onnx.model import Predictor, save_onnx
 from convolutionalize.inference._runner import FrameworkRunner, dense_model
 
 from conftest import rel

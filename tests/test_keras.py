@@ -22,7 +22,7 @@ from torch import nn
 
 import convolutionalize as cz
 from convolutionalize import NotConvolutionalizable
-from convolutionalize.frameworks.keras_model import (
+from convolutionalize.frameworks.keras.model import (
     convolutionalize_keras,
     load_keras,
     predict_nchw,

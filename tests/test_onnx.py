@@ -21,7 +21,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from convolutionalize import NotConvolutionalizable, convolutionalize, geometry_of  # noqa: E402
-from convolutionalize.frameworks.onnx_graph import (  # noqa: E402
+from convolutionalize.frameworks.onnx.model import (  # noqa: E402
     NATIVE_ERROR_KEY,
     PLAN_KEY,
     Predictor,

@@ -11,31 +11,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from torch import nn
 
-from .geometry import Geometry, PoolMode
+from .geometry import GEOMETRY_KEY, Geometry, PoolMode, check_pool
 
 __all__ = [
-    "GEOMETRY_KEY",
     "ConversionInfo",
-    "check_pool",
     "conversion_info",
     "convolutionalize",
     "geometry_of",
 ]
-
-GEOMETRY_KEY = "convolutionalize.geometry"  # where non-PyTorch models keep their geometry
-
-
-def check_pool(pool: object) -> PoolMode:
-    """Validate a ``pool`` option; the error names the choices."""
-    choices = get_args(PoolMode)
-    if pool not in choices:
-        raise ValueError(f"pool must be one of {', '.join(map(repr, choices))}, got {pool!r}")
-    return pool  # type: ignore[return-value]
-
 
 def convolutionalize(
     model: Any,
@@ -59,7 +46,7 @@ def convolutionalize(
 
     Returns:
         A model of the same kind (a path gives the loaded, converted model). For PyTorch a
-        :class:`~convolutionalize.frameworks.torch_layers.ConvolutionalizedModule` in eval
+        :class:`~convolutionalize.frameworks.torch.layers.ConvolutionalizedModule` in eval
         mode returning ``(N, classes, rows, cols)`` (``(N, classes)`` for ``"global"``),
         with ``.geometry``, ``.plan`` and ``.native_error`` (the relative error measured
         against the original at the native size). ``geometry_of`` reads any kind's geometry.
@@ -74,15 +61,15 @@ def convolutionalize(
     if isinstance(model, (str, os.PathLike)):
         model = load_model_file(model)
     if is_keras_model(model):  # first: with KERAS_BACKEND=torch a keras.Model is an nn.Module too
-        from .frameworks.keras_model import convolutionalize_keras
+        from .frameworks.keras.model import convolutionalize_keras
 
         return convolutionalize_keras(model, input_size, pool)
     if isinstance(model, nn.Module):
-        from .frameworks.torch_fx import convolutionalize_module
+        from .frameworks.torch.model import convolutionalize_module
 
         return convolutionalize_module(model, input_size, pool)
     if is_onnx_model(model):
-        from .frameworks.onnx_graph import convolutionalize_onnx
+        from .frameworks.onnx.model import convolutionalize_onnx
 
         return convolutionalize_onnx(model, input_size, pool)
     raise TypeError(
@@ -98,11 +85,11 @@ def load_model_file(path: str | os.PathLike[str]) -> Any:
         raise ValueError(f"model file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
-        from .frameworks.onnx_graph import load_onnx
+        from .frameworks.onnx.model import load_onnx
 
         return load_onnx(path)
     if suffix == ".keras":
-        from .frameworks.keras_model import load_keras
+        from .frameworks.keras.model import load_keras
 
         return load_keras(path)
     raise ValueError(f"cannot load {path.name}: convolutionalize reads .onnx and .keras files "
@@ -138,18 +125,20 @@ class ConversionInfo:
     geometry: Geometry
     native_error: float | None
     in_channels: int
+    self_check: str | None = None  # what the conversion measured at a larger size (PyTorch)
 
 
 def conversion_info(fcn: object) -> ConversionInfo:
     """The plan, geometry, native-size error and image channels of a converted model."""
     geometry = geometry_of(fcn)
     if is_onnx_model(fcn):
-        from .frameworks.onnx_graph import NATIVE_ERROR_KEY, PLAN_KEY, input_channels
+        from .frameworks.onnx.model import NATIVE_ERROR_KEY, PLAN_KEY, input_channels
 
         props = {p.key: p.value for p in fcn.metadata_props}  # type: ignore[attr-defined]
         return ConversionInfo(props.get(PLAN_KEY, ""), geometry,
                               json.loads(props.get(NATIVE_ERROR_KEY, "null")),
                               input_channels(fcn))  # type: ignore[arg-type]
     plan = fcn.plan  # type: ignore[attr-defined]
+    check = getattr(fcn, "self_check", None)
     return ConversionInfo(plan.describe(), geometry, fcn.native_error,  # type: ignore[attr-defined]
-                          plan.in_channels)
+                          plan.in_channels, None if check is None else check.describe())

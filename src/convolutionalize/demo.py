@@ -29,7 +29,7 @@ from torch import nn
 
 from .api import convolutionalize
 from .detect import Detection, box_iou, class_probabilities, detect
-from .frameworks.torch_layers import ConvolutionalizedModule
+from .frameworks.torch.layers import ConvolutionalizedModule
 
 __all__ = ["BACKGROUND", "LABELS", "DemoConfig", "DemoResult", "Page", "digits_classifier",
            "make_page", "run_demo", "score"]
@@ -225,12 +225,14 @@ def _take(image: np.ndarray, x: int, y: int, side: int, crops: list[np.ndarray])
 def digits_classifier(scale: int = 2, classes: int = len(LABELS)) -> nn.Sequential:
     """The seeds' shape: padding-free convolutions, then Flatten -> Linear -> ReLU -> Linear.
 
-    Built from standard layers only, so ``torch.save(model)`` loads anywhere torch does.
     ``8 * scale`` square inputs (scale 2: 16 -> 14 -> 12 -> pool 6 -> 4, 32 x 4 x 4 features).
+    The model carries what the command line reads: ``input_size`` and, with the demo's 11
+    classes, ``labels`` and ``background_class``. ``load_model("demo:digits", weights)``
+    builds it (scale 2) and loads a state_dict such as the demo's ``digits.pth``.
     """
     side = 8 * scale
     feature = (side - 4) // 2 - 2
-    return nn.Sequential(
+    model = nn.Sequential(
         nn.Conv2d(1, 16, 3), nn.ReLU(),
         nn.Conv2d(16, 32, 3), nn.ReLU(),
         nn.MaxPool2d(2),
@@ -239,6 +241,11 @@ def digits_classifier(scale: int = 2, classes: int = len(LABELS)) -> nn.Sequenti
         nn.Linear(32 * feature * feature, 64), nn.ReLU(),
         nn.Linear(64, classes),
     )
+    model.input_size = (side, side)  # type: ignore[assignment]
+    if classes == len(LABELS):
+        model.labels = LABELS  # type: ignore[assignment]
+        model.background_class = BACKGROUND  # type: ignore[assignment]
+    return model
 
 
 def _train(model: nn.Module, crops: torch.Tensor, targets: torch.Tensor, epochs: int,
@@ -306,19 +313,15 @@ def score(pages: list[Page], found: list[list[Detection]], iou: float = 0.5) -> 
 
 def _write(output: Path, model: nn.Module, fcn: ConvolutionalizedModule, pages: list[Page],
            maps: list[np.ndarray], found: list[list[Detection]], config: DemoConfig) -> list[str]:
-    """``digits.pt`` (the whole module, with ``labels``/``input_size``/``background_class``
-    attributes the CLI reads), and for the first pages: the page, its heatmap, its detections."""
+    """``digits.pth`` (the trained state_dict: ``load_model("demo:digits", path)``, or on the
+    command line ``demo:digits --weights path``, which needs no ``--trust-pickle``), and for
+    the first pages: the page, its heatmap, its detections."""
     from PIL import Image
 
     from .render import draw_detections, heatmap
 
-    files: list[Path] = []
-    saved = model
-    saved.labels = LABELS  # type: ignore[assignment]
-    saved.input_size = (8 * config.scale, 8 * config.scale)  # type: ignore[assignment]
-    saved.background_class = BACKGROUND  # type: ignore[assignment]
-    torch.save(saved, output / "digits.pt")
-    files.append(output / "digits.pt")
+    files: list[Path] = [output / "digits.pth"]
+    torch.save(model.state_dict(), files[0])
     for n, (page, probs, dets) in enumerate(zip(pages, maps, found)):
         if n >= config.pictures:
             break

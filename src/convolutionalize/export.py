@@ -8,7 +8,8 @@ The file format follows the suffix:
 - ``.pt2``: ``torch.export`` program with dynamic batch, height and width (at least the
   native size), saved with ``torch.export.save``; load with ``torch.export.load(path).module()``;
 - ``.pt``: the whole converted module pickled with ``torch.save``; load with
-  ``torch.load(path, weights_only=False)`` where ``convolutionalize`` is installed.
+  ``torch.load(path, weights_only=False)`` where ``convolutionalize`` is installed (that runs
+  code from the file: only for files you trust; ``--trust-pickle`` on the command line).
 
 Saving is atomic: the model is written to a temporary file beside ``path`` and moved into
 place only once it is complete (and, for ONNX, checked), so a failure never leaves a
@@ -76,10 +77,10 @@ def _save_other(fcn: Any, path: Path) -> Path:
                          f"model is saved as {suffix}")
     geometry_of(fcn)
     if keras:
-        from .frameworks.keras_model import save_keras
+        from .frameworks.keras.model import save_keras
 
         return save_keras(fcn, path)
-    from .frameworks.onnx_graph import save_onnx
+    from .frameworks.onnx.model import save_onnx
 
     return save_onnx(fcn, path)
 

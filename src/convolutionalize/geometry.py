@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from .plan import HeadPlan
 
-__all__ = ["BodyGeometry", "Geometry", "PoolMode", "Span", "geometry_from_plan", "output_cells"]
+__all__ = ["GEOMETRY_KEY", "BodyGeometry", "Geometry", "PoolMode", "Span", "check_pool", "geometry_from_plan",
+           "output_cells"]
 
 PoolMode = Literal["window", "none", "global"]
+GEOMETRY_KEY = "convolutionalize.geometry"  # where non-PyTorch models keep their geometry
+
+
+def check_pool(pool: object) -> PoolMode:
+    """Validate a ``pool`` option; the error names the choices."""
+    choices = get_args(PoolMode)
+    if pool not in choices:
+        raise ValueError(f"pool must be one of {', '.join(map(repr, choices))}, got {pool!r}")
+    return pool  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,23 @@ A spec names where a model comes from:
 
 - ``torchvision:NAME`` -- ``torchvision.models.get_model(NAME)``;
 - ``timm:NAME`` -- ``timm.create_model(NAME)``;
+- ``demo:digits`` -- the digits demo's classifier (:func:`convolutionalize.demo.digits_classifier`),
+  whose trained weights ``convolutionalize demo`` writes as ``digits.pth``;
+- a path to a ``.pt2`` file (a ``torch.export`` program, ``torch.export.save``), loaded as
+  ``torch.export.load(path).module()``;
 - a path to a ``.pt`` / ``.pth`` file holding a whole pickled ``nn.Module``
-  (``torch.save(model, path)``).
+  (``torch.save(model, path)``). Unpickling a module runs code from the file, so, like
+  ``torch.load`` itself, such a file is read only with ``weights_only=True`` unless the
+  caller trusts it (``trust_pickle=True``, ``--trust-pickle`` on the command line).
 
 Weights are ``None`` (the pretrained default, which may need a download), ``"random"``
 (the architecture's random initialisation), a torchvision weights name such as
 ``"IMAGENET1K_V2"``, or a path to a ``state_dict`` file loaded strictly into the named
-architecture. Nothing here waits on an unreachable network: when pretrained weights are
-not cached and their host does not answer within seconds, loading fails at once with a
-``ValueError`` that says how to go on without them. Every failure a caller can fix is a
-one-line ``ValueError`` (or ``NotConvolutionalizable`` for TorchScript archives).
+architecture (always with ``weights_only=True``: a state_dict needs no trust). Nothing here
+waits on an unreachable network: when pretrained weights are not cached and their host does
+not answer within seconds, loading fails at once with a ``ValueError`` that says how to go on
+without them. Every failure a caller can fix is a one-line ``ValueError`` (or
+``NotConvolutionalizable`` for TorchScript archives).
 """
 
 from __future__ import annotations
@@ -33,44 +40,52 @@ from urllib.request import getproxies
 import torch
 from torch import nn
 
-from .api import is_keras_model, load_model_file
+from .api import load_model_file
 from .errors import NotConvolutionalizable
 
 __all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".pt", ".pth", ".keras", ".onnx")
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".keras", ".onnx")
 RANDOM = "random"
 DEFAULT_INPUT_SIZE = (224, 224)
 PROBE_TIMEOUT_S = 3.0  # how long a weights host may take to answer before we call it offline
 DOWNLOAD_TIMEOUT_S = 30.0  # socket timeout while downloading, so a stalled transfer fails
 
-_SPEC_HELP = ("use torchvision:NAME, timm:NAME, a .pt/.pth file holding an nn.Module, or a .keras / "
-              ".onnx model file")
+_SPEC_HELP = ("use torchvision:NAME, timm:NAME, demo:digits, a .pt2 (torch.export) file, a .pt/.pth "
+              "file holding an nn.Module, or a .keras / .onnx model file")
+_UNSAFE_GLOBAL = "Unsupported global"  # how torch's weights-only unpickler names a pickled class
 _OFFLINE_HINT = (
     "pass --weights random (random initialisation) or --weights PATH (a state_dict file)"
 )
 
 
-def load_model(spec: str, weights: str | None = None) -> Any:
+def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = False) -> Any:
     """The model that ``spec`` names, with ``weights`` loaded, in eval mode, on the CPU.
 
+    ``trust_pickle``: load a ``.pt`` / ``.pth`` file holding a whole pickled module with
+    ``torch.load(weights_only=False)``, which runs the file's code. Only for files you
+    trust; state_dicts, ``.pt2``, ``.keras`` and ``.onnx`` files never need it.
+
     Raises:
-        ValueError: unknown model name, missing or unreadable file, weights that do not
-            fit the architecture, or pretrained weights that cannot be downloaded.
+        ValueError: unknown model name, missing or unreadable file, a full-module pickle
+            without ``trust_pickle``, weights that do not fit the architecture, or
+            pretrained weights that cannot be downloaded.
         NotConvolutionalizable: the file is a TorchScript archive, which torch.fx cannot
             trace.
     """
     source, _, name = spec.partition(":")
     if source == "torchvision" and name:
-        model = _torchvision_model(name, weights)
+        model = _torchvision_model(name, weights).eval()
     elif source == "timm" and name:
-        model = _timm_model(name, weights)
+        model = _timm_model(name, weights).eval()
+    elif source == "demo" and name:
+        model = _demo_model(name, weights).eval()
     else:
-        model = _file_model(Path(spec), weights)
+        model = _file_model(Path(spec), weights, trust_pickle)
     logger.info("loaded %s (%s)", spec, type(model).__name__)
-    return model.eval() if isinstance(model, nn.Module) and not is_keras_model(model) else model
+    return model
 
 
 def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
@@ -88,7 +103,7 @@ def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
         return _torchvision_crop_size(name)
     if (source == "timm" and name) or isinstance(getattr(model, "pretrained_cfg", None), dict):
         return None
-    recorded = getattr(model, "input_size", None)  # e.g. the digits demo's digits.pt
+    recorded = getattr(model, "input_size", None)  # e.g. demo:digits
     if isinstance(recorded, (tuple, list)) and len(recorded) == 2:
         return (int(recorded[0]), int(recorded[1]))
     if Path(spec).suffix.lower() in (".keras", ".onnx"):
@@ -230,50 +245,111 @@ def _hf_offline() -> Iterator[None]:
         constants.HF_HUB_OFFLINE = saved
 
 
+# --------------------------------------------------------------------------- demo
+
+
+def _demo_model(name: str, weights: str | None) -> nn.Module:
+    """The digits demo's classifier: random, or with the state_dict the demo wrote."""
+    from .demo import digits_classifier
+
+    if name != "digits":
+        raise ValueError(f"unknown demo model {name!r}: the demo has demo:digits")
+    model = _untrained(f"demo:{name}", weights, digits_classifier)
+    if model is None:
+        raise ValueError(
+            "demo:digits has no downloadable weights: pass --weights demo-output/digits.pth "
+            f"(the state_dict that convolutionalize demo writes) or --weights {RANDOM}"
+        )
+    return model
+
+
 # --------------------------------------------------------------------------- files
 
 
-def _file_model(path: Path, weights: str | None) -> nn.Module:
-    if path.suffix.lower() not in MODEL_SUFFIXES and not path.is_file():
+def _file_model(path: Path, weights: str | None, trust_pickle: bool) -> nn.Module:
+    suffix = path.suffix.lower()
+    if suffix not in MODEL_SUFFIXES and not path.is_file():
         raise ValueError(f"unknown model {str(path)!r}: {_SPEC_HELP}")
     if not path.is_file():
         raise ValueError(f"model file {path} not found")
-    if weights is not None and (weights == RANDOM or path.suffix.lower() in (".keras", ".onnx")):
+    exported = suffix == ".pt2" or _is_exported_program(path)
+    if weights is not None and (weights == RANDOM or exported or suffix in (".keras", ".onnx")):
         raise ValueError(
             f"--weights {weights} does not apply to the model file {path.name}: its weights "
             "are in the file"
         )
-    if path.suffix.lower() in (".keras", ".onnx"):
+    if suffix in (".keras", ".onnx"):
         return load_model_file(path)
+    if exported:
+        return _exported_module(path)
     if _is_torchscript(path):
         _check_torchscript(path)
         raise NotConvolutionalizable(
             f"{path.name} is a TorchScript archive, which torch.fx cannot trace; save the "
-            "nn.Module itself with torch.save(model, path) instead"
+            "nn.Module itself with torch.save(model, path) (loaded with --trust-pickle) or "
+            "its state_dict (loaded with --weights) instead"
         )
-    obj = _unpickle(path)
+    obj = _unpickle(path, trust_pickle)
     if isinstance(obj, Mapping):
         raise ValueError(
             f"{path.name} holds a mapping (a state_dict?), not an nn.Module: pass the "
-            f"architecture as torchvision:NAME or timm:NAME and this file as --weights {path}"
+            f"architecture as torchvision:NAME, timm:NAME or demo:digits and this file as "
+            f"--weights {path}"
         )
     if not isinstance(obj, nn.Module):
         raise ValueError(f"{path.name} holds no nn.Module (type {type(obj).__name__})")
     if weights is not None:
-        return _load_state_dict(obj, Path(weights), path.name)
-    return obj
+        obj = _load_state_dict(obj, Path(weights), path.name)
+    return obj.eval()
 
 
-def _unpickle(path: Path) -> object:
-    """A whole pickled object (the user's own file: unpickling may run its code)."""
+def _unpickle(path: Path, trust_pickle: bool) -> object:
+    """The object ``torch.save`` wrote: weights-only unless the caller trusts the file
+    (a whole pickled module needs trust: unpickling it may run the file's code)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError, ValueError) as exc:
+        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle and _UNSAFE_GLOBAL in str(exc):
+            raise ValueError(
+                f"{path.name} is a full-module pickle (torch.save(model)), which runs code when "
+                "loaded: if you trust the file, pass --trust-pickle (CLI) or trust_pickle=True "
+                "(library); otherwise save the model's state_dict (and pass it with --weights) "
+                "or a .pt2 (torch.export) instead"
+            ) from exc
+        raise ValueError(f"cannot read the model file {path}: {_unpickling_error(exc)}") from exc
+    except (OSError, EOFError, RuntimeError, ValueError) as exc:
         raise ValueError(f"cannot read the model file {path}: {_first_sentence(exc)}") from exc
     except (AttributeError, ImportError) as exc:
         raise ValueError(
             f"cannot unpickle {path.name}: {_first_line(exc)}; the module that defines the "
             "model's class must be importable"
+        ) from exc
+
+
+def _unpickling_error(exc: pickle.UnpicklingError) -> str:
+    """What the unpickler found wrong, without torch's paragraph about ``weights_only``."""
+    _, found, detail = str(exc).partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in detail.splitlines() if line.strip()] if found else []
+    return lines[0].rstrip(".") if lines else _first_sentence(exc)
+
+
+def _is_exported_program(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.export.save`` archive (whatever its suffix)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        names = [name for name in archive.namelist() if name.endswith("/archive_format")]
+        return any(archive.read(name).strip() == b"pt2" for name in names)
+
+
+def _exported_module(path: Path) -> nn.Module:
+    """``torch.export.load(path).module()``: the program as a runnable ``GraphModule``, in the
+    mode it was exported in (exported programs refuse ``.eval()``: export in eval mode)."""
+    try:
+        return torch.export.load(str(path)).module()
+    except Exception as exc:  # the deserializer raises many types (KeyError, RuntimeError, ...)
+        raise ValueError(
+            f"cannot read the torch.export file {path}: {_first_line(exc)}"
         ) from exc
 
 

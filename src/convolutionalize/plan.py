@@ -22,18 +22,23 @@ StepOp = Literal[
     "layernorm",  # LayerNorm over features -> LayerNorm over channels at each location
     "softmax",  # softmax / log-softmax over features -> over channels
     "concat",  # concatenation of feature vectors -> of maps along channels
+    "reshape",  # a reshape of feature vectors that moves no value ((N, D) <-> (N, D, 1, 1)) -> removed
     "keep",  # elementwise or per-location operation: unchanged
 ]
 
 
 @dataclass(frozen=True)
 class FeatureMap:
-    """The last spatial map before the head, at the native input size."""
+    """The last spatial map before the head, at the native input size.
+
+    ``layout`` names the tensor's axes in order: ``"NCHW"``, ``"NHWC"``, or any other
+    order a model permutes its map into before the flatten (``"NWHC"``, ``"NCWH"``).
+    """
 
     node: str
     channels: int
     size: tuple[int, int]
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    layout: str = "NCHW"
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,8 @@ class HeadPlan:
     in_channels: int
     feature: FeatureMap
     steps: tuple[HeadStep, ...]
+    outputs: tuple[str, ...] = ()  # the head's output nodes (several for multi-output heads)
+    capture: str = ""  # how the graph was obtained (e.g. "torch.fx", "torch.export")
 
     @property
     def global_pooling(self) -> bool:
@@ -80,8 +87,12 @@ class HeadPlan:
         lines = [
             f"feature map: '{f.node}' {f.channels}x{f.size[0]}x{f.size[1]} ({f.layout}) "
             f"at input {self.in_channels}x{self.input_size[0]}x{self.input_size[1]}",
-            "head:",
         ]
+        if self.capture:
+            lines.append(f"capture: {self.capture}")
+        if len(self.outputs) > 1:
+            lines.append(f"outputs: {len(self.outputs)} maps on one geometry ({', '.join(self.outputs)})")
+        lines.append("head:")
         width = max((len(step.node) for step in self.steps), default=0)
         lines += [f"  {step.node:<{width}}  {step.op:<13}  {step.detail}" for step in self.steps]
         return "\n".join(lines)

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import check_pool, conversion_info, convolutionalize, is_keras_model, is_onnx_model
-from .frameworks.torch_fx import NATIVE_RTOL
-from .geometry import Geometry, PoolMode
+from .api import conversion_info, convolutionalize, is_keras_model, is_onnx_model
+from .frameworks.torch.model import NATIVE_RTOL
+from .geometry import Geometry, PoolMode, check_pool
+from .outputs import select_output
 
 __all__ = ["CROP_RTOL", "Runner", "VerifyReport", "crop_errors", "runner", "verify"]
 
@@ -44,6 +45,7 @@ class VerifyReport:
     samples: int
     tolerance: float
     geometry: Geometry
+    self_check: str | None = None  # the conversion's own check at a larger size (PyTorch)
 
     @property
     def passed(self) -> bool:
@@ -55,11 +57,11 @@ class VerifyReport:
 def runner(model: Any) -> Runner:
     """A function from an NCHW float32 batch to the model's output (numpy), any framework."""
     if is_keras_model(model):
-        from .frameworks.keras_model import predict_nchw
+        from .frameworks.keras.model import predict_nchw
 
         return lambda x: predict_nchw(model, x)
     if is_onnx_model(model):
-        from .frameworks.onnx_graph import Predictor
+        from .frameworks.onnx.model import Predictor
 
         return Predictor(model)
     module = copy.deepcopy(model).eval() if model.training else model
@@ -69,7 +71,8 @@ def runner(model: Any) -> Runner:
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return module(torch.from_numpy(x).to(device, dtype)).float().cpu().numpy()
+            out = select_output(module(torch.from_numpy(x).to(device, dtype)))  # the class scores
+            return out.float().cpu().numpy()
 
     return run
 
@@ -114,7 +117,7 @@ def verify(
         image_size = (h + 3 * geometry.stride[0], w + 3 * geometry.stride[1])
     if pool != "window":
         return VerifyReport(native_error, None, geometry.crop_equivalent, image_size, 0,
-                            NATIVE_RTOL, geometry)
+                            NATIVE_RTOL, geometry, info.self_check)
     geometry.cells(*image_size)  # raises a clear error for an image smaller than the window
     rng = np.random.default_rng(seed)
     image = rng.standard_normal((1, info.in_channels, *image_size), dtype=np.float32)
@@ -123,4 +126,4 @@ def verify(
     cells = [(int(p) // cols, int(p) % cols) for p in rng.integers(0, rows * cols, samples)]
     errors = crop_errors(runner(model), dense, image, geometry, cells)
     return VerifyReport(native_error, max(errors), geometry.crop_equivalent, image_size,
-                        samples, CROP_RTOL, geometry)
+                        samples, CROP_RTOL, geometry, info.self_check)

@@ -7,13 +7,13 @@ layout that is depends on the order in which the map was flattened.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 __all__ = ["FlattenLayout", "dense_to_hwio", "linear_to_oihw"]
 
-FlattenLayout = Literal["CHW", "HWC"]
+# The order of the map's axes in the flattened vector: "CHW" (an NCHW tensor flattened), "HWC"
+# (channels-last), or any other permutation of C, H and W (e.g. "WHC" after permute(0, 3, 2, 1)).
+FlattenLayout = str
 
 
 def _check_size(n_in: int, channels: int, height: int, width: int) -> None:
@@ -24,19 +24,27 @@ def _check_size(n_in: int, channels: int, height: int, width: int) -> None:
         )
 
 
+def _unflatten(rows: np.ndarray, channels: int, height: int, width: int, layout: FlattenLayout,
+               target: str) -> np.ndarray:
+    """``rows`` (K, C*H*W in ``layout`` order) -> (K, *target order) for ``target`` a permutation of CHW."""
+    if sorted(layout) != ["C", "H", "W"] or sorted(target) != ["C", "H", "W"]:
+        raise ValueError(f"flatten layout must be a permutation of 'CHW', got {layout!r}")
+    size = {"C": channels, "H": height, "W": width}
+    unflat = rows.reshape(rows.shape[0], *(size[a] for a in layout))
+    return unflat.transpose(0, *(1 + layout.index(a) for a in target))
+
+
 def linear_to_oihw(
     weight: np.ndarray, channels: int, height: int, width: int, layout: FlattenLayout = "CHW"
 ) -> np.ndarray:
     """PyTorch-style ``(M, N)`` Linear weight -> ``(M, C, H, W)`` Conv2d kernel.
 
     ``layout`` is the order the map was flattened in: ``"CHW"`` for an NCHW tensor
-    (``torch.flatten``), ``"HWC"`` for a channels-last tensor.
+    (``torch.flatten``), ``"HWC"`` for a channels-last tensor, ``"WHC"`` after
+    ``permute(0, 3, 2, 1)``, and so on.
     """
-    out_features, n_in = weight.shape
-    _check_size(n_in, channels, height, width)
-    if layout == "CHW":
-        return weight.reshape(out_features, channels, height, width)
-    return weight.reshape(out_features, height, width, channels).transpose(0, 3, 1, 2)
+    _check_size(weight.shape[1], channels, height, width)
+    return _unflatten(weight, channels, height, width, layout, "CHW")
 
 
 def dense_to_hwio(
@@ -44,10 +52,8 @@ def dense_to_hwio(
 ) -> np.ndarray:
     """Keras-style ``(N, M)`` Dense kernel -> ``(H, W, C, M)`` Conv2D kernel.
 
-    Keras flattens channels-last (``"HWC"``), also for channels_first models.
+    Keras flattens channels-last (``"HWC"``), also for channels_first models; a ``Permute``
+    before the ``Flatten`` gives another order.
     """
-    n_in, out_features = kernel.shape
-    _check_size(n_in, channels, height, width)
-    if layout == "HWC":
-        return kernel.reshape(height, width, channels, out_features)
-    return kernel.reshape(channels, height, width, out_features).transpose(1, 2, 0, 3)
+    _check_size(kernel.shape[0], channels, height, width)
+    return np.moveaxis(_unflatten(kernel.T, channels, height, width, layout, "HWC"), 0, -1)

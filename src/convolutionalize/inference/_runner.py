@@ -165,7 +165,7 @@ class DenseModel:
 
 class TorchModel(DenseModel):
     def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-        from ..frameworks.torch_layers import activation_shapes
+        from ..frameworks.torch.layers import activation_shapes
 
         return activation_shapes(self.model, self.channels, size)
 
@@ -222,7 +222,7 @@ def dense_model(fcn: Any) -> DenseModel:
         key, size = id(fcn), (len(fcn.graph.node), len(fcn.graph.initializer))
         held = _ONNX_ADAPTERS.pop(key, None)
         if held is None or held[1] != size:
-            from ..frameworks import onnx_graph
+            from ..frameworks.onnx import model as onnx_graph
 
             held = (fcn, size, FrameworkModel(fcn, onnx_graph, "ONNX"))
         _ONNX_ADAPTERS[key] = held  # most recent last
@@ -231,7 +231,7 @@ def dense_model(fcn: Any) -> DenseModel:
         return held[2]
     shapes = _SHAPES.setdefault(fcn, {})
     if is_keras_model(fcn):
-        from ..frameworks import keras_model
+        from ..frameworks.keras import model as keras_model
 
         return FrameworkModel(fcn, keras_model, "Keras", shapes)
     return TorchModel(fcn, fcn.plan.in_channels, shapes)
@@ -256,11 +256,11 @@ class FrameworkRunner:
     def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         if self._predict is None:
             if is_onnx_model(self.model):
-                from ..frameworks.onnx_graph import Predictor
+                from ..frameworks.onnx.model import Predictor
 
                 self._predict = Predictor(self.model)
             else:
-                from ..frameworks.keras_model import predict_nchw
+                from ..frameworks.keras.model import predict_nchw
 
                 self._predict = lambda x: predict_nchw(self.model, x)
         x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
@@ -269,7 +269,7 @@ class FrameworkRunner:
     def __getstate__(self) -> dict[str, Any]:
         if is_onnx_model(self.model):
             return {"onnx": self.model.SerializeToString()}
-        from ..frameworks.keras_model import save_keras
+        from ..frameworks.keras.model import save_keras
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.keras"
@@ -283,7 +283,7 @@ class FrameworkRunner:
 
             self.model = onnx.load_from_string(state["onnx"])
             return
-        from ..frameworks.keras_model import load_keras
+        from ..frameworks.keras.model import load_keras
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.keras"

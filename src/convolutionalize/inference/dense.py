@@ -25,9 +25,9 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from ..api import check_pool, convolutionalize, geometry_of, is_keras_model, is_onnx_model
+from ..api import convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
-from ..geometry import PoolMode
+from ..geometry import PoolMode, check_pool
 from ._runner import DenseModel, Precision, Runner, dense_model
 from .images import ImageSource, open_image
 from .store import MapSink, ZarrSink, open_zarr_sink

@@ -18,10 +18,11 @@ import torch
 from torch import nn
 
 from ..errors import NotConvolutionalizable
-from ..frameworks.torch_fx import native_input_size
-from ..frameworks.torch_layers import ConvolutionalizedModule
+from ..frameworks.torch.layers import ConvolutionalizedModule
+from ..frameworks.torch.model import native_input_size
 from ..geometry import Geometry
 from ..plan import FeatureMap, HeadPlan, HeadStep
+from ..selfcheck import SelfCheck
 
 __all__ = ["CROP_BATCH", "FallbackWarning", "WindowsClassifier", "windows_module"]
 
@@ -75,7 +76,9 @@ def windows_module(model: nn.Module, input_size: object, stride: tuple[int, int]
     plan = HeadPlan("torch", window, channels, FeatureMap("input", channels, window),
                     (HeadStep("model", "keep", "the whole classifier, once per window (fallback)"),))
     net = WindowsClassifier(copy.deepcopy(model).eval(), window, step)
-    return ConvolutionalizedModule(net, geometry, plan, native_error=0.0)
+    # crop by crop is the original itself: nothing to differ from, at any size
+    check = SelfCheck(0.0, window, (1, 1), 0.0)
+    return ConvolutionalizedModule(net, geometry, plan, check)
 
 
 def _in_channels(model: nn.Module, window: tuple[int, int]) -> int:

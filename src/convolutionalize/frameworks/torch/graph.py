@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
 import sys
 from collections.abc import Iterator
@@ -11,7 +13,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ..errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable
 
 __all__ = [
     "ELEMENTWISE",
@@ -87,6 +89,23 @@ def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
         return ShapeProp(gm).propagate(x)
 
 
+def shapes_at(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, tuple[int, ...]]:
+    """The output shape of every tensor node when ``gm`` runs on ``x``, as far as it runs
+    (a head that only fits the native size stops it; the nodes before are recorded)."""
+    shapes: dict[fx.Node, tuple[int, ...]] = {}
+
+    class _Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            result = super().run_node(n)
+            if isinstance(result, torch.Tensor):
+                shapes[n] = tuple(result.shape)
+            return result
+
+    with torch.no_grad(), contextlib.suppress(Exception):  # stopping early is the point
+        _Recorder(gm).run(x)
+    return shapes
+
+
 def shape_of(node: fx.Node) -> tuple[int, ...] | None:
     """The output shape ShapeProp recorded, or None for non-tensors and tuples."""
     meta = node.meta.get("tensor_meta")
@@ -94,12 +113,20 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
 
 
 def op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """A readable name of what a node does: a module class, a function or a method name."""
+    """A readable name of what a node does: a module class, a function or a method name.
+
+    ATen operators (torch.export graphs) go by their packet name without the overload and
+    without the in-place underscore (``aten.add_.Tensor`` -> ``add``), the same names the
+    ``torch`` functions and tensor methods of an fx graph have.
+    """
     if node.op == "call_module":
         return type(modules[str(node.target)]).__name__
     if node.op == "call_function":
         if node.target is operator.getitem:
             return "getitem"
+        if isinstance(node.target, torch._ops.OpOverload):
+            name = node.target.overloadpacket.__name__
+            return name[:-1] if name.endswith("_") and not name.endswith("__") else name
         return getattr(node.target, "__name__", str(node.target))
     return str(node.target)
 
@@ -146,6 +173,13 @@ def normalize_dims(dims: Any, rank: int) -> tuple[int, ...] | None:
     if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) for d in dims):
         return None
     return tuple(sorted(d % rank for d in dims))
+
+
+def attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    """The tensor a ``get_attr`` node reads (a parameter or buffer of ``gm``)."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        raise TypeError(f"{node} is not a get_attr node")
+    return functools.reduce(getattr, str(node.target).split("."), gm)
 
 
 def replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import keras
 
-from ..errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable
 
 Kind = Literal["map", "pooled", "vector", "flat", "seq"]
 Layout = Literal["NHWC", "NCHW"]

@@ -33,15 +33,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .._files import atomic_path
-from ..api import GEOMETRY_KEY, check_pool
-from ..errors import NotConvolutionalizable
-from ..geometry import Geometry, PoolMode, geometry_from_plan
-from ..plan import HeadPlan
-from ._onnx_geometry import body_geometry
-from ._onnx_graph import dims_of, first_line, image_input, input_layout
-from ._onnx_head import analyse
-from ._onnx_rewrite import rewrite
+from ..._files import atomic_path
+from ...errors import NotConvolutionalizable
+from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, check_pool, geometry_from_plan
+from ...plan import HeadPlan
+from .geometry import body_geometry
+from .graph import dims_of, first_line, image_input, input_layout
+from .head import analyse
+from .rewrite import rewrite
 
 __all__ = [
     "NATIVE_ERROR_KEY",

@@ -9,11 +9,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..geometry import PoolMode
-from ..plan import HeadStep
-from ..weights import dense_to_hwio
-from ._keras_graph import Call
-from ._keras_head import Analysis
+from ...geometry import PoolMode
+from ...plan import HeadStep
+from ...weights import dense_to_hwio
+from .graph import Call
+from .head import Analysis
 
 Rewriter = Callable[["_Rewrite", Call, HeadStep, list[Any]], Any]
 

@@ -6,26 +6,34 @@ Every tensor node gets a *kind*:
 - ``pooled``: a map whose spatial extent a global pool reduced to 1x1 (kept 4-D);
 - ``vector``: a feature vector ``(N, D)`` (after global pooling and a flatten);
 - ``flat``: a flattened ``C x H x W`` map ``(N, C*H*W)``, waiting for its first Linear;
+- ``context``: a summary of the whole map that is not a feature vector (a squeeze-excitation
+  gate viewed back to ``(N, C, 1, 1)``, a global-context block's attention-weighted sum): its
+  shape does not change with the input size. Merged back into a map it is global context;
 - ``seq``: anything else derived from a map (tokens, windows): cannot slide.
 
-The head is everything between the last map and the output: nodes of kind pooled,
-vector or flat from which the output is reached without passing through a map again
-(a squeeze-excitation pool feeds back into a map, so it stays in the body).
-Each head node then gets a :class:`~convolutionalize.plan.HeadStep`, or the model is
-refused with the node's name.
+The head is everything between the last map and the outputs: nodes of kind pooled,
+vector or flat from which an output is reached without passing through a map again
+(a squeeze-excitation pool feeds back into a map, so it stays in the body). A model with
+several outputs (a tuple, dict or dataclass of class scores, box regression, ...) has one
+head per output, all reading the same feature map. Each head node then gets a
+:class:`~convolutionalize.plan.HeadStep`, or the model is refused with the node's name.
+
+Whether a tensor is a summary (``context``) or tokens (``seq``) is told by its shape at a
+second input size: only tensors whose shape does not change are summaries.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from torch import fx, nn
 
-from ..errors import NotConvolutionalizable
-from ..plan import FeatureMap, HeadPlan, HeadStep
-from ._torch_graph import (
+from ...errors import NotConvolutionalizable
+from ...plan import FeatureMap, HeadPlan, HeadStep
+from .graph import (
     ELEMENTWISE,
     ELEMENTWISE_MODULES,
     arg,
@@ -38,9 +46,12 @@ from ._torch_graph import (
 
 __all__ = ["Value", "find_head", "propagate_kinds"]
 
-Kind = Literal["map", "pooled", "vector", "flat", "seq"]
+Kind = Literal["map", "pooled", "vector", "flat", "context", "seq"]
 FLATTENS = frozenset({"flatten", "view", "reshape", "squeeze", "Flatten"})
-SHAPE_QUERIES = frozenset({"size", "getattr", "dim"})  # x.size(0) feeding x.view(x.size(0), -1)
+RESHAPES = FLATTENS | {"unsqueeze", "getitem", "expand", "unflatten", "_unsafe_view"}
+REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var",
+                        "logsumexp", "norm"})
+SHAPE_QUERIES = frozenset({"size", "getattr", "dim", "sym_size"})  # x.size(0) feeding x.view(x.size(0), -1)
 GLOBAL_REDUCERS = {"mean": "avg", "amax": "max"}
 
 
@@ -53,6 +64,16 @@ class Value:
     reduce: Literal["avg", "max"] | None = None  # set on a global-pool node's value
     pool_to: tuple[int, int] | None = None  # set on an adaptive pool to k x k (k > 1)
     flat: tuple[int, int, int] | None = None  # (C, H, W) of a flattened map
+    flat_layout: str = "CHW"  # the order of C, H and W in the flattened vector
+
+
+def layout_of(axes: tuple[int, int], rank: int) -> str | None:
+    """The letters of a 4-D map's axes (``"NCHW"``, ``"NHWC"``, ``"NWHC"``, ...)."""
+    if rank != 4:
+        return None
+    letters = ["N", "C", "C", "C"]
+    letters[axes[0]], letters[axes[1]] = "H", "W"
+    return "".join(letters)
 
 
 def _pool_of(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
@@ -87,7 +108,8 @@ def _pool_of(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
         padding = _pair(getattr(modules.get(str(node.target)), "padding", 0)
                         if node.op == "call_module" else arg(node, 3, "padding", 0))
         flattened = all(op_name(u, modules) in FLATTENS | SHAPE_QUERIES for u in node.users)
-        if kernel == spatial_in and padding == (0, 0) and flattened:
+        covers = kernel is not None and kernel[0] >= spatial_in[0] and kernel[1] >= spatial_in[1]
+        if covers and padding == (0, 0) and flattened:  # a larger kernel (ceil_mode) averages the same
             return Value("pooled", (2, 3), reduce=windowed[name])  # type: ignore[arg-type]
     return None
 
@@ -110,7 +132,12 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
     ay, ax = src.axes
     if name in FLATTENS and len(out_shape) == 2 and len(in_shape) == 4:
         c_axis = ({1, 2, 3} - {ay, ax}).pop()
-        return Value("flat", flat=(in_shape[c_axis], in_shape[ay], in_shape[ax]), axes=src.axes)
+        layout = layout_of(src.axes, 4)
+        assert layout is not None
+        return Value("flat", flat=(in_shape[c_axis], in_shape[ay], in_shape[ax]), axes=src.axes,
+                     flat_layout=layout[1:])
+    if name in REDUCTIONS:
+        return _channel_reduction(node, src, in_shape, out_shape)
     if name in ("permute", "transpose"):
         perm = _permutation(node, len(in_shape))
         if perm is None:
@@ -126,6 +153,20 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
     if len(out_shape) != len(in_shape):
         return Value("seq")
     return Value("map", src.axes)
+
+
+def _channel_reduction(node: fx.Node, src: Value, in_shape: tuple[int, ...],
+                       out_shape: tuple[int, ...]) -> Value:
+    """A sum / mean / max over axes other than the spatial ones (selective-kernel branches)
+    is still a map; the spatial axes move left past the reduced ones unless kept."""
+    assert src.axes is not None
+    dims = normalize_dims(arg(node, 1, "dim"), len(in_shape))
+    if dims is None or set(dims) & set(src.axes):
+        return Value("seq")
+    if len(out_shape) == len(in_shape):  # keepdim
+        return Value("map", src.axes)
+    ay, ax = (a - sum(d < a for d in dims) for a in src.axes)
+    return Value("map", (ay, ax))
 
 
 def _permutation(node: fx.Node, rank: int) -> list[int] | None:
@@ -145,9 +186,15 @@ def _permutation(node: fx.Node, rank: int) -> list[int] | None:
     return perm
 
 
-def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[fx.Node, Value]:
-    """Kinds of all tensor nodes derived from the (first) input, in graph order."""
+def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
+                    resized: Callable[[], dict[fx.Node, tuple[int, ...]]]) -> dict[fx.Node, Value]:
+    """Kinds of all tensor nodes derived from the (first) input, in graph order.
+
+    ``resized()`` gives the nodes' shapes at a second input size (asked for at most once,
+    only when some node would otherwise be ``seq``).
+    """
     values: dict[fx.Node, Value] = {}
+    other: dict[fx.Node, tuple[int, ...]] | None = None
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             if not values:
@@ -169,10 +216,21 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> dict[f
             src_shape = shape_of(ins[[values[n].kind for n in ins].index("map")])
             if len(maps) == len(kinds) == 1 and src_shape is not None:
                 values[node] = _from_map(node, name, maps[0], src_shape, out_shape, modules)
+            elif name == "stack" and src_shape is not None:
+                dim = arg(node, 1, "dim", 0) % len(out_shape)
+                axes = maps[0].axes
+                assert axes is not None
+                values[node] = Value("map", (axes[0] + (dim <= axes[0]), axes[1] + (dim <= axes[1])))
             else:
                 values[node] = Value("map", maps[0].axes)
+        elif any(v.kind == "context" for v in kinds):
+            values[node] = Value("context")
         else:
             values[node] = _from_head_value(node, name, kinds[0], out_shape, modules)
+        if values[node].kind == "seq":
+            other = resized() if other is None else other
+            if other.get(node) == out_shape:  # the same at another input size: a summary
+                values[node] = Value("context")
     return values
 
 
@@ -184,6 +242,8 @@ def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int,
         return src
     if len(out_shape) == 2:
         return Value("vector")
+    if src.kind == "vector" and name in RESHAPES and len(out_shape) == 4 and out_shape[2:] == (1, 1):
+        return Value("pooled", (2, 3))  # x.view(b, c, 1, 1), x[..., None, None]
     if src.kind == "pooled" and name in ("permute", "transpose") and src.axes is not None:
         perm = _permutation(node, len(out_shape))
         if perm is not None and len(out_shape) == 4:
@@ -196,18 +256,23 @@ def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int,
 # --------------------------------------------------------------------------- the head
 
 
-def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]) -> tuple[list[fx.Node], fx.Node]:
-    """The head's nodes (graph order) and the one feature map they read."""
+def output_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]) -> list[fx.Node]:
+    """The tensors the model returns that depend on its image, in output order (a tuple,
+    list, dict or dataclass of outputs gives several)."""
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    result = output.args[0]
-    if not isinstance(result, fx.Node) or result not in values:
-        raise NotConvolutionalizable(
-            "the model does not return a single tensor of class scores "
-            f"(it returns {type(result).__name__}); convert a model whose forward returns logits"
-        )
+    leaves = [n for n in input_nodes(output) if n in values]
+    return list(dict.fromkeys(leaves))
+
+
+def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]
+                ) -> tuple[list[fx.Node], fx.Node, list[fx.Node]]:
+    """The head's nodes (graph order), the one feature map they read, and the outputs."""
+    results = output_nodes(gm, values)
+    if not results:
+        raise NotConvolutionalizable("the model's output does not depend on its input image")
     head: set[fx.Node] = set()
     features: set[fx.Node] = set()
-    stack = [result]
+    stack = list(results)
     while stack:
         node = stack.pop()
         value = values.get(node)
@@ -220,18 +285,19 @@ def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]) -> tuple[list[
             continue
         head.add(node)
         stack.extend(input_nodes(node))
-    if not features:
-        raise NotConvolutionalizable("the model's output does not depend on its input image")
-    if result in features:
-        raise NotConvolutionalizable(
-            f"the output '{result.name}' is already a spatial map: the model is fully "
-            "convolutional, there is no fully-connected head to rewrite"
-        )
+    for result in results:
+        if result in features:
+            raise NotConvolutionalizable(
+                f"the output '{result.name}' is already a spatial map: the model is fully "
+                "convolutional, there is no fully-connected head to rewrite"
+            )
     if len(features) > 1:
         names = ", ".join(sorted(f"'{n.name}'" for n in features))
         raise NotConvolutionalizable(f"the head reads several feature maps ({names}); "
                                      "only a head over one map can slide")
-    return [n for n in gm.graph.nodes if n in head], features.pop()
+    if not features:
+        raise NotConvolutionalizable("the model's output does not depend on a spatial map of its image")
+    return [n for n in gm.graph.nodes if n in head], features.pop(), results
 
 
 def _seq_reason(gm: fx.GraphModule, values: dict[fx.Node, Value], node: fx.Node) -> str:
@@ -245,18 +311,21 @@ def _seq_reason(gm: fx.GraphModule, values: dict[fx.Node, Value], node: fx.Node)
 
 
 def find_head(gm: fx.GraphModule, values: dict[fx.Node, Value], modules: dict[str, nn.Module],
-              input_size: tuple[int, int], in_channels: int) -> HeadPlan:
-    """The HeadPlan of a traced, shape-propagated classifier."""
-    nodes, feature = _head_nodes(gm, values)
+              input_size: tuple[int, int], in_channels: int, capture: str) -> HeadPlan:
+    """The HeadPlan of a captured, shape-propagated classifier."""
+    nodes, feature, results = _head_nodes(gm, values)
     fshape = shape_of(feature)
     fvalue = values[feature]
     assert fshape is not None and fvalue.axes is not None
+    layout = layout_of(fvalue.axes, len(fshape))
+    if layout is None:
+        raise NotConvolutionalizable(f"the head reads '{feature.name}', a {len(fshape)}-D map; "
+                                     "only a 4-D (batch, channels, height, width) map can slide")
     ay, ax = fvalue.axes
-    c_axis = ({1, 2, 3} - {ay, ax}).pop() if len(fshape) == 4 else 1
-    fmap = FeatureMap(feature.name, fshape[c_axis], (fshape[ay], fshape[ax]),
-                      "NCHW" if fvalue.axes == (2, 3) else "NHWC")
+    fmap = FeatureMap(feature.name, fshape[layout.index("C")], (fshape[ay], fshape[ax]), layout)
     steps = tuple(_step(n, values, modules, fmap) for n in nodes)
-    return HeadPlan("torch", input_size, in_channels, fmap, steps)
+    return HeadPlan("torch", input_size, in_channels, fmap, steps,
+                    outputs=tuple(n.name for n in results), capture=capture)
 
 
 def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Module],
@@ -276,7 +345,7 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
                             f"{fmap.size[0]}x{fmap.size[1]}", reduce=value.reduce)
         if value.kind == "flat":
             return HeadStep(node.name, "flatten", f"flatten {fmap.channels}x{fmap.size[0]}x"
-                            f"{fmap.size[1]} ({'CHW' if fmap.layout == 'NCHW' else 'HWC'})")
+                            f"{fmap.size[1]} ({value.flat_layout})")
     if src.kind == "map":  # reads an adaptive pool: must be the flatten
         if value.kind != "flat":
             raise NotConvolutionalizable(f"{where} follows an adaptive pool but is not a "
@@ -285,26 +354,44 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
     if name in FLATTENS and src.kind == "pooled":
         return HeadStep(node.name, "flatten", "flatten 1x1 pooled map -> removed")
     if isinstance(module, nn.Linear) or name == "linear":
-        if src.kind == "pooled":
-            raise NotConvolutionalizable(f"{where} reads a 4-D pooled map, not a feature vector; "
-                                         "flatten before the Linear")
-        if not isinstance(module, nn.Linear):
-            raise NotConvolutionalizable(f"{where}: functional F.linear in the head is not "
-                                         "supported; use an nn.Linear module")
-        if src.kind == "flat":
-            assert src.flat is not None
-            c, h, w = src.flat
-            return HeadStep(node.name, "linear", f"Linear {module.in_features}->"
-                            f"{module.out_features} -> Conv2d {c}->{module.out_features} "
-                            f"kernel {h}x{w}", kernel=(h, w))
-        return HeadStep(node.name, "linear", f"Linear {module.in_features}->"
-                        f"{module.out_features} -> Conv2d 1x1", kernel=(1, 1))
+        return _linear_step(node, module, src, where)
     if src.kind == "flat":
         if isinstance(module, ELEMENTWISE_MODULES) or name in ELEMENTWISE:
             return HeadStep(node.name, "keep", f"{name} (elementwise)")
         raise NotConvolutionalizable(f"{where} acts on the flattened {src.flat} map before any "
                                      "Linear; it has no sliding equivalent")
-    return _vector_step(node, name, module, src, ins, where)
+    return _vector_step(node, name, module, src, ins, where, values)
+
+
+def linear_weight(node: fx.Node, module: nn.Module | None) -> tuple[int, int] | None:
+    """(in_features, out_features) of an nn.Linear or of F.linear / aten.linear on a
+    parameter (a get_attr), else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = arg(node, 1, "weight")
+    shape = shape_of(weight) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
+    bias = arg(node, 2, "bias")
+    if shape is None or len(shape) != 2 or not (bias is None or (
+            isinstance(bias, fx.Node) and bias.op == "get_attr")):
+        return None
+    return shape[1], shape[0]
+
+
+def _linear_step(node: fx.Node, module: nn.Module | None, src: Value, where: str) -> HeadStep:
+    if src.kind == "pooled":
+        raise NotConvolutionalizable(f"{where} reads a 4-D pooled map, not a feature vector; "
+                                     "flatten before the Linear")
+    features = linear_weight(node, module)
+    if features is None:
+        raise NotConvolutionalizable(f"{where}: a functional linear whose weight or bias is "
+                                     "computed, not a parameter, has no fixed convolution kernel")
+    n_in, n_out = features
+    if src.kind == "flat":
+        assert src.flat is not None
+        c, h, w = src.flat
+        return HeadStep(node.name, "linear", f"Linear {n_in}->{n_out} -> Conv2d {c}->{n_out} "
+                        f"kernel {h}x{w}", kernel=(h, w))
+    return HeadStep(node.name, "linear", f"Linear {n_in}->{n_out} -> Conv2d 1x1", kernel=(1, 1))
 
 
 def _adaptive_step(node: fx.Node, name: str, value: Value, fmap: FeatureMap) -> HeadStep:
@@ -323,12 +410,24 @@ def _adaptive_step(node: fx.Node, name: str, value: Value, fmap: FeatureMap) -> 
     return HeadStep(node.name, "adaptive_pool", detail, reduce=value.reduce, pool_to=(kh, kw))
 
 
+def _keeps_features(node: fx.Node, ins: list[Value], values: dict[fx.Node, Value]) -> bool:
+    """A reshape between ``(N, D)`` and ``(N, D, 1, 1)``: on maps, the identity."""
+    before, after = shape_of(tensor_inputs(node, values)[0]), shape_of(node)
+    shapes = [s for s in (before, after) if s is not None]
+    return len(shapes) == 2 and all(len(s) in (2, 4) and s[2:] in ((), (1, 1)) for s in shapes) and (
+        before[:2] == after[:2]) and values[node].kind in ("vector", "pooled")  # type: ignore[index]
+
+
 def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
-                 ins: list[Value], where: str) -> HeadStep:
+                 ins: list[Value], where: str, values: dict[fx.Node, Value]) -> HeadStep:
     """Steps on pooled / vector values."""
     vector = src.kind == "vector"
     if isinstance(module, nn.BatchNorm1d) and vector:
         return HeadStep(node.name, "batchnorm", "BatchNorm1d -> BatchNorm2d")
+    if name == "batch_norm" and (vector or src.axes == (2, 3)):  # functional: normalizes dim 1
+        return HeadStep(node.name, "keep", "batch_norm over channels (per location)")
+    if name in RESHAPES and src.kind in ("vector", "pooled") and _keeps_features(node, ins, values):
+        return HeadStep(node.name, "reshape", f"{name} of the {src.kind} features (no-op) -> removed")
     if isinstance(module, nn.LayerNorm) or name == "layer_norm":
         shape = module.normalized_shape if module is not None else arg(node, 1, "normalized_shape")
         if len(tuple(shape)) != 1:
@@ -358,7 +457,7 @@ def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
             raise NotConvolutionalizable(f"{where} combines the features with a constant "
                                          "tensor; it cannot broadcast over a map")
         return HeadStep(node.name, "keep", f"{name} (elementwise)")
-    if not vector and _per_location_module(module):
+    if not vector and (_per_location_module(module) or _pointwise_conv(node, name)):
         return HeadStep(node.name, "keep", f"{name} (per location)")
     if not vector and name in ("permute", "transpose", "contiguous"):
         return HeadStep(node.name, "keep", f"{name}")
@@ -376,6 +475,16 @@ def _per_location_module(module: nn.Module | None) -> bool:
             (0, 0), "valid")
     return isinstance(module, (nn.BatchNorm2d, *ELEMENTWISE_MODULES)) or (
         module is not None and type(module).__name__ in ("BatchNormAct2d", "LayerNorm2d"))
+
+
+def _pointwise_conv(node: fx.Node, name: str) -> bool:
+    """A functional 1x1, stride-1, unpadded convolution (torch.export graphs)."""
+    if name != "conv2d":
+        return False
+    weight = shape_of(arg(node, 1, "weight")) if isinstance(arg(node, 1, "weight"), fx.Node) else None
+    stride, padding = arg(node, 3, "stride", 1), arg(node, 4, "padding", 0)
+    return bool(weight) and weight[2:] == (1, 1) and stride in (1, [1, 1], (1, 1)) and (  # type: ignore[index]
+        padding in (0, [0, 0], (0, 0), "valid"))
 
 
 def _constant_operand(node: fx.Node) -> bool:

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from ..geometry import BodyGeometry, Span, same_padding
-from ._torch_graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
-from ._torch_head import Value
+from ...geometry import BodyGeometry, Span, same_padding
+from .graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
+from .head import Value
 
 __all__ = ["body_geometry"]
 

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import TreeSpec, tree_unflatten
+
+from ...outputs import OutputKey, select_output
 
 if TYPE_CHECKING:
-    from ..geometry import Geometry
-    from ..plan import HeadPlan
+    from ...geometry import Geometry
+    from ...plan import HeadPlan
+    from ...selfcheck import SelfCheck
 
 __all__ = ["ChannelLayerNorm", "ConvolutionalizedModule", "WindowPool", "activation_shapes",
            "channel_layer_norm"]
@@ -22,24 +26,25 @@ logger = logging.getLogger(__name__)
 class WindowPool(nn.Module):
     """A global pool made local: a stride-1 pool of the native feature size (or none).
 
-    ``kernel=None`` drops the pooling (every feature cell gets its own scores). Input in
-    NHWC (``channels_last_input``) is returned as NCHW, which the rewritten head expects.
+    ``kernel=None`` drops the pooling (every feature cell gets its own scores). A map in
+    another axis order (NHWC, say) is first permuted to NCHW (``permute``), which the
+    rewritten head expects.
     """
 
     def __init__(
         self,
         reduce: Literal["avg", "max"],
         kernel: tuple[int, int] | None,
-        channels_last_input: bool = False,
+        permute: tuple[int, int, int, int] | None = None,
     ) -> None:
         super().__init__()
         self.reduce = reduce
         self.kernel = kernel
-        self.channels_last_input = channels_last_input
+        self.permute = permute
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last_input:
-            x = x.permute(0, 3, 1, 2)
+        if self.permute is not None:
+            x = x.permute(self.permute)
         if self.kernel is None:
             return x
         if self.reduce == "max":
@@ -80,10 +85,13 @@ class ConvolutionalizedModule(nn.Module):
     """A classifier whose head was rewritten into convolutions.
 
     ``forward`` returns ``(N, classes, rows, cols)`` for ``pool="window"``/``"none"`` and
-    ``(N, classes)`` for ``pool="global"``. ``geometry`` says where each cell sits in the
+    ``(N, classes)`` for ``pool="global"``; a model with several outputs returns the same
+    structure as the original (tuple, dict, dataclass, transformers ``ModelOutput``), every
+    head output such a map on one geometry. ``geometry`` says where each cell sits in the
     input; ``plan`` lists what was rewritten; ``native_error`` is the maximum relative
     error measured against the original at the native input size during conversion
-    (``None`` where the mode has no native-size equality to check).
+    (``None`` where the mode has no native-size equality to check); ``self_check`` also
+    holds what was measured at a larger, non-square size.
     """
 
     def __init__(
@@ -91,25 +99,32 @@ class ConvolutionalizedModule(nn.Module):
         net: nn.Module,
         geometry: Geometry,
         plan: HeadPlan,
-        native_error: float | None,
+        self_check: SelfCheck,
+        out_spec: TreeSpec | None = None,
     ) -> None:
         super().__init__()
         self.net = net
         self.geometry = geometry
         self.plan = plan
-        self.native_error = native_error
+        self.self_check = self_check
+        self.out_spec = out_spec  # torch.export captures: rebuilds the model's own output
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    @property
+    def native_error(self) -> float | None:
+        return self.self_check.native_error
 
-    def output_size(self, height: int, width: int) -> tuple[int, ...]:
-        """The output shape (without batch) for an ``height x width`` input, without compute
-        (see :func:`activation_shapes`)."""
-        return activation_shapes(self, self.plan.in_channels, (height, width))[0]
+    def forward(self, x: torch.Tensor) -> Any:
+        out = self.net(x)
+        return out if self.out_spec is None else tree_unflatten(list(out), self.out_spec)
+
+    def output_size(self, height: int, width: int, output: OutputKey = None) -> tuple[int, ...]:
+        """The shape (without batch) of output ``output`` (the class scores by default) for
+        an ``height x width`` input, without compute (see :func:`activation_shapes`)."""
+        return activation_shapes(self, self.plan.in_channels, (height, width), output)[0]
 
 
-def activation_shapes(model: nn.Module, channels: int, size: tuple[int, int]
-                      ) -> tuple[tuple[int, ...], list[int]]:
+def activation_shapes(model: nn.Module, channels: int, size: tuple[int, int],
+                      output: OutputKey = None) -> tuple[tuple[int, ...], list[int]]:
     """The output shape (without batch) of ``model`` for one ``channels x size`` input, and the
     element count of every leaf module's output, without memory for activations or compute.
 
@@ -129,7 +144,7 @@ def activation_shapes(model: nn.Module, channels: int, size: tuple[int, int]
         with torch.no_grad():
             out = functional_call(model, meta, (torch.empty(1, channels, *size, device="meta"),),
                                   strict=False)
-        return tuple(out.shape[1:]), sizes
+        return tuple(select_output(out, output).shape[1:]), sizes
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         logger.debug("meta shapes failed (%s); measuring with fake tensors", exc)
     finally:
@@ -139,4 +154,4 @@ def activation_shapes(model: nn.Module, channels: int, size: tuple[int, int]
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
         x = mode.from_tensor(torch.empty(1, channels, *size))
-        return tuple(model(x).shape[1:]), []
+        return tuple(select_output(model(x), output).shape[1:]), []

@@ -15,23 +15,24 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn, get_args
+from typing import Any, get_args
 
 from torch import nn
 
-from . import __version__
-from .api import ConversionInfo, conversion_info, convolutionalize
-from .export import FORMATS, save
-from .flops import FlopComparison, compare_flops
-from .frameworks.torch_layers import ConvolutionalizedModule
-from .geometry import PoolMode
-from .models import default_input_size, load_model
-from .verify import VerifyReport, verify
+from .. import __version__
+from ..api import ConversionInfo, conversion_info, convolutionalize
+from ..export import FORMATS, save
+from ..flops import FlopComparison, compare_flops
+from ..frameworks.torch.layers import ConvolutionalizedModule
+from ..geometry import PoolMode
+from ..models import default_input_size, load_model
+from ..verify import VerifyReport, verify
+from .options import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, PROG, Parser, int_at_least
+from .predict import register as register_predict
+from .render import register as register_render
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
-PROG = "convolutionalize"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +59,8 @@ def _inspect(args: argparse.Namespace) -> int:
     info = conversion_info(fcn)
     lines = [f"model: {_label(args.model)} ({type(model).__name__}{_parameters(model)})",
              info.plan, info.geometry.describe(), _native_error_line(info)]
+    if info.self_check is not None:
+        lines.append(info.self_check)
     if args.image_size is not None:
         lines.append(_image_lines(model, fcn, info, tuple(args.image_size)))
     print("\n".join(lines))
@@ -93,7 +96,7 @@ def _convert_command(args: argparse.Namespace) -> int:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     report = verify(
         model,
         _input_size(args, model),
@@ -110,7 +113,7 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> tuple[Any, Any]:
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     return model, convolutionalize(model, _input_size(args, model), pool=args.pool)
 
 
@@ -153,6 +156,8 @@ def _flops_lines(flops: FlopComparison) -> str:
 def _verify_lines(report: VerifyReport, seed: int) -> str:
     h, w = report.geometry.input_size
     lines = [f"native error: {report.native_error:.1e} (converted vs original at {h}x{w})"]
+    if report.self_check is not None:
+        lines.append(report.self_check)
     if report.crop_error is None:
         lines.append(f"crop error: not measured (pool={report.geometry.pool} scores no windows)")
     else:
@@ -207,31 +212,8 @@ def _diagnostics(verbose: bool) -> Iterator[None]:
 # --------------------------------------------------------------------------- parser
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, with usage errors as one ``convolutionalize: error:`` line and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {' '.join(message.split())}\n")
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum`` (1: positive, 0: non-negative)."""
-    kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} must be {kind}")
-        return value
-
-    return parse
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Rewrite a classifier's fully-connected head into "
+    parser = Parser(prog=PROG, description="Rewrite a classifier's fully-connected head into "
                      "exactly equivalent convolutions, so it runs densely over images of any size.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
@@ -257,21 +239,22 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
                        help="random seed for the image and the cells (default: 0)")
     check.set_defaults(command=_verify_command)
-    from ._cli_predict import register as register_predict
     register_predict(sub, common)
-    from ._cli_render import register as register_render
     register_render(sub, common)
     return parser
 
 
 def _common_options() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, a "
-                        ".pt/.pth file holding a whole pickled nn.Module (torch.save(model); "
-                        "loading it runs its pickled code), or a .keras / .onnx model file")
-    common.add_argument("--weights", metavar="W", help="'random', a state_dict file, or a "
-                        "torchvision weights name (default: the pretrained weights, "
-                        "downloaded once)")
+    common = Parser(add_help=False)
+    common.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, "
+                        "demo:digits, a .pt2 file (torch.export), a .keras / .onnx model file, "
+                        "or a .pt/.pth file holding a whole pickled nn.Module (torch.save(model); "
+                        "loading it runs its pickled code, so it needs --trust-pickle)")
+    common.add_argument("--weights", metavar="W", help="'random', a state_dict file (loaded "
+                        "weights-only, no trust needed), or a torchvision weights name "
+                        "(default: the pretrained weights, downloaded once)")
+    common.add_argument("--trust-pickle", action="store_true", help="load a .pt/.pth "
+                        "full-module pickle, running the code it holds: only for files you trust")
     common.add_argument("--input-size", nargs=2, type=int_at_least(1), metavar=("H", "W"),
                         help="native (training) input size (default: the model's own; 224 "
                         "for most torchvision models, 299 for inception_v3)")

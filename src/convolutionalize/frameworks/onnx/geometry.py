@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import onnx
 
-from ..errors import NotConvolutionalizable
-from ..geometry import BodyGeometry, Span, same_padding
-from ._onnx_graph import GLOBAL_OPS, PER_LOCATION, SHAPE_OPS, WINDOW_OPS, Axes, Graph, attr_value
+from ...errors import NotConvolutionalizable
+from ...geometry import BodyGeometry, Span, same_padding
+from .graph import GLOBAL_OPS, PER_LOCATION, SHAPE_OPS, WINDOW_OPS, Axes, Graph, attr_value
 
 
 def body_geometry(graph: Graph, feature: str) -> tuple[BodyGeometry, dict[str, tuple[Span, Span]]]:

@@ -8,11 +8,11 @@ from typing import Any, Literal
 
 import keras
 
-from ..errors import NotConvolutionalizable
-from ..geometry import Geometry, PoolMode, geometry_from_plan
-from ..plan import FeatureMap, HeadPlan, HeadStep
-from ._keras_geometry import body_geometry
-from ._keras_graph import (
+from ...errors import NotConvolutionalizable
+from ...geometry import Geometry, PoolMode, geometry_from_plan
+from ...plan import FeatureMap, HeadPlan, HeadStep
+from .geometry import body_geometry
+from .graph import (
     ELEMENTWISE,
     GLOBAL_POOLS,
     NO_OPS,

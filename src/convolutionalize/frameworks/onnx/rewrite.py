@@ -10,12 +10,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import NotConvolutionalizable
-from ..geometry import PoolMode, Span
-from ..plan import HeadPlan
-from ..weights import linear_to_oihw
-from ._onnx_graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, attr_value, describe_node
-from ._onnx_head import Head, HeadNode, Value, linear_weight
+from ...errors import NotConvolutionalizable
+from ...geometry import PoolMode, Span
+from ...plan import HeadPlan
+from ...weights import linear_to_oihw
+from .graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, attr_value, describe_node
+from .head import Head, HeadNode, Value, linear_weight
 
 logger = logging.getLogger(__name__)
 

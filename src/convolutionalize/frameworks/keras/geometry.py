@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..geometry import BodyGeometry, Span, same_padding
-from ._keras_graph import ELEMENTWISE, GLOBAL_OPS, SPATIAL_OPS, Call, axis_of
+from ...geometry import BodyGeometry, Span, same_padding
+from .graph import ELEMENTWISE, GLOBAL_OPS, SPATIAL_OPS, Call, axis_of
 
 if TYPE_CHECKING:
-    from ._keras_head import Analysis
+    from .head import Analysis
 
 
 def body_geometry(a: Analysis) -> BodyGeometry:

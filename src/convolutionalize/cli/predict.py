@@ -15,11 +15,11 @@ from typing import Any, get_args
 
 import numpy as np
 
-from ._files import atomic_path
-from .cli import int_at_least
-from .inference import dense_map
-from .inference._runner import Precision
-from .models import default_input_size, load_model
+from .._files import atomic_path
+from ..inference import dense_map
+from ..inference._runner import Precision
+from ..models import default_input_size, load_model
+from .options import int_at_least
 
 __all__ = ["predict", "register"]
 
@@ -63,7 +63,7 @@ def predict(args: argparse.Namespace) -> int:
         raise ValueError(f"output {output} exists; remove it or pass another -o")
     if not args.image.exists():
         raise ValueError(f"image {args.image} does not exist")
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     input_size = (tuple(args.input_size) if args.input_size is not None
                   else default_input_size(args.model, model))
     partial = output.with_name(output.stem + ".partial.zarr") if suffix == ".zarr" else None

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable
 
 Kind = Literal["map", "pooled", "flat", "vector"]
 Axes = tuple[int, int] | None  # positions of H and W in a body tensor, None when unknown

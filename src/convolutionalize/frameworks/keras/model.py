@@ -34,11 +34,11 @@ from typing import Any
 import keras
 import numpy as np
 
-from .._files import atomic_path
-from ..errors import NotConvolutionalizable
-from ..geometry import Geometry, PoolMode
-from ..plan import FeatureMap, HeadPlan, HeadStep
-from ._keras_graph import (
+from ..._files import atomic_path
+from ...errors import NotConvolutionalizable
+from ...geometry import Geometry, PoolMode
+from ...plan import FeatureMap, HeadPlan, HeadStep
+from .graph import (
     NO_OPS,
     Call,
     Graph,
@@ -48,8 +48,8 @@ from ._keras_graph import (
     graph_of,
     layout_of_calls,
 )
-from ._keras_head import Analysis
-from ._keras_rewrite import rebuild
+from .head import Analysis
+from .rewrite import rebuild
 
 __all__ = ["activation_shapes", "convolutionalize_keras", "input_channels", "load_keras", "model_digest",
            "predict_nchw", "save_keras"]

@@ -23,18 +23,18 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from ._files import atomic_path
-from .api import convolutionalize
-from .cli import int_at_least
-from .detect import class_probabilities, detect
-from .frameworks.torch_layers import ConvolutionalizedModule
-from .models import default_input_size, load_model
+from .._files import atomic_path
+from ..api import convolutionalize
+from ..detect import class_probabilities, detect
+from ..frameworks.torch.layers import ConvolutionalizedModule
+from ..models import default_input_size, load_model
+from .options import EXIT_OK, int_at_least
 
 __all__ = ["load_image", "register"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-EXIT_OK = 0
+
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -96,7 +96,7 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _heatmap_command(args: argparse.Namespace) -> int:
-    from .render import heatmap
+    from ..render import heatmap
 
     _check_output(args.output)
     fcn, image, probs, labels, background = _prepare(args)
@@ -109,7 +109,7 @@ def _heatmap_command(args: argparse.Namespace) -> int:
 
 
 def _detect_command(args: argparse.Namespace) -> int:
-    from .render import class_name, draw_detections
+    from ..render import class_name, draw_detections
 
     _check_output(args.output)
     if args.draw is not None:
@@ -130,7 +130,7 @@ def _detect_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from ..demo import DemoConfig, run_demo
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
     result = run_demo(args.output, DemoConfig(seed=args.seed), progress=print)
@@ -152,7 +152,7 @@ def _prepare(args: argparse.Namespace) -> tuple[ConvolutionalizedModule, Image.I
     """Converted model, image, its probability map, class names, background class."""
     image = _open_image(args.image)
     labels = _read_labels(args.labels) if args.labels is not None else None
-    model = load_model(args.model, args.weights)
+    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     fcn = convolutionalize(model, _input_size(args, model), pool=args.pool)
     if not isinstance(fcn, ConvolutionalizedModule) or fcn.geometry.pool == "global":
         raise ValueError("heatmap and detect need a class map: use --pool window or none")

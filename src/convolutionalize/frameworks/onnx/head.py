@@ -11,10 +11,10 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..errors import NotConvolutionalizable
-from ..plan import FeatureMap, HeadPlan, HeadStep
-from ..weights import FlattenLayout
-from ._onnx_graph import (
+from ...errors import NotConvolutionalizable
+from ...plan import FeatureMap, HeadPlan, HeadStep
+from ...weights import FlattenLayout
+from .graph import (
     BINARY,
     ELEMENTWISE,
     SHAPE_OPS,

@@ -1,0 +1,1 @@
+"""Keras 3 adapter: analysis, geometry and rewrite of Keras classifier models."""

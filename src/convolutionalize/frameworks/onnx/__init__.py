@@ -1,0 +1,1 @@
+"""ONNX adapter: analysis, geometry and rewrite of ONNX classifier graphs."""

@@ -1,0 +1,1 @@
+"""PyTorch adapter: capture (torch.fx), analysis, geometry and rewrite of nn.Module classifiers."""

@@ -1,0 +1,231 @@
+"""PyTorch adapter entry point: capture the model, find the head, rewrite it, check the result.
+
+Copy the model, capture its graph, propagate shapes at the native input size, analyse
+(``find_head`` -> HeadPlan), rewrite (``rewrite.rewrite``), and check the result against
+the original before returning it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_leaves
+
+from ...errors import NotConvolutionalizable
+from ...geometry import Geometry, PoolMode, geometry_from_plan
+from ...plan import HeadPlan
+from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
+from . import graph as g
+from .capture import capture
+from .geometry import body_geometry
+from .head import find_head, propagate_kinds
+from .layers import ConvolutionalizedModule
+from .rewrite import rewrite
+
+__all__ = ["analyse", "convolutionalize_module", "native_input_size", "rewrite"]
+
+NATIVE_RTOL = 1e-4
+
+
+def native_input_size(model: nn.Module, input_size: object) -> tuple[int, int]:
+    """The model's training input size: given, or from timm's ``pretrained_cfg``."""
+    if input_size is None:
+        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+        if isinstance(cfg, dict) and cfg.get("input_size"):
+            return (int(cfg["input_size"][-2]), int(cfg["input_size"][-1]))
+        raise ValueError(
+            f"input_size is required for {type(model).__name__}: pass the native (training) "
+            "input size, e.g. convolutionalize(model, input_size=(224, 224))"
+        )
+    size = (input_size, input_size) if isinstance(input_size, int) else input_size
+    if (not isinstance(size, (tuple, list)) or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        raise ValueError(f"input_size must be two positive ints (height, width), got {input_size!r}")
+    return (int(size[0]), int(size[1]))
+
+
+def _in_channels(model: nn.Module, gm: fx.GraphModule, modules: dict[str, nn.Module],
+                 input_size: tuple[int, int]) -> int:
+    channels = _cfg_channels(model) or g.first_in_channels(gm, modules, input_size)
+    if channels is None:
+        raise NotConvolutionalizable(
+            f"cannot tell how many image channels {type(model).__name__} takes: it has no "
+            "Conv2d and its first Linear does not divide by the input area"
+        )
+    return channels
+
+
+class Analysis:
+    """A captured private copy of the model, its shapes at the native size, and its plan."""
+
+    def __init__(self, model: nn.Module, input_size: tuple[int, int]) -> None:
+        private = copy.deepcopy(model).eval()
+        self.capture = capture(private, _cfg_channels(model), input_size)
+        self.gm = self.capture.gm
+        self.modules = dict(self.gm.named_modules())
+        self.in_channels = _in_channels(model, self.gm, self.modules, input_size)
+        param = next(private.parameters(), None)
+        self.dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+        self.device = param.device if param is not None else torch.device("cpu")
+        self.example = self.random_input(input_size, seed=0)
+        try:
+            self.expected = g.propagate_shapes(self.gm, self.example)
+        except Exception as exc:
+            raise NotConvolutionalizable(
+                f"{type(model).__name__} does not run at the native input size "
+                f"{input_size[0]}x{input_size[1]}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+            ) from exc
+        doubled = (2 * input_size[0], 2 * input_size[1])
+        self.values = propagate_kinds(self.gm, self.modules,
+                                      lambda: g.shapes_at(self.gm, self.random_input(doubled, seed=1)))
+        self.plan = find_head(self.gm, self.values, self.modules, input_size, self.in_channels,
+                              self.capture.method)
+        self.nodes = {n.name: n for n in self.gm.graph.nodes}
+
+    def random_input(self, size: tuple[int, int], seed: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(1, self.in_channels, *size, generator=gen).to(self.device, self.dtype)
+
+    def geometry(self, pool: PoolMode) -> Geometry:
+        feature = self.nodes[self.plan.feature.node]
+        body = body_geometry(self.gm, self.values, feature, self.modules, g.ancestors(feature))
+        return geometry_from_plan(self.plan, pool, body)
+
+
+def _cfg_channels(model: nn.Module) -> int | None:
+    """Image channels from timm's ``pretrained_cfg`` or a transformers ``config``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return int(cfg["input_size"][0])
+    channels = getattr(getattr(model, "config", None), "num_channels", None)
+    return channels if isinstance(channels, int) and channels > 0 else None
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max |actual - expected| / max |expected|`` (float64)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def analyse(model: nn.Module, input_size: object = None) -> Analysis:
+    """Capture ``model`` and find its head, without changing anything."""
+    return Analysis(model, native_input_size(model, input_size))
+
+
+def convolutionalize_module(model: nn.Module, input_size: object = None,
+                            pool: PoolMode = "window") -> ConvolutionalizedModule:
+    """Convert a PyTorch classifier; see :func:`convolutionalize.convolutionalize`."""
+    size = native_input_size(model, input_size)  # the caller's mistakes stay ValueErrors
+    try:
+        return _convert(model, size, pool)
+    except NotConvolutionalizable:
+        raise
+    except Exception as exc:  # a model we did not foresee: a typed refusal, not a crash
+        raise NotConvolutionalizable(
+            f"cannot convert {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        ) from exc
+
+
+def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode) -> ConvolutionalizedModule:
+    analysis = Analysis(model, input_size)
+    geometry = analysis.geometry(pool)
+    probe = _Probe(analysis, geometry)  # the original's crops, before the graph is rewritten
+    net = rewrite(analysis.gm, analysis.plan, pool)
+    with torch.no_grad():
+        out = net(analysis.example)
+    error = _native_error(out, analysis.expected, analysis.plan, geometry.pool)
+    if error is not None and error > NATIVE_RTOL:
+        raise NotConvolutionalizable(
+            f"the rewritten {type(model).__name__} differs from the original at the native size "
+            f"(max relative error {error:.2e}); a head operation has no exact sliding form"
+        )
+    check = probe.check(net, error)
+    return ConvolutionalizedModule(net, geometry, analysis.plan, check, analysis.capture.out_spec).eval()
+
+
+class _Probe:
+    """The larger-size half of the self-check (see :mod:`convolutionalize.selfcheck`)."""
+
+    def __init__(self, analysis: Analysis, geometry: Geometry) -> None:
+        self.analysis, self.geometry = analysis, geometry
+        self.images = [analysis.random_input(size, seed=2) for size in check_sizes(geometry)]
+        self.crops: list[list[tuple[tuple[int, int], list[torch.Tensor]]]] = []
+        for image in self.images:
+            cells = check_cells(geometry, tuple(image.shape[-2:])) if geometry.crop_equivalent else []
+            self.crops.append([(cell, self._original(image, cell)) for cell in cells])
+
+    def _original(self, image: torch.Tensor, cell: tuple[int, int]) -> list[torch.Tensor]:
+        (sy, sx), (oy, ox), (h, w) = self.geometry.stride, self.geometry.offset, self.geometry.window
+        y, x = cell[0] * sy + oy, cell[1] * sx + ox
+        with torch.no_grad():
+            return _tensors(self.analysis.gm(image[..., y:y + h, x:x + w]))
+
+    def check(self, net: fx.GraphModule, native_error: float | None) -> SelfCheck:
+        failures = []
+        for image, crops in zip(self.images, self.crops):
+            size = (int(image.shape[-2]), int(image.shape[-1]))
+            try:
+                with torch.no_grad():
+                    maps = _tensors(net(image))
+            except Exception as exc:  # e.g. a block that needs multiples of its size
+                failures.append(f"at {size[0]}x{size[1]}: {str(exc).strip().splitlines()[0]}")
+                continue
+            cells = self._check_shapes(maps, size)
+            errors = [relative_error(m[0, :, i, j], e.reshape(-1)) for (i, j), expected in crops
+                      for m, e in zip(maps, expected)]
+            crop_error = max(errors) if errors else None
+            if crop_error is not None and crop_error > CHECK_RTOL:
+                raise NotConvolutionalizable(
+                    f"the converted model's map at {size[0]}x{size[1]} differs from the original on "
+                    f"the true crops of its cells (max relative error {crop_error:.2e}); the head's "
+                    "geometry or flatten order was misread")
+            return SelfCheck(native_error, size, cells, crop_error)
+        raise NotConvolutionalizable("the converted model does not run at sizes larger than the "
+                                     f"native one ({'; '.join(failures)}); it cannot slide")
+
+    def _check_shapes(self, maps: list[torch.Tensor], size: tuple[int, int]) -> tuple[int, int]:
+        if self.geometry.pool == "global":
+            bad = [tuple(m.shape) for m in maps if m.dim() != 2]
+            if bad:
+                raise NotConvolutionalizable(f"with pool='global' the converted model returns {bad} "
+                                             f"at {size[0]}x{size[1]}, not (N, classes)")
+            return (1, 1)
+        expected = self.geometry.cells(*size)
+        for m in maps:
+            if m.dim() != 4 or tuple(m.shape[-2:]) != expected:
+                raise NotConvolutionalizable(
+                    f"at {size[0]}x{size[1]} the converted model returns a map of shape "
+                    f"{tuple(m.shape)}, but its geometry predicts {expected[0]}x{expected[1]} cells; "
+                    "the map is transposed or the geometry was misread")
+        return expected
+
+
+def _tensors(out: object) -> list[torch.Tensor]:
+    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+
+
+def _native_error(out: object, expected: object, plan: HeadPlan, pool: PoolMode) -> float | None:
+    """Native-size agreement of every output: the 1x1 window map (or global output) equals
+    the original's; with pool='none' the mean of the map does when the head is affine."""
+    errors = [_leaf_error(a, e, plan, pool) for a, e in zip(_tensors(out), _tensors(expected))]
+    return None if not errors or None in errors else max(errors)  # type: ignore[type-var]
+
+
+def _leaf_error(out: torch.Tensor, expected: torch.Tensor, plan: HeadPlan, pool: PoolMode) -> float | None:
+    if pool == "window":
+        if out.dim() != 4 or out.shape[-2:] != (1, 1):
+            raise NotConvolutionalizable(f"at the native size the map is {tuple(out.shape)},"
+                                         " not (N, classes, 1, 1); the head's geometry was misread")
+        return relative_error(out.flatten(1), expected.flatten(1))
+    if pool == "global":
+        return relative_error(out.flatten(1), expected.flatten(1))
+    affine = all(s.op in ("global_pool", "flatten", "reshape", "linear", "batchnorm") or (
+        s.op == "keep" and "ropout" in s.detail) for s in plan.steps)
+    avg = all(s.reduce != "max" for s in plan.steps_of("global_pool"))
+    return relative_error(out.mean((2, 3)), expected.flatten(1)) if affine and avg else None
