@@ -31,6 +31,7 @@ from torch import nn
 
 from ._files import atomic_path
 from .api import geometry_of, is_keras_model, is_onnx_model
+from .outputs import output_keys
 from .geometry import Geometry
 
 __all__ = ["FORMATS", "ONNX_RTOL", "export_program", "save"]
@@ -146,11 +147,15 @@ def _write_onnx(fcn: nn.Module, path: Path) -> None:
                          "'convolutionalize[onnx]'") from exc
     program = export_program(fcn)
     geometry = geometry_of(fcn)
+    example = _example(fcn, geometry, (2, 3))
+    with torch.no_grad():
+        keys = output_keys(fcn(example))
+    names = ["scores"] if len(keys) == 1 else [f"output_{k}" if isinstance(k, int) else k for k in keys]
     chatter = io.StringIO()  # the exporter prints its progress
     try:
         with contextlib.redirect_stdout(chatter):
-            torch.onnx.export(program, (_example(fcn, geometry, (2, 3)),), str(path),
-                              dynamo=True, input_names=["image"], output_names=["scores"],
+            torch.onnx.export(program, (example,), str(path),
+                              dynamo=True, input_names=["image"], output_names=names,
                               external_data=False, verbose=False)
     except Exception as exc:  # the ONNX exporter raises many types
         raise ValueError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
@@ -162,11 +167,17 @@ def _write_onnx(fcn: nn.Module, path: Path) -> None:
 
 
 def _check_onnx(session: object, fcn: nn.Module, x: torch.Tensor) -> None:
-    """Raise if onnxruntime's output for ``x`` differs from ``fcn``'s."""
+    """Raise if onnxruntime's outputs for ``x`` differ from ``fcn``'s (every output, in order)."""
     with torch.no_grad():
-        expected = fcn(x).double().cpu()
-    (actual,) = session.run(None, {"image": x.cpu().numpy()})  # type: ignore[attr-defined]
-    actual_t = torch.from_numpy(actual).double()
+        expected = [t.double().cpu() for t in tree_leaves(fcn(x)) if isinstance(t, torch.Tensor)]
+    actual = session.run(None, {"image": x.cpu().numpy()})  # type: ignore[attr-defined]
+    if len(actual) != len(expected):
+        raise ValueError(f"the ONNX model has {len(actual)} outputs, PyTorch {len(expected)}")
+    for a, e in zip(actual, expected):
+        _check_output(torch.from_numpy(a).double(), e, x)
+
+
+def _check_output(actual_t: torch.Tensor, expected: torch.Tensor, x: torch.Tensor) -> None:
     if actual_t.shape != expected.shape:
         raise ValueError(f"the ONNX model gives shape {tuple(actual_t.shape)} at "
                          f"{x.shape[2]}x{x.shape[3]}, PyTorch {tuple(expected.shape)}")

@@ -16,6 +16,12 @@ oneDNN's fused op with packed weights, ReLUs and residual adds as post-ops (:mod
 device and returns float32 numpy. For ``precision="bf16"`` the weights are also stored in
 bfloat16 and the model runs under bfloat16 autocast, which uses AMX on CPUs that have it (and
 bf16 tensor cores on CUDA).
+
+A model with several outputs (a tuple, dict, dataclass or ``ModelOutput`` of maps) is scored
+on the one its ``output`` names (:func:`~convolutionalize.outputs.select_output`); ``"all"``
+stacks every output's map along the channels, in :func:`~convolutionalize.outputs.output_keys`
+order, so tiles, sinks and dask see one map that ``dense_map`` splits at the end. Keras and
+ONNX models have one output here.
 """
 
 from __future__ import annotations
@@ -38,21 +44,27 @@ from torch import fx, nn
 
 from ..api import geometry_of, is_keras_model, is_onnx_model
 from ..geometry import Geometry
+from ..outputs import OutputKey, output_keys, select_output
 from ._onednn import fuse_convolutions
 
-__all__ = ["DenseModel", "FrameworkRunner", "Precision", "Runner", "TileRunner", "dense_model", "runner_for"]
+__all__ = ["ALL", "DenseModel", "FrameworkRunner", "OutputChoice", "Precision", "Runner",
+           "TileRunner", "dense_model", "runner_for"]
 
 logger = logging.getLogger(__name__)
 
 Precision = Literal["fp32", "bf16"]
 Runner = Callable[[Any], np.ndarray]  # a batch (N, C, H, W) -> its maps (N, classes, rows, cols)
+ALL = "all"  # output=ALL: every output's map, stacked along the channels
+OutputChoice = OutputKey | Literal["all"]
+Shape = tuple[int, ...]
 
 
 class TileRunner:
-    """A converted model ready to score tiles: ``runner(batch) -> (N, classes, rows, cols)``."""
+    """A converted model ready to score tiles: ``runner(batch) -> (N, classes, rows, cols)``,
+    the map of output ``output`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, precision: Precision, device: torch.device,
-                 fuse: bool = True) -> None:
+                 fuse: bool = True, output: OutputChoice = None) -> None:
         model = _fold_batch_norms(copy.deepcopy(model).eval().to(device))  # never touch the caller's
         if precision == "bf16":
             model = model.to(torch.bfloat16)
@@ -61,6 +73,13 @@ class TileRunner:
             fuse_convolutions(model.net)
         self.precision = precision
         self.device = device
+        self.output = output
+
+    def for_output(self, output: OutputChoice) -> TileRunner:
+        """This runner scoring ``output`` instead: the prepared model is shared, not copied."""
+        runner = copy.copy(self)
+        runner.output = output
+        return runner
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
         batch = batch.to(self.device, non_blocking=True)
@@ -69,9 +88,11 @@ class TileRunner:
         batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self._autocast():
             out = self.model(batch)
-        if out.dim() == 2:  # pool="global": one prediction per image, a 1x1 map
-            out = out[:, :, None, None]
-        return out.float().cpu().numpy()
+        if self.output == ALL:
+            maps = torch.cat([_as_map(select_output(out, key)) for key in output_keys(out)], 1)
+        else:
+            maps = _as_map(select_output(out, self.output))
+        return maps.float().cpu().numpy()
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -82,25 +103,38 @@ class TileRunner:
             yield
 
 
-def runner_for(model: nn.Module, precision: Precision, device: torch.device) -> TileRunner:
+def _as_map(out: torch.Tensor) -> torch.Tensor:
+    """``(N, classes, rows, cols)``; pool="global" gives one prediction per image, a 1x1 map."""
+    return out[:, :, None, None] if out.dim() == 2 else out
+
+
+def runner_for(model: nn.Module, precision: Precision, device: torch.device,
+               output: OutputChoice = None) -> TileRunner:
     """A :class:`TileRunner` for ``model``, reused across calls while the weights are unchanged.
 
     Preparing a runner (copy, fold, channels-last; for bf16 also cast) can cost as much as
-    one forward pass of a 768x768 image; repeated calls on the same model skip it. In-place weight updates
-    bump the parameters' version counters and invalidate the cached runner.
+    one forward pass of a 768x768 image; repeated calls on the same model skip it, and runners
+    of other outputs share the prepared model. In-place weight updates bump the parameters'
+    version counters and invalidate the cached runners.
     """
     fuse = os.environ.get("CONVOLUTIONALIZE_FUSION", "1") != "0"  # the oneDNN fast path's switch
-    key = (precision, str(device), fuse)
+    prepared = (precision, str(device), fuse)
     state = _weights_state(model)
-    cached = _RUNNERS.get(model, {}).get(key)
-    if cached is not None and cached[0] == state:
-        return cached[1]
-    runner = TileRunner(model, precision, device, fuse)
-    _RUNNERS.setdefault(model, {})[key] = (state, runner)
+    runners = {k: r for k, (s, r) in _RUNNERS.get(model, {}).items() if s == state}
+    runner = runners.get((*prepared, output))
+    if runner is None:
+        same = next((r for k, r in runners.items() if k[:3] == prepared), None)
+        runner = (same.for_output(output) if same is not None
+                  else TileRunner(model, precision, device, fuse, output))
+        held = _RUNNERS.setdefault(model, {})
+        for stale in [k for k, (s, _) in held.items() if s != state]:
+            del held[stale]  # made for weights since changed
+        held[(*prepared, output)] = (state, runner)
     return runner
 
 
-_RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, bool], tuple[tuple, TileRunner]]] = \
+_RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, bool, OutputChoice],
+                                                    tuple[tuple, TileRunner]]] = \
     weakref.WeakKeyDictionary()
 
 

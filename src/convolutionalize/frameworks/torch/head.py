@@ -139,7 +139,7 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
     if name in REDUCTIONS:
         return _channel_reduction(node, src, in_shape, out_shape)
     if name in ("permute", "transpose"):
-        perm = _permutation(node, len(in_shape))
+        perm = _permutation(node, name, len(in_shape))
         if perm is None:
             return Value("seq")
         return Value("map", (perm.index(ay), perm.index(ax)))
@@ -152,6 +152,8 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
         return Value("seq")
     if len(out_shape) != len(in_shape):
         return Value("seq")
+    if (out_shape[ay], out_shape[ax]) == (1, 1) != (in_shape[ay], in_shape[ax]):
+        return Value("context")  # reduced over the map, dims kept (ConvNeXt-V2's GRN norm)
     return Value("map", src.axes)
 
 
@@ -169,8 +171,8 @@ def _channel_reduction(node: fx.Node, src: Value, in_shape: tuple[int, ...],
     return Value("map", (ay, ax))
 
 
-def _permutation(node: fx.Node, rank: int) -> list[int] | None:
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+def _permutation(node: fx.Node, name: str, rank: int) -> list[int] | None:
+    """The axis order after ``permute`` / ``transpose`` (``name``), if given by constants."""
     if name == "permute":
         dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
         if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
@@ -245,7 +247,7 @@ def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int,
     if src.kind == "vector" and name in RESHAPES and len(out_shape) == 4 and out_shape[2:] == (1, 1):
         return Value("pooled", (2, 3))  # x.view(b, c, 1, 1), x[..., None, None]
     if src.kind == "pooled" and name in ("permute", "transpose") and src.axes is not None:
-        perm = _permutation(node, len(out_shape))
+        perm = _permutation(node, name, len(out_shape))
         if perm is not None and len(out_shape) == 4:
             return Value("pooled", (perm.index(src.axes[0]), perm.index(src.axes[1])))
     if src.kind == "pooled":
