@@ -159,6 +159,21 @@ def test_model_path_and_torch_only_options(torch_model: Padded, onnx_model: onnx
         dense_map(object(), image)
 
 
+@pytest.mark.parametrize("framework", ["keras", "onnx"])
+@pytest.mark.parametrize("output", ["box", 1, "all"])
+def test_keras_and_onnx_models_have_one_output(framework: str, output: object, torch_model: Padded,
+                                               onnx_model: onnx.ModelProto, image: np.ndarray) -> None:
+    model = onnx_model if framework == "onnx" else keras_padded(torch_model)
+    name = {"onnx": "ONNX", "keras": "Keras"}[framework]
+    with pytest.raises(ValueError, match=rf"{name} models are mapped on their single output \(0\); "
+                                         rf"output={output!r} names no other"):
+        dense_map(model, image, output=output)
+
+
+def test_keras_and_onnx_output_0_is_the_map(onnx_model: onnx.ModelProto, image: np.ndarray) -> None:
+    np.testing.assert_array_equal(dense_map(onnx_model, image, output=0), dense_map(onnx_model, image))
+
+
 @pytest.mark.parametrize("suffix", [".keras", ".onnx"])
 def test_cli_predict_takes_model_files(suffix: str, torch_model: Padded, onnx_model: onnx.ModelProto,
                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torchvision.ops import batched_nms, nms
 
 from .geometry import Geometry
+from .outputs import OutputKey, select_output
 
 __all__ = ["Detection", "box_iou", "class_probabilities", "detect"]
 
@@ -43,12 +44,21 @@ class Detection:
         return {"label": self.label, "score": self.score, "box": list(self.box)}
 
 
-def class_probabilities(model: torch.nn.Module, image: torch.Tensor) -> np.ndarray:
+def class_probabilities(model: torch.nn.Module, image: torch.Tensor,
+                        output: OutputKey = None) -> np.ndarray:
     """``(classes, rows, cols)`` softmax probabilities of a converted model's map of one
     ``(C, H, W)`` image. The softmax runs in float64 so that confident cells stay ordered
-    (float32 saturates at 1.0 for logit margins above ~17)."""
+    (float32 saturates at 1.0 for logit margins above ~17).
+
+    ``output`` picks the class scores of a model with several outputs: an index or a name
+    (default: ``logits`` where there is one, else the first; see :mod:`convolutionalize.outputs`).
+
+    Raises:
+        ValueError: an ``output`` the model does not have (the message lists its outputs), or
+            scores that are not a map.
+    """
     with torch.inference_mode():
-        logits = model(image[None].float())
+        logits = select_output(model(image[None].float()), output)
     if logits.dim() != 4:
         raise ValueError(f"expected a (1, classes, rows, cols) map, got shape {tuple(logits.shape)}")
     return torch.softmax(logits[0].double(), dim=0).numpy()

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ._files import atomic_path
 from .api import geometry_of, is_keras_model, is_onnx_model
-from .outputs import output_keys
 from .geometry import Geometry
+from .outputs import output_keys
 
 __all__ = ["FORMATS", "ONNX_RTOL", "export_program", "save"]
 

@@ -43,7 +43,7 @@ def select_output(out: Any, output: OutputKey = None) -> torch.Tensor:
     if isinstance(output, bool) or not isinstance(output, (int, str, type(None))):
         raise TypeError(f"output must be an index or a name, got {type(output).__name__}")
     if isinstance(out, torch.Tensor):
-        if output not in (None, 0):
+        if output not in (None, 0, -1):
             raise ValueError(f"the model has a single output; output={output!r} names no other")
         return out
     named = _named_tensors(out)
@@ -57,5 +57,5 @@ def select_output(out: Any, output: OutputKey = None) -> torch.Tensor:
         return named[keys.index(output)][1]
     if not -len(named) <= output < len(named):
         raise ValueError(f"output index {output} is out of range: the model returns "
-                         f"{len(named)} tensors")
+                         f"{len(named)} tensors ({', '.join(map(repr, keys))})")
     return named[output][1]

@@ -19,7 +19,7 @@ from .._files import atomic_path
 from ..inference import dense_map
 from ..inference._runner import Precision
 from ..models import default_input_size, load_model
-from .options import int_at_least
+from .options import add_model_output, int_at_least
 
 __all__ = ["predict", "register"]
 
@@ -50,6 +50,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                                 help="per-channel std (default: the model's own, else ImageNet's)")
     predict_parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                                 help="a progress bar over tiles on stderr (default: on)")
+    add_model_output(predict_parser)
     predict_parser.set_defaults(command=predict)
 
 
@@ -69,7 +70,8 @@ def predict(args: argparse.Namespace) -> int:
     partial = output.with_name(output.stem + ".partial.zarr") if suffix == ".zarr" else None
     result = dense_map(model, args.image, input_size=input_size, pool=args.pool, tile=args.tile,
                        out=partial, precision=args.precision, batch_size=args.batch_size,
-                       mean=args.mean, std=args.std, scheduler=args.scheduler, progress=args.progress)
+                       mean=args.mean, std=args.std, scheduler=args.scheduler, progress=args.progress,
+                       output=args.model_output)
     if partial is not None:
         os.replace(partial, output)
     else:

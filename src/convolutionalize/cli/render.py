@@ -28,7 +28,7 @@ from ..api import convolutionalize
 from ..detect import class_probabilities, detect
 from ..frameworks.torch.layers import ConvolutionalizedModule
 from ..models import default_input_size, load_model
-from .options import EXIT_OK, int_at_least
+from .options import EXIT_OK, add_model_output, int_at_least
 
 __all__ = ["load_image", "register"]
 
@@ -90,6 +90,7 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
                         "models, none otherwise)")
     parser.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel standard "
                         "deviation divided by (default: ImageNet's for 3-channel models, none otherwise)")
+    add_model_output(parser)
 
 
 # --------------------------------------------------------------------------- commands
@@ -162,7 +163,7 @@ def _prepare(args: argparse.Namespace) -> tuple[ConvolutionalizedModule, Image.I
     if tensor.shape[1] < window[0] or tensor.shape[2] < window[1]:
         raise ValueError(f"image {args.image} is {tensor.shape[1]}x{tensor.shape[2]}, smaller than "
                          f"the model's {window[0]}x{window[1]} window")
-    probs = class_probabilities(fcn, tensor)
+    probs = class_probabilities(fcn, tensor, output=args.model_output)
     classes = probs.shape[0]
     if labels is None and isinstance(getattr(model, "labels", None), (list, tuple)):
         labels = [str(name) for name in model.labels]  # type: ignore[union-attr]

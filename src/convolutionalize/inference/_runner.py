@@ -156,12 +156,15 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
 
 
 class DenseModel:
-    """A converted model as ``dense_map`` sees it (subclassed per framework)."""
+    """A converted model as ``dense_map`` sees it (subclassed per framework), scoring the
+    output ``output`` (``"all"``: every output, stacked along the channels)."""
 
-    def __init__(self, model: Any, channels: int, shapes: dict | None = None) -> None:
+    def __init__(self, model: Any, channels: int, shapes: dict | None = None,
+                 output: OutputChoice = None) -> None:
         self.model = model
         self.geometry: Geometry = geometry_of(model)
         self.channels = channels
+        self.output = output
         self._shapes: dict[tuple[int, int], tuple[tuple[int, ...], list[int]]] = \
             {} if shapes is None else shapes
 
@@ -178,6 +181,10 @@ class DenseModel:
 
     def runner(self, precision: Precision, device: torch.device) -> Runner:
         """A picklable runner in ``precision`` on ``device``."""
+        raise NotImplementedError
+
+    def parts(self, size: tuple[int, int]) -> list[tuple[int | str, int]]:
+        """For ``output="all"``: each output's key and channel count, in the stacked map's order."""
         raise NotImplementedError
 
     def digest(self) -> str:
@@ -198,13 +205,30 @@ class DenseModel:
 
 
 class TorchModel(DenseModel):
+    def __init__(self, model: nn.Module, shapes: dict, outputs: dict, output: OutputChoice) -> None:
+        super().__init__(model, model.plan.in_channels, shapes, output)  # type: ignore[union-attr]
+        self._outputs: dict[tuple[int, int], tuple[dict[int | str, Shape], list[int]]] = outputs
+
     def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
         from ..frameworks.torch.layers import activation_shapes
 
-        return activation_shapes(self.model, self.channels, size)
+        if self.output != ALL:
+            return activation_shapes(self.model, self.channels, size, self.output)
+        shapes, counts = self.output_shapes(size)
+        return _stacked(shapes), counts
+
+    def output_shapes(self, size: tuple[int, int]) -> tuple[dict[int | str, Shape], list[int]]:
+        """Every output's shape (without batch) at ``size`` by key, and the element counts of
+        the intermediate tensors: one symbolic pass, remembered per size."""
+        if size not in self._outputs:
+            self._outputs[size] = _output_shapes(self.model, self.channels, size)
+        return self._outputs[size]
+
+    def parts(self, size: tuple[int, int]) -> list[tuple[int | str, int]]:
+        return [(key, shape[0]) for key, shape in self.output_shapes(size)[0].items()]
 
     def runner(self, precision: Precision, device: torch.device) -> TileRunner:
-        return runner_for(self.model, precision, device)
+        return runner_for(self.model, precision, device, self.output)
 
     def digest(self) -> str:
         digest = hashlib.sha1(repr(self.model).encode())
@@ -213,6 +237,31 @@ class TorchModel(DenseModel):
             if tensor.numel():
                 digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
         return digest.hexdigest()[:16]
+
+
+def _output_shapes(model: nn.Module, channels: int,
+                   size: tuple[int, int]) -> tuple[dict[int | str, Shape], list[int]]:
+    """``activation_shapes``, also catching the model's whole output (a hook on the model)."""
+    from ..frameworks.torch.layers import activation_shapes
+
+    caught: list[Any] = []
+    hook = model.register_forward_hook(lambda _m, _a, out: caught.append(out))
+    try:
+        _, counts = activation_shapes(model, channels, size)
+    finally:
+        hook.remove()
+    out = caught[-1]  # the symbolic pass that succeeded
+    return {key: tuple(select_output(out, key).shape[1:]) for key in output_keys(out)}, counts
+
+
+def _stacked(shapes: dict[int | str, Shape]) -> Shape:
+    """The shape of every output's map stacked along the channels (``output="all"``)."""
+    grids = {shape[1:] for shape in shapes.values()}
+    if len(grids) != 1 or any(len(shape) not in (1, 3) for shape in shapes.values()):
+        listed = ", ".join(f"{key!r}: {shape}" for key, shape in shapes.items())
+        raise ValueError(f'output="all" needs every output to be a map on one grid, got {listed}; '
+                         "pick the outputs one by one with output=KEY")
+    return (sum(shape[0] for shape in shapes.values()), *grids.pop())
 
 
 class FrameworkModel(DenseModel):
@@ -241,10 +290,11 @@ class FrameworkModel(DenseModel):
         return self.framework.model_digest(self.model)
 
 
-def dense_model(fcn: Any) -> DenseModel:
-    """The adapter for a converted model of any framework. Repeated maps of one model reuse its
-    shapes (a symbolic pass costs 20-100 ms), and for ONNX its onnxruntime session too (for
-    ResNet-18 at 768x768 a new session and symbolic shapes cost 0.2 s, as much as the map).
+def dense_model(fcn: Any, output: OutputChoice = None) -> DenseModel:
+    """The adapter for a converted model of any framework, scoring ``output`` (Keras and ONNX
+    models: their single output, ``None`` or ``0``). Repeated maps of one model reuse its
+    shapes per output (a symbolic pass costs 20-100 ms), and for ONNX its onnxruntime session
+    too (for ResNet-18 at 768x768 a new session and symbolic shapes cost 0.2 s, as much as the map).
 
     PyTorch and Keras models key a weak cache of their shapes (the cache never keeps a model
     alive). ONNX protos cannot be weakly referenced: the last few adapters are held in a small
@@ -252,6 +302,8 @@ def dense_model(fcn: Any) -> DenseModel:
     since (``ByteSize`` would serialize the weights: 0.1 s for ResNet-18). Weights edited in
     place in a proto already mapped are not noticed: pass a copy instead.
     """
+    if is_onnx_model(fcn) or is_keras_model(fcn):
+        _check_single_output(output, "ONNX" if is_onnx_model(fcn) else "Keras")
     if is_onnx_model(fcn):
         key, size = id(fcn), (len(fcn.graph.node), len(fcn.graph.initializer))
         held = _ONNX_ADAPTERS.pop(key, None)
@@ -263,15 +315,22 @@ def dense_model(fcn: Any) -> DenseModel:
         while len(_ONNX_ADAPTERS) > ONNX_CACHE:
             _ONNX_ADAPTERS.pop(next(iter(_ONNX_ADAPTERS)))
         return held[2]
-    shapes = _SHAPES.setdefault(fcn, {})
+    shapes = _SHAPES.setdefault(fcn, {})  # by output, then by input size
     if is_keras_model(fcn):
         from ..frameworks.keras import model as keras_model
 
-        return FrameworkModel(fcn, keras_model, "Keras", shapes)
-    return TorchModel(fcn, fcn.plan.in_channels, shapes)
+        return FrameworkModel(fcn, keras_model, "Keras", shapes.setdefault(None, {}))
+    return TorchModel(fcn, shapes.setdefault(output, {}), _OUTPUT_SHAPES.setdefault(fcn, {}), output)
+
+
+def _check_single_output(output: OutputChoice, name: str) -> None:
+    if output not in (None, 0):
+        raise ValueError(f"{name} models are mapped on their single output (0); output={output!r} "
+                         "names no other; leave output out")
 
 
 _SHAPES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
+_OUTPUT_SHAPES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 ONNX_CACHE = 4
 _ONNX_ADAPTERS: dict[int, tuple[Any, tuple[int, int], DenseModel]] = {}
 

@@ -7,6 +7,10 @@ whole-image map. Tiles run in this process (batched, optionally in bfloat16) or 
 (:mod:`.distributed`); the map is returned as numpy, written tile by tile to a resumable zarr
 store (:mod:`.store`), or returned as a dask array for a dask input.
 
+A model with several outputs is mapped on the one ``output`` names (the class scores:
+``logits`` where there is one, else the first); ``output="all"`` maps every output in the
+same passes and returns them by key.
+
 Models that cannot be converted (vision transformers) can be evaluated crop by crop on the
 same kind of grid with ``fallback="windows"`` (:mod:`.windows`).
 """
@@ -28,7 +32,7 @@ from torch import nn
 from ..api import convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
 from ..geometry import PoolMode, check_pool
-from ._runner import DenseModel, Precision, Runner, dense_model
+from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model
 from .images import ImageSource, open_image
 from .store import MapSink, ZarrSink, open_zarr_sink
 from .tiling import Tile, TileGrid, halo_of, plan_tiles
@@ -64,6 +68,7 @@ class Options:
     stride: tuple[int, int] | None
     pool: PoolMode
     device: torch.device
+    output: OutputChoice
 
 
 def dense_map(
@@ -83,6 +88,7 @@ def dense_map(
     progress: bool = False,
     fallback: Fallback = "error",
     stride: int | tuple[int, int] | None = None,
+    output: OutputChoice = None,
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -111,16 +117,23 @@ def dense_map(
         progress: a progress bar over tiles.
         fallback: ``"windows"`` evaluates models that cannot be converted crop by crop.
         stride: the window grid's stride for ``fallback="windows"``.
+        output: which of a PyTorch model's outputs holds the class scores: an index or a key
+            / attribute name (default: ``logits`` where there is one, else the first output);
+            ``"all"`` maps every output (not with ``out``). Keras and ONNX models have one.
 
     Returns:
         A float32 numpy array; the zarr array with ``out``; a dask array for a dask input.
+        With ``output="all"``: a dict of such maps by output key, each the map that
+        ``output=key`` gives, from one set of passes.
 
     Raises:
-        ValueError: a bad option or image (the message names the value and the fix).
+        ValueError: a bad option or image (the message names the value and the fix), or an
+            ``output`` the model does not have (the message lists those it has).
+        TypeError: an ``output`` that is neither an index nor a name.
         NotConvolutionalizable: the model cannot be converted and ``fallback="error"``.
     """
-    options = check_options(tile, precision, batch_size, fallback, stride, pool, device)
-    fcn = dense_model(prepare_model(model, input_size, options))
+    options = check_options(tile, precision, batch_size, fallback, stride, pool, device, output, out)
+    fcn = dense_model(prepare_model(model, input_size, options), options.output)
     source = open_image(image, fcn.channels, mean, std, model)
     shape, grid = plan_map(fcn, source, options)
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
@@ -128,18 +141,28 @@ def dense_map(
     if _use_dask(source, scheduler):
         from .distributed import run_dask
 
-        return run_dask(grid, source, runner, sink, shape, scheduler, progress)
-    local = sink if sink is not None else MapSink(shape)
-    run_tiles(grid.tiles, source, runner, local, options.batch_size, progress)
-    return local.result()
+        result = run_dask(grid, source, runner, sink, shape, scheduler, progress)
+    else:
+        local = sink if sink is not None else MapSink(shape)
+        run_tiles(grid.tiles, source, runner, local, options.batch_size, progress)
+        result = local.result()
+    if options.output == ALL:
+        return _split(result, fcn.parts((source.height, source.width)))
+    return result
 
 
 def check_options(
     tile: object, precision: object, batch_size: object, fallback: object, stride: object,
-    pool: object, device: object,
+    pool: object, device: object, output: object = None, out: object = None,
 ) -> Options:
     """Validate every option in one place; errors name the bad value and the fix."""
     pool = check_pool(pool)
+    if isinstance(output, bool) or not isinstance(output, (int, str, type(None))):
+        raise TypeError(f"output must be an output's index or name, or 'all', got "
+                        f"{type(output).__name__} {output!r}")
+    if output == ALL and out is not None:
+        raise ValueError('output="all" returns the maps in memory; with out=, write one output '
+                         "per store (output=KEY)")
     if tile is not None and not _positive_int(tile):
         raise ValueError(f"tile must be a positive number of input pixels, got {tile!r}; pass e.g. "
                          "tile=1024, or leave it out to choose one from the memory budget")
@@ -162,7 +185,7 @@ def check_options(
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device {device!r} is not a torch device; pass e.g. 'cpu' or 'cuda'") from exc
     return Options(tile, precision, batch_size or 1, fallback,  # type: ignore[arg-type]
-                   None if pair is None else (int(pair[0]), int(pair[1])), pool, where)
+                   None if pair is None else (int(pair[0]), int(pair[1])), pool, where, output)
 
 
 def prepare_model(model: Any, input_size: object, options: Options) -> Any:
@@ -274,11 +297,20 @@ def _auto_tile(fcn: DenseModel, source: ImageSource) -> int | None:
     return max(tile // stride * stride, 4 * stride)
 
 
+def _split(stacked: Any, parts: list[tuple[int | str, int]]) -> dict[int | str, Any]:
+    """``output="all"``: the stacked map (numpy or dask) cut back into each output's map."""
+    maps, start = {}, 0
+    for key, channels in parts:
+        maps[key] = stacked[start:start + channels]
+        start += channels
+    return maps
+
+
 def _resume_key(fcn: DenseModel, source: ImageSource, grid: TileGrid,
                 options: Options) -> dict[str, Any]:
     return {"model": fcn.digest(), "image": [source.height, source.width, source.channels],
             "normalization": [source.mean, source.std], "tiles": list(grid.cells_per_tile),
-            "precision": options.precision}
+            "precision": options.precision, "output": options.output}
 
 
 def _use_dask(source: ImageSource, scheduler: object) -> bool:

@@ -92,7 +92,7 @@ def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], gr
                              "another out") from exc
         if found != text:
             raise ValueError(f"{path} holds a map made with different arguments (model, image, "
-                             "tile or precision); remove it or pass another out")
+                             "tile, precision or output); remove it or pass another out")
         return ZarrSink(path, group["map"], group["done"])
     group = zarr.open_group(path, mode="w")
     chunks = (shape[0], *grid.cells_per_tile)

@@ -4,7 +4,9 @@ A vision transformer (global attention, a class token, position embeddings) has 
 convolutional form. :func:`windows_module` wraps it as a module with the interface of a
 converted one: its forward cuts every native-size window on a ``stride`` grid out of the
 input (``unfold``, a view), runs the classifier on them in batches and arranges the scores
-as ``(N, classes, rows, cols)``. Its geometry says the truth: each cell is exactly the
+as ``(N, classes, rows, cols)`` (a model with several outputs: a dict of such maps by
+:func:`~convolutionalize.outputs.output_keys`, which ``select_output`` reads as it reads the
+model's own output). Its geometry says the truth: each cell is exactly the
 classifier on its crop, the receptive field is the window, so exact tiling needs no halo.
 It costs one full forward pass per window: ``(window / stride)^2`` times the dense cost.
 """
@@ -21,6 +23,7 @@ from ..errors import NotConvolutionalizable
 from ..frameworks.torch.layers import ConvolutionalizedModule
 from ..frameworks.torch.model import native_input_size
 from ..geometry import Geometry
+from ..outputs import output_keys, select_output
 from ..plan import FeatureMap, HeadPlan, HeadStep
 from ..selfcheck import SelfCheck
 
@@ -34,7 +37,8 @@ class FallbackWarning(UserWarning):
 
 
 class WindowsClassifier(nn.Module):
-    """``forward(x)``: the classifier on every ``window`` crop of ``x`` at ``stride``."""
+    """``forward(x)``: the classifier on every ``window`` crop of ``x`` at ``stride``: a map,
+    or a dict of maps by output key for a model with several outputs."""
 
     def __init__(self, model: nn.Module, window: tuple[int, int], stride: tuple[int, int]) -> None:
         super().__init__()
@@ -42,7 +46,7 @@ class WindowsClassifier(nn.Module):
         self.window = window
         self.stride = stride
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[int | str, torch.Tensor]:
         (wh, ww), (sy, sx) = self.window, self.stride
         # N, rows, cols, C, wh, ww: a view; each batch gathers (copies) only its own crops
         crops = x.unfold(2, wh, sy).unfold(3, ww, sx).permute(0, 2, 3, 1, 4, 5)
@@ -50,8 +54,14 @@ class WindowsClassifier(nn.Module):
         index = torch.arange(n * rows * cols, device=x.device)
         batches = [torch.unravel_index(index[i:i + CROP_BATCH], (n, rows, cols))
                    for i in range(0, len(index), CROP_BATCH)]
-        scores = torch.cat([self.model(crops[b].contiguous()) for b in batches])
-        return scores.reshape(n, rows, cols, -1).permute(0, 3, 1, 2)
+        outs = [self.model(crops[b].contiguous()) for b in batches]
+
+        def arrange(scores: list[torch.Tensor]) -> torch.Tensor:
+            return torch.cat(scores).reshape(n, rows, cols, -1).permute(0, 3, 1, 2)
+
+        if isinstance(outs[0], torch.Tensor):
+            return arrange(outs)
+        return {key: arrange([select_output(out, key) for out in outs]) for key in output_keys(outs[0])}
 
 
 def windows_module(model: nn.Module, input_size: object, stride: tuple[int, int] | None,

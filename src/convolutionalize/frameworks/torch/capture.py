@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._pytree import TreeSpec
 
 from ...errors import NotConvolutionalizable
@@ -42,6 +43,7 @@ class Capture:
     gm: fx.GraphModule
     method: Method
     out_spec: TreeSpec | None = None
+    fixed_size: bool = False  # torch.export specialised height and width to the native size
 
 
 def capture(model: nn.Module, channels: int | None, input_size: tuple[int, int]) -> Capture:
@@ -50,6 +52,9 @@ def capture(model: nn.Module, channels: int | None, input_size: tuple[int, int])
     ``channels`` is the image channel count for torch.export's example input when known
     beforehand; otherwise the first convolution's input channels are used.
     """
+    if isinstance(model, fx.GraphModule) and getattr(model, "_out_spec", None) is not None:
+        # already exported (torch.export.load(...).module(), a .pt2 file): use its graph
+        return _captured(model, type(model).__name__, model._out_spec)  # type: ignore[arg-type]
     try:
         return Capture(g.trace(model), "torch.fx")
     except NotConvolutionalizable as fx_error:
@@ -81,8 +86,14 @@ def _export(model: nn.Module, channels: int, input_size: tuple[int, int], fx_rea
         raise NotConvolutionalizable(
             f"{fx_reason}; torch.export cannot capture it either: {reason}"
         ) from exc
-    return Capture(_plain_graph_module(program.module(), type(model).__name__), "torch.export",
-                   program.call_spec.out_spec)
+    return _captured(program.module(), type(model).__name__, program.call_spec.out_spec)
+
+
+def _captured(exported: fx.GraphModule, name: str, out_spec: TreeSpec) -> Capture:
+    image = next(n for n in exported.graph.nodes if n.op == "placeholder")
+    value = image.meta.get("val")
+    fixed = value is not None and all(is_concrete_int(d) for d in value.shape[-2:])
+    return Capture(_plain_graph_module(exported, name), "torch.export", out_spec, fixed)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ the original before returning it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import fx, nn
@@ -91,7 +92,13 @@ class Analysis:
     def geometry(self, pool: PoolMode) -> Geometry:
         feature = self.nodes[self.plan.feature.node]
         body = body_geometry(self.gm, self.values, feature, self.modules, g.ancestors(feature))
-        return geometry_from_plan(self.plan, pool, body)
+        geometry = geometry_from_plan(self.plan, pool, body)
+        if not self.capture.fixed_size:
+            return geometry
+        h, w = self.plan.input_size
+        note = (f"torch.export fixed the input size at {h}x{w}: size-dependent code (e.g. padding "
+                "computed from the input size) keeps its native-size values at every size")
+        return dataclasses.replace(geometry, notes=(*geometry.notes, note))
 
 
 def _cfg_channels(model: nn.Module) -> int | None:

@@ -177,11 +177,11 @@ def rewrite(gm: fx.GraphModule, plan: HeadPlan, pool: PoolMode) -> fx.GraphModul
     nodes = {n.name: n for n in gm.graph.nodes}
     for step in plan.steps:
         REWRITES[step.op](rw, nodes[step.node], step)
-    if pool == "global":  # flatten head: the mean of the window map
+    if pool == "global":  # flatten head: the mean of each window map
         output = next(n for n in gm.graph.nodes if n.op == "output")
         with gm.graph.inserting_before(output):
-            mean = gm.graph.call_method("mean", (output.args[0], (2, 3)))
-        output.args = (mean,)
+            output.args = fx.node.map_arg(output.args,
+                                          lambda n: gm.graph.call_method("mean", (n, (2, 3))))
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
