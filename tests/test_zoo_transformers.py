@@ -176,3 +176,21 @@ def test_transformers_attention_is_refused_or_flagged(arch: str, config: dict[st
         assert fcn.geometry.crop_equivalent is False
         assert fcn.geometry.notes
     assert fingerprint(model) == before
+
+
+def test_transformers_program_saved_as_pt2_loads_and_converts(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A .pt2 of a transformers model returns a ModelOutput, whose pytree type is registered only
+    once transformers.modeling_outputs is imported; loading imports it and converts the program."""
+    from convolutionalize.models import load_model
+
+    model = _create("ResNet", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"))
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=(dims,), strict=False)
+    torch.export.save(program, str(tmp_path / "resnet.pt2"))
+    fcn = convolutionalize(load_model(str(tmp_path / "resnet.pt2")), input_size=(64, 64))
+    assert "capture: torch.export" in fcn.plan.describe()
+    sy, sx = fcn.geometry.stride
+    with torch.no_grad():
+        out = fcn(torch.randn(1, 3, 64 + 2 * sy, 64 + 3 * sx))
+    assert type(out).__name__ == "ImageClassifierOutputWithNoAttention"
+    assert out.logits.shape[-2:] == fcn.geometry.cells(64 + 2 * sy, 64 + 3 * sx) == (3, 4)

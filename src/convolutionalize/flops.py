@@ -32,7 +32,8 @@ def count_flops(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     x = torch.zeros(input_shape, device=device, dtype=dtype)
     modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    for m in module.modules():  # not module.eval(): exported programs refuse it (set at export)
+        m.training = False
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             module(x)

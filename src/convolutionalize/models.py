@@ -26,9 +26,11 @@ without them. Every failure a caller can fix is a one-line ``ValueError`` (or
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import pickle
+import re
 import socket
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
@@ -345,12 +347,48 @@ def _is_exported_program(path: Path) -> bool:
 def _exported_module(path: Path) -> nn.Module:
     """``torch.export.load(path).module()``: the program as a runnable ``GraphModule``, in the
     mode it was exported in (exported programs refuse ``.eval()``: export in eval mode)."""
+    for attempt in range(2):
+        with _collected_logs("torch.export") as messages:
+            try:
+                return torch.export.load(str(path)).module()
+            except Exception as exc:  # the deserializer raises many types (KeyError, ...)
+                if attempt == 0 and _import_output_type(messages):
+                    continue
+                raise ValueError(
+                    f"cannot read the torch.export file {path}: {_first_line(exc)}"
+                ) from exc
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _collected_logs(name: str) -> Iterator[list[str]]:
+    """The messages logger ``name`` emits, kept from stderr (torch logs why a load failed)."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(  # type: ignore[method-assign]
+        logging.Formatter().format(record))  # with the traceback, where the reason is
+    logger = logging.getLogger(name)
+    saved = logger.handlers, logger.propagate
+    logger.handlers, logger.propagate = [handler], False
     try:
-        return torch.export.load(str(path)).module()
-    except Exception as exc:  # the deserializer raises many types (KeyError, RuntimeError, ...)
-        raise ValueError(
-            f"cannot read the torch.export file {path}: {_first_line(exc)}"
-        ) from exc
+        yield messages
+    finally:
+        logger.handlers, logger.propagate = saved
+
+
+def _import_output_type(messages: list[str]) -> bool:
+    """A program whose output is, say, a transformers ``ModelOutput`` loads only once the module
+    that registers that type with torch's pytree is imported: import it (an installed module
+    named by the error, never code from the file) and say whether that was the problem."""
+    for message in messages:
+        found = re.search(r"Deserializing ([\w.]+) in pytree is not registered", message)
+        if found:
+            try:
+                importlib.import_module(found.group(1).rpartition(".")[0])
+            except ImportError:
+                return False
+            return True
+    return False
 
 
 def _is_torchscript(path: Path) -> bool:

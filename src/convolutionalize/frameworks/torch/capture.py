@@ -29,7 +29,7 @@ from torch.utils._pytree import TreeSpec
 from ...errors import NotConvolutionalizable
 from . import graph as g
 
-__all__ = ["Capture", "capture"]
+__all__ = ["Capture", "capture", "quiet_torch_logs"]
 
 Method = Literal["torch.fx", "torch.export"]
 QUIET_LOGGERS = ("torch.fx.experimental.symbolic_shapes", "torch._dynamo", "torch._export",
@@ -78,7 +78,7 @@ def _export(model: nn.Module, channels: int, input_size: tuple[int, int], fx_rea
     example = torch.randn(2, channels, *input_size, generator=torch.Generator().manual_seed(0))
     dynamic = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     try:
-        with torch.no_grad(), _quiet_torch_logs():
+        with torch.no_grad(), quiet_torch_logs():
             program = torch.export.export(model, (example.to(device, dtype),),
                                           dynamic_shapes=(dynamic,), strict=False)
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependent, ...)
@@ -97,7 +97,7 @@ def _captured(exported: fx.GraphModule, name: str, out_spec: TreeSpec) -> Captur
 
 
 @contextlib.contextmanager
-def _quiet_torch_logs() -> Iterator[None]:
+def quiet_torch_logs() -> Iterator[None]:
     """torch.export prints the partial graph to stderr when it fails, and its log handlers
     print warnings (guards, unbacked symbols); the library does not print, and a refusal
     says what failed."""
