@@ -1,6 +1,13 @@
-"""Property test: random padding-free CNN classifiers, every head form, equal on true crops."""
+"""Property test: random padding-free CNN classifiers, every head form, equal on true crops.
+
+The random nets have non-square native sizes, any axis permutation before a flatten, and
+one to three outputs (a softmax on one of them) after a shared hidden layer: every output's
+map must have the predicted cells and equal the original on each cell's true crop.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -14,29 +21,64 @@ from conftest import cells_and_crops, flattened_linears, rel_error
 
 FLATTEN_FORMS = ["nn.Flatten", "torch.flatten", "view", "reshape"]
 POOL_FORMS = ["mean", "mean-keepdim", "adaptive_avg_pool2d", "AdaptiveMaxPool2d", "amax",
-              "AdaptiveAvgPool2d-squeeze"]
+              "AdaptiveAvgPool2d-squeeze", "nhwc-mean"]
+PERMUTATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "none": lambda x: x,
+    "permute(0,2,3,1)": lambda x: x.permute(0, 2, 3, 1),
+    "permute(0,3,2,1)": lambda x: x.permute(0, 3, 2, 1),
+    "transpose(2,3)": lambda x: x.transpose(2, 3),
+    "transpose(-1,-2)": lambda x: x.transpose(-1, -2),
+}
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tensor.relu": lambda x: x.relu(),
                "hardswish": F.hardswish, "none": lambda x: x}
 
 
 class RandomClassifier(nn.Module):
-    def __init__(self, body: nn.Sequential, form: str, pre: nn.Sequential, act: str,
-                 post: nn.Sequential) -> None:
+    """body -> pool or (permute, contiguous) flatten -> pre -> act -> one ``post`` per output,
+    a softmax over classes on output ``softmax``; several outputs come back as a tuple."""
+
+    def __init__(self, body: nn.Sequential, form: str, permute: tuple[str, bool], pre: nn.Sequential,
+                 act: str, posts: list[nn.Sequential], softmax: int | None) -> None:
         super().__init__()
-        self.body, self.form, self.pre, self.act, self.post = body, form, pre, act, post
+        self.body, self.form, self.pre, self.act = body, form, pre, act
+        self.permute, self.contiguous = permute
+        self.posts, self.softmax = nn.ModuleList(posts), softmax
         self.flatten = nn.Flatten()
         self.max_pool = nn.AdaptiveMaxPool2d(1)
         self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _pool_flatten(self, self.body(x), self.form)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        x = self.body(x)
+        if self.form in FLATTEN_FORMS:
+            x = PERMUTATIONS[self.permute](x)
+            x = x.contiguous() if self.contiguous else x
+        x = _pool_flatten(self, x, self.form)
         x = self.pre(x)
         x = ACTIVATIONS[self.act](x)
-        return self.post(x)
+        outs = [post(x) for post in self.posts]
+        if self.softmax is not None:
+            outs[self.softmax] = F.softmax(outs[self.softmax], dim=1)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+class Output(nn.Module):
+    """Output ``index`` of a model with one or several outputs, with the model's geometry
+    (if converted), so that ``cells_and_crops`` checks one output at a time."""
+
+    def __init__(self, net: nn.Module, index: int) -> None:
+        super().__init__()
+        self.net, self.index = net, index
+        self.geometry = getattr(net, "geometry", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        return out if isinstance(out, torch.Tensor) else out[self.index]
 
 
 def _pool_flatten(net: RandomClassifier, x: torch.Tensor, form: str) -> torch.Tensor:
     """The head forms users write between the last map and the first Linear."""
+    if form == "nhwc-mean":
+        return x.permute(0, 2, 3, 1).mean((1, 2))
     if form == "nn.Flatten":
         return net.flatten(x)
     if form == "torch.flatten":
@@ -82,7 +124,8 @@ def classifiers(draw: st.DrawFn) -> tuple[RandomClassifier, tuple[int, int], int
                                                 nn.MaxPool2d(3, stride=1)])))
         c = out
     body = nn.Sequential(*layers).eval()
-    native = (draw(st.integers(10, 20)), draw(st.integers(10, 20)))
+    height = draw(st.integers(10, 20))
+    native = (height, 10 + (height - 10 + draw(st.integers(1, 10))) % 11)  # non-square, 10..20
     try:
         with torch.no_grad():
             feature = body(torch.zeros(1, channels, *native)).shape
@@ -91,6 +134,9 @@ def classifiers(draw: st.DrawFn) -> tuple[RandomClassifier, tuple[int, int], int
     form = draw(st.sampled_from(FLATTEN_FORMS + POOL_FORMS))
     flat = form in FLATTEN_FORMS
     assume(not flat or feature[2] * feature[3] <= 36)
+    permute = draw(st.sampled_from(sorted(PERMUTATIONS))) if flat else "none"
+    # PyTorch cannot ``view`` a permuted, non-contiguous map: such a model does not run
+    contiguous = (form == "view" and permute != "none") or draw(st.booleans())
     width = c * feature[2] * feature[3] if flat else c
     hidden = draw(st.integers(3, 8))
     pre: list[nn.Module] = []
@@ -100,13 +146,21 @@ def classifiers(draw: st.DrawFn) -> tuple[RandomClassifier, tuple[int, int], int
         if norm == "bn":
             pre[-1].running_mean.uniform_(-0.5, 0.5)  # type: ignore[operator]
     pre += [nn.Dropout(0.3), nn.Linear(width, hidden)]
+    act = draw(st.sampled_from(sorted(ACTIVATIONS)))
+    posts = [_post(draw, hidden) for _ in range(draw(st.sampled_from([1, 2, 3])))]
+    softmax = draw(st.integers(0, len(posts) - 1)) if len(posts) > 1 else None
+    model = RandomClassifier(body, form, (permute, contiguous), nn.Sequential(*pre), act, posts,
+                             softmax)
+    return model.eval(), native, channels
+
+
+def _post(draw: st.DrawFn, hidden: int) -> nn.Sequential:
+    """One output's head after the shared hidden layer."""
     post: list[nn.Module] = [draw(st.sampled_from([nn.ReLU(), nn.Identity(), nn.Hardswish()]))]
     if draw(st.booleans()):
         post += [nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
     post.append(nn.Linear(hidden, draw(st.integers(2, 5))))
-    model = RandomClassifier(body, form, nn.Sequential(*pre),
-                             draw(st.sampled_from(sorted(ACTIVATIONS))), nn.Sequential(*post))
-    return model.eval(), native, channels
+    return nn.Sequential(*post)
 
 
 @settings(max_examples=60)
@@ -123,6 +177,11 @@ def test_random_padding_free_classifiers_equal_their_crops(
     size = (native[0] + extra_y * geo.stride[0], native[1] + extra_x * geo.stride[1])
     image = torch.randn(1, channels, *size)
     with torch.no_grad():
-        assert tuple(fcn(image).shape[-2:]) == geo.cells(*size)
-    dense, expected = cells_and_crops(model, fcn, image)
-    assert rel_error(dense, expected) < 1e-4
+        out, original = fcn(image), model(image[..., :native[0], :native[1]])
+    assert type(out) is type(original)
+    maps = [out] if isinstance(out, torch.Tensor) else list(out)
+    assert len(maps) == len(model.posts)
+    assert all(tuple(m.shape[-2:]) == geo.cells(*size) for m in maps)
+    for index in range(len(maps)):
+        dense, expected = cells_and_crops(Output(model, index), Output(fcn, index), image)
+        assert rel_error(dense, expected) < 1e-4, f"output {index}"

@@ -28,12 +28,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
 
 from ._files import atomic_path
 from .api import geometry_of, is_keras_model, is_onnx_model
 from .geometry import Geometry
-from .outputs import output_keys
+from .outputs import output_keys, tensor_leaves
 
 __all__ = ["FORMATS", "ONNX_RTOL", "export_program", "save"]
 
@@ -170,7 +169,7 @@ def _write_onnx(fcn: nn.Module, path: Path) -> None:
 def _check_onnx(session: object, fcn: nn.Module, x: torch.Tensor) -> None:
     """Raise if onnxruntime's outputs for ``x`` differ from ``fcn``'s (every output, in order)."""
     with torch.no_grad():
-        expected = [t.double().cpu() for t in tree_leaves(fcn(x)) if isinstance(t, torch.Tensor)]
+        expected = [t.double().cpu() for t in tensor_leaves(fcn(x))]
     actual = session.run(None, {"image": x.cpu().numpy()})  # type: ignore[attr-defined]
     if len(actual) != len(expected):
         raise ValueError(f"the ONNX model has {len(actual)} outputs, PyTorch {len(expected)}")

@@ -14,11 +14,26 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_leaves
 
-__all__ = ["OutputKey", "output_keys", "select_output"]
+__all__ = ["OutputKey", "output_keys", "select_output", "tensor_leaves"]
 
 OutputKey = int | str | None
+
+
+def tensor_leaves(out: Any) -> list[torch.Tensor]:
+    """Every tensor in ``out``, in order: through tuples, lists, dicts, dataclasses and
+    ``ModelOutput`` (torch's pytree does not know plain dataclasses)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        values: Any = out.values()
+    elif dataclasses.is_dataclass(out) and not isinstance(out, type):
+        values = [getattr(out, f.name) for f in dataclasses.fields(out)]
+    elif isinstance(out, (list, tuple)):
+        values = out
+    else:
+        return []
+    return [leaf for value in values for leaf in tensor_leaves(value)]
 
 
 def _named_tensors(out: Any) -> list[tuple[int | str, torch.Tensor]]:
@@ -28,7 +43,7 @@ def _named_tensors(out: Any) -> list[tuple[int | str, torch.Tensor]]:
     elif dataclasses.is_dataclass(out) and not isinstance(out, type):
         items = [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
     else:
-        items = list(enumerate(tree_leaves(out)))
+        items = list(enumerate(tensor_leaves(out)))
     tensors = [(key, value) for key, value in items if isinstance(value, torch.Tensor)]
     return [(i if isinstance(key, int) else key, value) for i, (key, value) in enumerate(tensors)]
 

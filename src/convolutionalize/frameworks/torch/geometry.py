@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from ...geometry import BodyGeometry, Span, same_padding
 from .graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
-from .head import Value
+from .head import REDUCTIONS, Value
 
 __all__ = ["body_geometry"]
 
@@ -28,7 +28,7 @@ GLOBAL_OPS = frozenset({"GroupNorm", "group_norm", "InstanceNorm2d", "instance_n
                         "AdaptiveAvgPool2d", "adaptive_avg_pool2d", "AdaptiveMaxPool2d",
                         "adaptive_max_pool2d", "MultiheadAttention",
                         "scaled_dot_product_attention", "matmul", "bmm", "baddbmm", "einsum"})
-SHAPE_KEEPING = frozenset({"getitem", "chunk", "split", "cat", "permute", "transpose", "view",
+SHAPE_KEEPING = frozenset({"getitem", "chunk", "split", "cat", "stack", "permute", "transpose", "view",
                            "reshape", "flatten", "unflatten", "BatchNorm2d", "BatchNormAct2d",
                            "FrozenBatchNorm2d", "FrozenBatchNormAct2d", "ChannelShuffle",
                            "StochasticDepth", "stochastic_depth", "drop_path", "DropPath",
@@ -188,6 +188,8 @@ def _channelwise(node: fx.Node, name: str, module: nn.Module | None, src: Value)
         dim = module.dim if module is not None else arg(node, 1, "dim")
         return isinstance(dim, int) and src.axes is not None and dim % 4 not in src.axes
     if name == "getitem":  # an element of a tuple (chunk, split), or a channel index
+        return True
+    if name in REDUCTIONS:  # over branches or channels (a map stays a map: head.py checked)
         return True
     return name in SHAPE_KEEPING
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import operator
 import sys
 from collections.abc import Iterator
@@ -85,7 +86,7 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
     """Run ``gm`` on ``x`` recording every node's output shape; returns the output."""
-    with torch.no_grad():
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
         return ShapeProp(gm).propagate(x)
 
 

@@ -9,6 +9,8 @@ Every tensor node gets a *kind*:
 - ``context``: a summary of the whole map that is not a feature vector (a squeeze-excitation
   gate viewed back to ``(N, C, 1, 1)``, a global-context block's attention-weighted sum): its
   shape does not change with the input size. Merged back into a map it is global context;
+- ``merged``: a map whose two spatial axes were flattened into its last one
+  (``x.flatten(2)``, ``x.view(b, c, -1)``), waiting for the mean that makes it a global pool;
 - ``seq``: anything else derived from a map (tokens, windows): cannot slide.
 
 The head is everything between the last map and the outputs: nodes of kind pooled,
@@ -46,11 +48,11 @@ from .graph import (
 
 __all__ = ["Value", "find_head", "propagate_kinds"]
 
-Kind = Literal["map", "pooled", "vector", "flat", "context", "seq"]
+Kind = Literal["map", "pooled", "vector", "flat", "merged", "context", "seq"]
 FLATTENS = frozenset({"flatten", "view", "reshape", "squeeze", "Flatten"})
 RESHAPES = FLATTENS | {"unsqueeze", "getitem", "expand", "unflatten", "_unsafe_view"}
 REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var",
-                        "logsumexp", "norm"})
+                        "logsumexp", "norm", "linalg_vector_norm"})
 SHAPE_QUERIES = frozenset({"size", "getattr", "dim", "sym_size"})  # x.size(0) feeding x.view(x.size(0), -1)
 GLOBAL_REDUCERS = {"mean": "avg", "amax": "max"}
 
@@ -137,7 +139,7 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
         return Value("flat", flat=(in_shape[c_axis], in_shape[ay], in_shape[ax]), axes=src.axes,
                      flat_layout=layout[1:])
     if name in REDUCTIONS:
-        return _channel_reduction(node, src, in_shape, out_shape)
+        return _channel_reduction(node, name, src, in_shape, out_shape)
     if name in ("permute", "transpose"):
         perm = _permutation(node, name, len(in_shape))
         if perm is None:
@@ -147,24 +149,29 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
         # reshapes that keep the two spatial axes last and unchanged (channel shuffle)
         spatial = (in_shape[ay], in_shape[ax])
         r = len(out_shape)
-        if (ay, ax) == (len(in_shape) - 2, len(in_shape) - 1) and out_shape[-2:] == spatial:
+        trailing = (ay, ax) == (len(in_shape) - 2, len(in_shape) - 1)
+        if trailing and out_shape[-2:] == spatial:
             return Value("map", (r - 2, r - 1))
+        if trailing and out_shape == (*in_shape[:-2], spatial[0] * spatial[1]):
+            return Value("merged", (r - 1, r - 1))  # x.flatten(2): a global pool may follow
         return Value("seq")
     if len(out_shape) != len(in_shape):
         return Value("seq")
-    if (out_shape[ay], out_shape[ax]) == (1, 1) != (in_shape[ay], in_shape[ax]):
-        return Value("context")  # reduced over the map, dims kept (ConvNeXt-V2's GRN norm)
     return Value("map", src.axes)
 
 
-def _channel_reduction(node: fx.Node, src: Value, in_shape: tuple[int, ...],
+def _channel_reduction(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
                        out_shape: tuple[int, ...]) -> Value:
     """A sum / mean / max over axes other than the spatial ones (selective-kernel branches)
-    is still a map; the spatial axes move left past the reduced ones unless kept."""
+    is still a map; the spatial axes move left past the reduced ones unless kept. One over
+    the spatial axes (not a global pool the head can use) is a summary of the whole map."""
     assert src.axes is not None
-    dims = normalize_dims(arg(node, 1, "dim"), len(in_shape))
-    if dims is None or set(dims) & set(src.axes):
+    at = 2 if name in ("norm", "linalg_vector_norm") else 1  # torch.norm(x, p, dim, keepdim)
+    dims = normalize_dims(arg(node, at, "dim"), len(in_shape))
+    if dims is None:
         return Value("seq")
+    if set(dims) & set(src.axes):
+        return Value("context")  # e.g. ConvNeXt-V2's GRN: a norm over the map, dims kept
     if len(out_shape) == len(in_shape):  # keepdim
         return Value("map", src.axes)
     ay, ax = (a - sum(d < a for d in dims) for a in src.axes)
@@ -212,6 +219,8 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
         out_shape = shape_of(node)
         if out_shape is None:  # tuples (chunk, split, pool with indices): like their input
             values[node] = kinds[0]
+        elif any(v.kind == "merged" for v in kinds):
+            values[node] = _from_merged(node, name, kinds, out_shape)
         elif any(v.kind == "seq" for v in kinds):
             values[node] = Value("seq")
         elif maps := [v for v in kinds if v.kind == "map"]:
@@ -234,6 +243,17 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
             if other.get(node) == out_shape:  # the same at another input size: a summary
                 values[node] = Value("context")
     return values
+
+
+def _from_merged(node: fx.Node, name: str, kinds: list[Value], out_shape: tuple[int, ...]) -> Value:
+    """``x.flatten(2).mean(-1)`` is a global pool; anything else on merged axes is tokens."""
+    src = kinds[0]
+    assert src.axes is not None
+    if len(kinds) == 1 and name in GLOBAL_REDUCERS and len(out_shape) == 2:
+        dims = normalize_dims(arg(node, 1, "dim"), len(out_shape) + 1)
+        if dims == (src.axes[0],):
+            return Value("vector", reduce=GLOBAL_REDUCERS[name])  # type: ignore[arg-type]
+    return Value("seq")
 
 
 def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int, ...],
@@ -261,9 +281,17 @@ def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int,
 def output_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]) -> list[fx.Node]:
     """The tensors the model returns that depend on its image, in output order (a tuple,
     list, dict or dataclass of outputs gives several)."""
+    def leaves(node: fx.Node) -> list[fx.Node]:
+        if node in values:
+            return [node]
+        if node.meta.get("tensor_meta") is not None or node.op == "get_attr":
+            raise NotConvolutionalizable(f"the output '{node.name}' does not depend on the input "
+                                         "image; every output of a converted model must be a map")
+        # a container built in forward (a dataclass): its tensors are the outputs
+        return [leaf for n in input_nodes(node) for leaf in leaves(n)]
+
     output = next(n for n in gm.graph.nodes if n.op == "output")
-    leaves = [n for n in input_nodes(output) if n in values]
-    return list(dict.fromkeys(leaves))
+    return list(dict.fromkeys(leaf for n in input_nodes(output) for leaf in leaves(n)))
 
 
 def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]
@@ -305,6 +333,7 @@ def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]
 def _seq_reason(gm: fx.GraphModule, values: dict[fx.Node, Value], node: fx.Node) -> str:
     """Name the first operation that turned the spatial map into something else."""
     first = next(n for n in gm.graph.nodes if values.get(n, Value("map")).kind == "seq")
+    first = next((n for n in tensor_inputs(first, values) if values[n].kind == "merged"), first)
     return (
         f"node '{first.name}' ({first.op} {first.target}) reshapes the spatial map into tokens or "
         "windows (a transformer or windowed attention), so the classifier cannot slide as "
@@ -339,6 +368,12 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
     src = ins[0]
     module = modules.get(str(node.target)) if node.op == "call_module" else None
     where = f"head node '{node.name}' ({name})"
+    if src.kind == "merged":
+        return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
+                        f"{fmap.size[0]}x{fmap.size[1]} (of the flattened map)", reduce=value.reduce)
+    if value.kind == "merged":
+        return HeadStep(node.name, "keep", f"{name} of the map's spatial axes (read by the global "
+                        "pool; removed with it)")
     if src.kind == "map" and src.pool_to is None:
         if value.pool_to is not None:
             return _adaptive_step(node, name, value, fmap)

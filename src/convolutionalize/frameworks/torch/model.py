@@ -12,10 +12,10 @@ import dataclasses
 
 import torch
 from torch import fx, nn
-from torch.utils._pytree import tree_leaves
 
 from ...errors import NotConvolutionalizable
 from ...geometry import Geometry, PoolMode, geometry_from_plan
+from ...outputs import tensor_leaves
 from ...plan import HeadPlan
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
 from . import graph as g
@@ -171,7 +171,7 @@ class _Probe:
         (sy, sx), (oy, ox), (h, w) = self.geometry.stride, self.geometry.offset, self.geometry.window
         y, x = cell[0] * sy + oy, cell[1] * sx + ox
         with torch.no_grad():
-            return _tensors(self.analysis.gm(image[..., y:y + h, x:x + w]))
+            return tensor_leaves(self.analysis.gm(image[..., y:y + h, x:x + w]))
 
     def check(self, net: fx.GraphModule, native_error: float | None) -> SelfCheck:
         failures = []
@@ -179,7 +179,7 @@ class _Probe:
             size = (int(image.shape[-2]), int(image.shape[-1]))
             try:
                 with torch.no_grad():
-                    maps = _tensors(net(image))
+                    maps = tensor_leaves(net(image))
             except Exception as exc:  # e.g. a block that needs multiples of its size
                 failures.append(f"at {size[0]}x{size[1]}: {str(exc).strip().splitlines()[0]}")
                 continue
@@ -213,14 +213,10 @@ class _Probe:
         return expected
 
 
-def _tensors(out: object) -> list[torch.Tensor]:
-    return [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-
-
 def _native_error(out: object, expected: object, plan: HeadPlan, pool: PoolMode) -> float | None:
     """Native-size agreement of every output: the 1x1 window map (or global output) equals
     the original's; with pool='none' the mean of the map does when the head is affine."""
-    errors = [_leaf_error(a, e, plan, pool) for a, e in zip(_tensors(out), _tensors(expected))]
+    errors = [_leaf_error(a, e, plan, pool) for a, e in zip(tensor_leaves(out), tensor_leaves(expected))]
     return None if not errors or None in errors else max(errors)  # type: ignore[type-var]
 
 

@@ -78,7 +78,7 @@ def _flatten(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
     """The flatten goes; a map in another axis order is brought to NCHW in its place (the
     Linear's kernel is reordered to match), so the map's rows follow the image's height."""
     permutation = to_nchw(rw.plan.feature.layout)
-    if permutation is not None and rw.plan.global_pooling is False:
+    if permutation is not None and node.args[0] is rw.feature:  # (a pooled map is NCHW already)
         with rw.gm.graph.inserting_after(node):
             permuted = rw.gm.graph.call_method("permute", (node.args[0], *permutation))
         node.replace_all_uses_with(permuted)
