@@ -876,3 +876,50 @@ def test_an_output_that_ignores_the_image_is_refused_by_name() -> None:
     misread geometry)."""
     with pytest.raises(NotConvolutionalizable, match=r"output .*does not depend on (its|the) input"):
         convolutionalize(_build(OneConstantOutput), (20, 28))
+
+
+# --------------------------------------------------------------------------- code fx cannot trace
+
+
+class ReadsSizeIntoInt(nn.Module):
+    """``int(x.shape[-1])`` in forward (older zoo code): fx cannot trace it, torch.export can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 8, 3, stride=2))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.body(x)
+        return self.fc(f.view(f.shape[0], int(f.shape[1]), -1).mean(-1))
+
+
+class UnregisteredModules(nn.Module):
+    """Modules made in forward and kept in a plain list (not submodules): fx refuses them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = [nn.Conv2d(3, 6, 3), nn.Conv2d(6, 8, 3)]  # a list, not an nn.ModuleList
+        self.fc = nn.Linear(8 * 6 * 10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = nn.ReLU()(conv(x))
+        return self.fc(x.flatten(1))
+
+
+@pytest.mark.parametrize("cls", [ReadsSizeIntoInt, UnregisteredModules], ids=["int-of-size", "unregistered"])
+def test_code_fx_cannot_trace_converts_through_torch_export(cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = cls().eval()
+    with pytest.raises(NotConvolutionalizable):
+        from convolutionalize.frameworks.torch.graph import trace
+
+        trace(model)
+    fcn = convolutionalize(model, input_size=(10, 14))
+    assert "capture: torch.export" in fcn.plan.describe()
+    x = torch.randn(2, 3, 10, 14)
+    with torch.no_grad():
+        assert rel_error(fcn(x).flatten(1), model(x)) <= 1e-4
+        big = torch.randn(1, 3, 10 + 2 * fcn.geometry.stride[0], 14 + 3 * fcn.geometry.stride[1])
+        assert fcn(big).shape[-2:] == fcn.geometry.cells(*big.shape[-2:]) == (3, 4)

@@ -79,7 +79,8 @@ def convolutionalize(
 
 
 def load_model_file(path: str | os.PathLike[str]) -> Any:
-    """Load a ``.onnx`` or ``.keras`` model file (the kinds ``convolutionalize`` takes by path)."""
+    """Load a ``.onnx``, ``.keras`` or legacy HDF5 ``.h5`` / ``.hdf5`` Keras model file (the
+    kinds ``convolutionalize`` takes by path)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file {path} does not exist")
@@ -88,11 +89,11 @@ def load_model_file(path: str | os.PathLike[str]) -> Any:
         from .frameworks.onnx.model import load_onnx
 
         return load_onnx(path)
-    if suffix == ".keras":
+    if suffix in (".keras", ".h5", ".hdf5"):
         from .frameworks.keras.model import load_keras
 
         return load_keras(path)
-    raise ValueError(f"cannot load {path.name}: convolutionalize reads .onnx and .keras files "
+    raise ValueError(f"cannot load {path.name}: convolutionalize reads .onnx, .keras and .h5 files "
                      "(load PyTorch models yourself and pass the nn.Module)")
 
 

@@ -49,14 +49,15 @@ __all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".keras", ".onnx")
+MODEL_SUFFIXES = (".pt", ".pth", ".pt2", ".keras", ".h5", ".hdf5", ".onnx")
 RANDOM = "random"
+_FILE_SUFFIXES = (".keras", ".h5", ".hdf5", ".onnx")  # files that carry their weights (load_model_file)
 DEFAULT_INPUT_SIZE = (224, 224)
 PROBE_TIMEOUT_S = 3.0  # how long a weights host may take to answer before we call it offline
 DOWNLOAD_TIMEOUT_S = 30.0  # socket timeout while downloading, so a stalled transfer fails
 
 _SPEC_HELP = ("use torchvision:NAME, timm:NAME, demo:digits, a .pt2 (torch.export) file, a .pt/.pth "
-              "file holding an nn.Module, or a .keras / .onnx model file")
+              "file holding an nn.Module, or a .keras / .h5 / .onnx model file")
 _UNSAFE_GLOBAL = "Unsupported global"  # how torch's weights-only unpickler names a pickled class
 _OFFLINE_HINT = (
     "pass --weights random (random initialisation) or --weights PATH (a state_dict file)"
@@ -108,7 +109,7 @@ def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
     recorded = getattr(model, "input_size", None)  # e.g. demo:digits
     if isinstance(recorded, (tuple, list)) and len(recorded) == 2:
         return (int(recorded[0]), int(recorded[1]))
-    if Path(spec).suffix.lower() in (".keras", ".onnx"):
+    if Path(spec).suffix.lower() in _FILE_SUFFIXES:
         return None  # the file's static input shape says it (the converter asks otherwise)
     raise ValueError(
         f"{spec} does not record its native (training) input size; pass --input-size H W"
@@ -275,12 +276,12 @@ def _file_model(path: Path, weights: str | None, trust_pickle: bool) -> nn.Modul
     if not path.is_file():
         raise ValueError(f"model file {path} not found")
     exported = suffix == ".pt2" or _is_exported_program(path)
-    if weights is not None and (weights == RANDOM or exported or suffix in (".keras", ".onnx")):
+    if weights is not None and (weights == RANDOM or exported or suffix in _FILE_SUFFIXES):
         raise ValueError(
             f"--weights {weights} does not apply to the model file {path.name}: its weights "
             "are in the file"
         )
-    if suffix in (".keras", ".onnx"):
+    if suffix in _FILE_SUFFIXES:
         return load_model_file(path)
     if exported:
         return _exported_module(path)

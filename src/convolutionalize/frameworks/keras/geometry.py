@@ -68,7 +68,7 @@ def _apply(a: Analysis, call: Call, ys: Span, xs: Span, geo: BodyGeometry) -> tu
 
 
 def _local(a: Analysis, call: Call) -> bool:
-    """Per-location layers: elementwise, channel-only, or acting on the channel axis."""
+    """Per-location layers: elementwise, channel-only, acting on the channel axis, or moving axes."""
     kind, op = call.kind, call.op
     if kind in ("Dense", "EinsumDense"):
         return a.layout == "NHWC"
@@ -77,5 +77,7 @@ def _local(a: Analysis, call: Call) -> bool:
         axes = axis if isinstance(axis, (list, tuple)) else [axis]
         return [x % 4 for x in axes] == [a.channel_axis]
     if kind == "Conv2D" or kind in ELEMENTWISE:
+        return True
+    if kind == "Permute":  # spans follow the image axes, wherever the permute puts them
         return True
     return False

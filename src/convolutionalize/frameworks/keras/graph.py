@@ -97,14 +97,24 @@ class Graph:
         if fn is None or not getattr(model, "built", False) or not model.inputs:
             raise ValueError(f"{type(model).__name__} '{model.name}' has no symbolic graph: build a "
                              "functional model, or give the Sequential an Input((H, W, C)) first")
-        if len(fn.inputs) != 1 or len(fn.outputs) != 1:
+        if len(fn.inputs) != 1:
             raise NotConvolutionalizable(
-                f"model '{model.name}' has {len(fn.inputs)} inputs and {len(fn.outputs)} outputs; "
-                "only a single-image classifier with one output can slide")
+                f"model '{model.name}' has {len(fn.inputs)} inputs; only a classifier of one image "
+                "can slide")
         self.input = fn.inputs[0]
         self.canon: dict[int, Any] = {}
         self.calls: list[Call] = []
-        self.output = flatten_graph(fn, [self.input], self.canon, self.calls)[0]
+        self.outputs = flatten_graph(fn, [self.input], self.canon, self.calls)
+        self.structure = getattr(fn, "_outputs_struct", self.outputs)  # a list or dict of heads
+
+    @property
+    def output(self) -> Any:
+        """The first output (the only one of a single-head classifier)."""
+        return self.outputs[0]
+
+    def pack(self, tensors: list[Any]) -> Any:
+        """New output tensors (in ``outputs`` order) in the model's own output structure."""
+        return keras.tree.pack_sequence_as(self.structure, tensors)
 
     def replay(self, new_input: Any, handle: Callable[[Call, dict[int, Any]], list[Any] | None]
                ) -> dict[int, Any]:

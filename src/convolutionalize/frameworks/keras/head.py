@@ -27,16 +27,21 @@ from .graph import (
 
 @dataclass(frozen=True)
 class Value:
+    """The kind of one tensor; ``order`` names a map's axes when a ``Permute`` moved them
+    (``"NCWH"`` after ``Permute((3, 2, 1))`` of an NHWC map; None: the model's layout)."""
+
     kind: Kind
     reduce: Literal["avg", "max"] | None = None
     flat: tuple[int, int, int, str] | None = None  # (C, H, W, order) of a flattened map
+    order: str | None = None
 
 
 class Analysis:
     """Kinds, shapes and the HeadPlan of a private copy of a Keras model."""
 
     def __init__(self, model: keras.Model, input_size: object) -> None:
-        self.graph = Graph(private_copy(model))
+        self.model = private_copy(model)  # runs as "the original" in the self-check
+        self.graph = Graph(self.model)
         self.layout = layout_of_calls(self.graph.calls)
         self.axes = (1, 2) if self.layout == "NHWC" else (2, 3)
         self.channel_axis = 3 if self.layout == "NHWC" else 1
@@ -91,22 +96,20 @@ class Analysis:
 
     def _value(self, call: Call, ins: list[Value]) -> Value:
         out = self.shapes[id(call.outputs[0])]
-        in_shape = self.shapes[id(call.inputs[0])]
         kinds = {v.kind for v in ins}
         if "seq" in kinds:
             return Value("seq")
         if "map" in kinds:
+            maps = [v for v in ins if v.kind == "map"]
+            orders = {self.order(v) for v in maps}
+            if len(orders) > 1:
+                return Value("seq")  # maps in different axis orders: no common spatial axes
             if len(ins) > 1:
-                return Value("map") if len(out) == 4 else Value("seq")
-            if call.kind in GLOBAL_POOLS:
-                return Value("pooled" if len(out) == 4 else "vector", reduce=GLOBAL_POOLS[call.kind])
-            if call.kind in ("Flatten", "Reshape") and len(out) == 2:
-                c, (h, w) = in_shape[self.channel_axis], (in_shape[self.axes[0]], in_shape[self.axes[1]])
-                transposes = call.kind == "Flatten" and getattr(call.op, "_channels_first", False)
-                order = "HWC" if self.layout == "NHWC" or transposes else "CHW"
-                return Value("flat", flat=(c, h, w, order))
-            return Value("map") if len(out) == 4 and call.kind not in ("Reshape", "Permute") else (
-                Value("seq"))
+                per_element = maps[0].order is None or not _channel_op(call.op)
+                return Value("map", order=maps[0].order) if len(out) == 4 and per_element else (
+                    Value("seq"))
+            return self._from_map(call, ins[0], out)
+        in_shape = self.shapes[id(call.inputs[0])]
         src = ins[0]
         if src.kind == "flat":
             if call.kind == "Dense":
@@ -118,18 +121,47 @@ class Analysis:
             return Value("pooled")
         return Value("seq")
 
+    def order(self, value: Value) -> str:
+        """The axis order of a map tensor: the model's layout unless a ``Permute`` moved it."""
+        return value.order or self.layout
+
+    def _from_map(self, call: Call, src: Value, out: tuple[int, ...]) -> Value:
+        """The value of a call whose one input is a map (in the model's layout or permuted)."""
+        in_shape, order, kind = self.shapes[id(call.inputs[0])], self.order(src), call.kind
+        if kind in ("Flatten", "Reshape") and len(out) == 2:
+            c, h, w = (in_shape[order.index(a)] for a in "CHW")
+            transposes = kind == "Flatten" and getattr(call.op, "_channels_first", False)
+            flat = order[2:] + order[1] if transposes else order[1:]  # Keras moves axis 1 last
+            return Value("flat", flat=(c, h, w, flat))
+        if kind == "Permute" and len(out) == 4:
+            permuted = "N" + "".join(order[d] for d in call.op.dims)
+            return Value("map", order=None if permuted == self.layout else permuted)
+        if kind == "PReLU" and _per_pixel(call.op, order):
+            raise NotConvolutionalizable(
+                f"layer '{call.name}' (PReLU) has a slope per pixel of the "
+                f"{in_shape[order.index('H')]}x{in_shape[order.index('W')]} map, which cannot slide; "
+                "rebuild it with shared_axes over height and width (e.g. shared_axes=[1, 2])")
+        if src.order is not None:  # a permuted map: only per-element layers keep its meaning
+            per_element = kind in ELEMENTWISE and not _channel_op(call.op)
+            return Value("map", order=src.order) if per_element and len(out) == 4 else Value("seq")
+        if kind in GLOBAL_POOLS:
+            return Value("pooled" if len(out) == 4 else "vector", reduce=GLOBAL_POOLS[kind])
+        return Value("map") if len(out) == 4 and kind not in ("Reshape", "Permute") else Value("seq")
+
     def _head(self) -> tuple[list[Call], Any]:
+        """The head's calls (graph order) from every output back to the one map they read."""
         producer = {id(t): c for c in self.graph.calls for t in c.outputs}
-        out = self.graph.output
-        value = self.values.get(id(out))
-        if value is None:
-            raise NotConvolutionalizable("the model's output does not depend on its input image")
-        if value.kind == "map":
-            raise NotConvolutionalizable(f"the output of '{producer[id(out)].name}' is already a spatial "
-                                         "map: the model is fully convolutional, there is no head")
-        head: dict[int, Call] = {}
+        for out in self.graph.outputs:
+            value = self.values.get(id(out))
+            if value is None:
+                raise NotConvolutionalizable("the model's output does not depend on its input image")
+            if value.kind == "map":
+                name = producer[id(out)].name if id(out) in producer else "the input"
+                raise NotConvolutionalizable(f"the output of '{name}' is already a spatial map: the "
+                                             "model is fully convolutional, there is no head")
+        head: set[int] = set()
         features: dict[int, Any] = {}
-        stack = [out]
+        stack = list(self.graph.outputs)
         while stack:
             t = stack.pop()
             v = self.values[id(t)]
@@ -138,31 +170,32 @@ class Analysis:
                 continue
             call = producer[id(t)]
             if v.kind == "seq":
-                call = next(c for c in self.graph.calls
-                            if self.values.get(id(c.outputs[0]), Value("map")).kind == "seq")
+                first = next(c for c in self.graph.calls
+                             if self.values.get(id(c.outputs[0]), Value("map")).kind == "seq")
                 raise NotConvolutionalizable(
-                    f"layer '{call.name}' ({call.kind}) turns the spatial map into tokens or windows, "
+                    f"layer '{first.name}' ({first.kind}) turns the spatial map into tokens or windows, "
                     "so the classifier cannot slide as convolutions; evaluate it crop by crop")
-            if id(call) not in {id(c) for c in head.values()}:
-                head[id(t)] = call
+            if id(call) not in head:
+                head.add(id(call))
                 stack.extend(call.inputs)
         if len(features) != 1:
             names = ", ".join(f"'{producer[k].name}'" for k in features if k in producer)
             raise NotConvolutionalizable(f"the head reads several feature maps ({names}); "
                                          "only a head over one map can slide")
-        calls = {id(c): c for c in head.values()}
-        return [c for c in self.graph.calls if id(c) in calls], next(iter(features.values()))
+        return [c for c in self.graph.calls if id(c) in head], next(iter(features.values()))
 
     # ---- plan
 
     def _plan(self) -> HeadPlan:
         shape = self.shapes[id(self.feature)]
-        producer = next((c for c in self.graph.calls if any(t is self.feature for t in c.outputs)), None)
-        name = producer.name if producer else self.graph.input._keras_history[0].name
-        fmap = FeatureMap(name, int(shape[self.channel_axis]),
-                          (int(shape[self.axes[0]]), int(shape[self.axes[1]])), self.layout)
+        producer = {id(t): c.name for c in self.graph.calls for t in c.outputs}
+        name = producer.get(id(self.feature), self.graph.input._keras_history[0].name)
+        order = self.order(self.values[id(self.feature)])
+        c, h, w = (int(shape[order.index(a)]) for a in "CHW")
+        fmap = FeatureMap(name, c, (h, w), order)
         steps = tuple(self._step(call, fmap) for call in self.head)
-        return HeadPlan("keras", self.input_size, self.in_channels, fmap, steps)
+        outputs = tuple(producer[id(t)] for t in self.graph.outputs)
+        return HeadPlan("keras", self.input_size, self.in_channels, fmap, steps, outputs=outputs)
 
     def _step(self, call: Call, fmap: FeatureMap) -> HeadStep:
         src = self.values[id(call.inputs[0])]
@@ -234,6 +267,15 @@ def _softmax(op: Any) -> bool:
         return True
     fn = getattr(op, "activation", None)
     return type(op).__name__ == "Activation" and getattr(fn, "__name__", "") == "softmax"
+
+
+def _per_pixel(op: Any, order: str) -> bool:
+    """A PReLU built with one slope per spatial position (no ``shared_axes`` over H and W)."""
+    alpha = getattr(op, "alpha", None)
+    shape = tuple(alpha.shape) if alpha is not None else ()
+    if len(shape) != 3:
+        return False
+    return any(shape[order.index(a) - 1] != 1 for a in "HW")
 
 
 def _channel_op(op: Any) -> bool:

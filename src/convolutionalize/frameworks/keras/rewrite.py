@@ -35,7 +35,14 @@ def _w_global_pool(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> 
 
 
 def _w_flatten(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
-    return ins[0]
+    """The flatten goes; a map that a ``Permute`` put in another axis order is permuted back to
+    the model's layout in its place (the Dense kernel is reordered to match), so the map's
+    rows follow the image's height."""
+    order = rw.plan.feature.layout
+    if rw.a.values[id(call.inputs[0])].kind != "map" or order == rw.a.layout:
+        return ins[0]
+    dims = tuple(order.index(axis) for axis in rw.a.layout[1:])  # 1-based, as Permute counts
+    return keras.layers.Permute(dims, name=f"{call.name}_to_{rw.a.layout.lower()}")(ins[0])
 
 
 def _w_linear(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
@@ -88,7 +95,8 @@ REWRITES: dict[str, Rewriter] = {
 
 
 def rebuild(analysis: Analysis, pool: PoolMode, name: str) -> keras.Model:
-    """A new Keras model: the body on an input of unknown size, the head as convolutions."""
+    """A new Keras model: the body on an input of unknown size, the head as convolutions; one
+    map per original output, in the original's output structure (a list, a dict)."""
     a, rw = analysis, _Rewrite(analysis, "window" if pool == "global" else pool)
     shape = (None, None, a.in_channels) if a.layout == "NHWC" else (a.in_channels, None, None)
     image = keras.Input(shape, name="image")
@@ -103,7 +111,9 @@ def rebuild(analysis: Analysis, pool: PoolMode, name: str) -> keras.Model:
         return [REWRITES[step.op](rw, call, step, ins)]
 
     new = a.graph.replay(image, handle)
-    out = new[id(a.graph.output)]
+    outs = [new[id(t)] for t in a.graph.outputs]
     if pool == "global" and not a.plan.global_pooling:  # flatten head: the mean of the window map
-        out = keras.layers.GlobalAveragePooling2D(data_format=rw.data_format, name="window_mean")(out)
-    return keras.Model(image, out, name=f"{name}_fcn")
+        outs = [keras.layers.GlobalAveragePooling2D(
+            data_format=rw.data_format, name="window_mean" + (f"_{k}" if k else ""))(out)
+            for k, out in enumerate(outs)]
+    return keras.Model(image, a.graph.pack(outs), name=f"{name}_fcn")

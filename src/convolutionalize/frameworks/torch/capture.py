@@ -58,11 +58,15 @@ def capture(model: nn.Module, channels: int | None, input_size: tuple[int, int])
     try:
         return Capture(g.trace(model), "torch.fx")
     except NotConvolutionalizable as fx_error:
-        channels = channels or _first_conv_channels(model)
-        if channels is None:
-            raise NotConvolutionalizable(f"{fx_error}; torch.export needs the image channels, "
-                                         "and the model has no Conv2d to read them from") from fx_error
-        return _export(model, channels, input_size, str(fx_error))
+        known = channels or _first_conv_channels(model)
+        if known is not None:
+            return _export(model, known, input_size, str(fx_error))
+        # convolutions outside the module tree: a convolution accepts only its own channel
+        # count, so the image kind that exports is the one the model takes
+        try:
+            return _export(model, 3, input_size, str(fx_error))
+        except NotConvolutionalizable:
+            return _export(model, 1, input_size, str(fx_error))
 
 
 def _first_conv_channels(model: nn.Module) -> int | None:

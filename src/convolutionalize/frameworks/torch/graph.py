@@ -206,6 +206,6 @@ def first_in_channels(gm: fx.GraphModule, modules: dict[str, nn.Module],
         if node.op == "call_function" and op_name(node, modules) == "conv2d":
             weight = arg(node, 1, "weight")
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
-                w = gm.get_parameter(str(weight.target))
+                w = attr(gm, weight)
                 return int(w.shape[1]) * int(arg(node, 6, "groups", 1))
     return None

@@ -383,6 +383,10 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
         if value.kind == "flat":
             return HeadStep(node.name, "flatten", f"flatten {fmap.channels}x{fmap.size[0]}x"
                             f"{fmap.size[1]} ({value.flat_layout})")
+    if src.kind == "map" and src.pool_to is None:
+        raise NotConvolutionalizable(f"{where} reduces the feature map in a way that is neither a "
+                                     "global average/max pool nor a flatten (a sum over it, say), "
+                                     "which has no exact sliding form")
     if src.kind == "map":  # reads an adaptive pool: must be the flatten
         if value.kind != "flat":
             raise NotConvolutionalizable(f"{where} follows an adaptive pool but is not a "
