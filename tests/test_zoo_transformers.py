@@ -194,3 +194,22 @@ def test_transformers_program_saved_as_pt2_loads_and_converts(tmp_path) -> None:
         out = fcn(torch.randn(1, 3, 64 + 2 * sy, 64 + 3 * sx))
     assert type(out).__name__ == "ImageClassifierOutputWithNoAttention"
     assert out.logits.shape[-2:] == fcn.geometry.cells(64 + 2 * sy, 64 + 3 * sx) == (3, 4)
+
+
+def test_transformers_conversion_exports_to_onnx_and_maps_densely(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The torch.export-captured conversion works with torch.onnx.export (checked against
+    onnxruntime at two sizes by ``save``) and with dense_map (the logits map)."""
+    import numpy as np
+
+    from convolutionalize import dense_map
+    from convolutionalize.export import save
+
+    model = _create("ResNet", dict(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic"))
+    fcn = convolutionalize(model, input_size=(64, 64))
+    assert save(fcn, tmp_path / "resnet.onnx").stat().st_size > 0
+    image = np.random.default_rng(0).standard_normal((3, 96, 120)).astype(np.float32)
+    with torch.no_grad():
+        expected = fcn(torch.from_numpy(image)[None]).logits[0].numpy()
+    dense = dense_map(fcn, image)
+    assert dense.shape == expected.shape == (5, *fcn.geometry.cells(96, 120))
+    assert np.abs(dense - expected).max() <= 1e-5 * np.abs(expected).max()

@@ -227,7 +227,7 @@ class Analysis:
                 return HeadStep(name, "keep", "Dense on a channels-last map (per location)")
             raise NotConvolutionalizable(f"{where} acts on the last axis of a channels_first map")
         if src.kind == "flat":
-            if kind in NO_OPS or (kind in ELEMENTWISE and not _channel_op(op)):
+            if kind in NO_OPS or (kind in ELEMENTWISE and not _channel_op(op) and kind != "PReLU"):
                 return HeadStep(name, "keep", f"{kind} (elementwise)")
             raise NotConvolutionalizable(f"{where} acts on the flattened map before any Dense; "
                                          "it has no sliding equivalent")
@@ -245,6 +245,8 @@ class Analysis:
             return HeadStep(name, "softmax" if vector else "keep", f"{kind} softmax over classes")
         if kind == "Concatenate" and (axis % 2 == 1 if vector else axis % 4 == self.channel_axis):
             return HeadStep(name, "concat" if vector else "keep", "Concatenate features")
+        if kind == "PReLU" and vector:
+            return HeadStep(name, "keep", "PReLU per feature -> per channel (slopes shared over the map)")
         if kind in ELEMENTWISE and not _channel_op(op):
             return HeadStep(name, "keep", f"{kind} (elementwise)")
         if not vector and kind == "Conv2D" and tuple(op.kernel_size) == (1, 1) and tuple(op.strides) == (

@@ -83,6 +83,23 @@ def _w_channel_layer(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -
     return out
 
 
+def _w_prelu(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
+    """A PReLU on feature vectors (one slope per feature): the same slopes per channel, shared
+    over the map (its input spec fixes the rank, so the layer is rebuilt)."""
+    op = call.op
+    alpha = np.asarray(keras.ops.convert_to_numpy(op.alpha))
+    nhwc = rw.data_format == "channels_last"
+    layer = keras.layers.PReLU(shared_axes=[1, 2] if nhwc else [2, 3], dtype=op.dtype_policy,
+                               name=call.name)
+    out = layer(ins[0])
+    layer.set_weights([alpha.reshape((1, 1, -1) if nhwc else (-1, 1, 1))])
+    return out
+
+
+KEEP_REWRITES: dict[str, Rewriter] = {  # "keep" steps whose layer must be rebuilt for a 4-D input
+    "PReLU": _w_prelu,
+}
+
 REWRITES: dict[str, Rewriter] = {
     "global_pool": _w_global_pool,
     "flatten": _w_flatten,
@@ -105,10 +122,15 @@ def rebuild(analysis: Analysis, pool: PoolMode, name: str) -> keras.Model:
 
     def handle(call: Call, new: dict[int, Any]) -> list[Any] | None:
         step = steps.get(call.name) if any(call is c for c in a.head) else None
-        if step is None or keep_head or step.op == "keep":
+        if step is None or keep_head:
             return None
-        ins = [new[id(t)] for t in call.inputs]
-        return [REWRITES[step.op](rw, call, step, ins)]
+        rewrite = REWRITES.get(step.op)
+        if step.op == "keep":
+            vector = a.values[id(call.inputs[0])].kind == "vector"
+            rewrite = KEEP_REWRITES.get(call.kind) if vector else None
+        if rewrite is None:
+            return None
+        return [rewrite(rw, call, step, [new[id(t)] for t in call.inputs])]
 
     new = a.graph.replay(image, handle)
     outs = [new[id(t)] for t in a.graph.outputs]

@@ -451,12 +451,12 @@ def _adaptive_step(node: fx.Node, name: str, value: Value, fmap: FeatureMap) -> 
     return HeadStep(node.name, "adaptive_pool", detail, reduce=value.reduce, pool_to=(kh, kw))
 
 
-def _keeps_features(node: fx.Node, ins: list[Value], values: dict[fx.Node, Value]) -> bool:
+def _keeps_features(node: fx.Node, values: dict[fx.Node, Value]) -> bool:
     """A reshape between ``(N, D)`` and ``(N, D, 1, 1)``: on maps, the identity."""
     before, after = shape_of(tensor_inputs(node, values)[0]), shape_of(node)
-    shapes = [s for s in (before, after) if s is not None]
-    return len(shapes) == 2 and all(len(s) in (2, 4) and s[2:] in ((), (1, 1)) for s in shapes) and (
-        before[:2] == after[:2]) and values[node].kind in ("vector", "pooled")  # type: ignore[index]
+    if before is None or after is None or values[node].kind not in ("vector", "pooled"):
+        return False
+    return before[:2] == after[:2] and all(s[2:] in ((), (1, 1)) for s in (before, after))
 
 
 def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
@@ -467,7 +467,7 @@ def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
         return HeadStep(node.name, "batchnorm", "BatchNorm1d -> BatchNorm2d")
     if name == "batch_norm" and (vector or src.axes == (2, 3)):  # functional: normalizes dim 1
         return HeadStep(node.name, "keep", "batch_norm over channels (per location)")
-    if name in RESHAPES and src.kind in ("vector", "pooled") and _keeps_features(node, ins, values):
+    if name in RESHAPES and src.kind in ("vector", "pooled") and _keeps_features(node, values):
         return HeadStep(node.name, "reshape", f"{name} of the {src.kind} features (no-op) -> removed")
     if isinstance(module, nn.LayerNorm) or name == "layer_norm":
         shape = module.normalized_shape if module is not None else arg(node, 1, "normalized_shape")
