@@ -29,6 +29,7 @@ def convolutionalize(
     input_size: int | tuple[int, int] | None = None,
     *,
     pool: PoolMode = "window",
+    output_stride: int | None = None,
 ) -> Any:
     """Rewrite a classifier's fully-connected head into equivalent convolutions.
 
@@ -43,6 +44,11 @@ def convolutionalize(
             at ``(i * stride, j * stride)``; ``"none"``: no pooling, one score vector per
             feature cell (class activation map); ``"global"``: keep global pooling, one
             prediction per image at any size.
+        output_stride: score a window every ``output_stride`` pixels instead of every network
+            stride (à trous: the last strided layers run at stride 1 and every later kernel is
+            dilated; weights unchanged). Must divide the network stride into factors its
+            strided layers have (ResNet: 32, 16, 8, 4, 2, 1); ``None``: the network stride.
+            PyTorch models, ``pool="window"`` or ``"none"``.
 
     Returns:
         A model of the same kind (a path gives the loaded, converted model). For PyTorch a
@@ -58,8 +64,12 @@ def convolutionalize(
         TypeError: ``model`` is not a supported model type.
     """
     pool = check_pool(pool)
+    check_output_stride(output_stride, pool)
     if isinstance(model, (str, os.PathLike)):
         model = load_model_file(model)
+    if output_stride is not None and (is_keras_model(model) or not isinstance(model, nn.Module)):
+        raise ValueError("output_stride is supported for PyTorch models so far; convert a Keras or "
+                         "ONNX model at its network stride")
     if is_keras_model(model):  # first: with KERAS_BACKEND=torch a keras.Model is an nn.Module too
         from .frameworks.keras.model import convolutionalize_keras
 
@@ -67,7 +77,7 @@ def convolutionalize(
     if isinstance(model, nn.Module):
         from .frameworks.torch.model import convolutionalize_module
 
-        return convolutionalize_module(model, input_size, pool)
+        return convolutionalize_module(model, input_size, pool, output_stride)
     if is_onnx_model(model):
         from .frameworks.onnx.model import convolutionalize_onnx
 
@@ -76,6 +86,20 @@ def convolutionalize(
         "convolutionalize takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
         f".keras/.onnx path, got {type(model).__name__}"
     )
+
+
+def check_output_stride(output_stride: object, pool: PoolMode) -> int | None:
+    """Validate an ``output_stride`` option."""
+    if output_stride is None:
+        return None
+    if isinstance(output_stride, bool) or not isinstance(output_stride, int):
+        raise TypeError(f"output_stride must be a positive int, got {type(output_stride).__name__}")
+    if output_stride < 1:
+        raise ValueError(f"output_stride must be a positive int, got {output_stride}")
+    if pool == "global":
+        raise ValueError("output_stride needs pool='window' or pool='none' (pool='global' gives one "
+                         "prediction per image)")
+    return output_stride
 
 
 def load_model_file(path: str | os.PathLike[str]) -> Any:

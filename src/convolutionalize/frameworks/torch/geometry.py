@@ -18,7 +18,7 @@ from ...geometry import BodyGeometry, Span, same_padding
 from .graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
 from .head import REDUCTIONS, Value
 
-__all__ = ["body_geometry"]
+__all__ = ["CONVS", "body_geometry", "body_spans", "window_args"]
 
 CONVS = ("Conv2d", "conv2d", "MaxPool2d", "max_pool2d", "AvgPool2d", "avg_pool2d",
          "max_pool2d_with_indices", "Conv2dSame", "StdConv2d", "StdConv2dSame",
@@ -44,7 +44,7 @@ def _pair(v: object, default: int = 0) -> tuple[int, int]:
     return (int(seq[0]), int(seq[-1])) if seq else (default, default)
 
 
-def _window(node: fx.Node, name: str, modules: dict[str, nn.Module]):
+def window_args(node: fx.Node, name: str, modules: dict[str, nn.Module]):
     """(kernel, stride, padding, dilation, ceil_mode, same) of a conv or pool node."""
     if node.op == "call_module":
         m = modules[str(node.target)]
@@ -82,6 +82,13 @@ def _window(node: fx.Node, name: str, modules: dict[str, nn.Module]):
 def body_geometry(gm: fx.GraphModule, values: dict[fx.Node, Value], feature: fx.Node,
                   modules: dict[str, nn.Module], keep: set[fx.Node]) -> BodyGeometry:
     """Compose spans from the input to ``feature`` over the nodes in ``keep``."""
+    return body_spans(gm, values, feature, modules, keep)[0]
+
+
+def body_spans(gm: fx.GraphModule, values: dict[fx.Node, Value], feature: fx.Node,
+               modules: dict[str, nn.Module], keep: set[fx.Node]
+               ) -> tuple[BodyGeometry, dict[fx.Node, tuple[Span, Span]]]:
+    """:func:`body_geometry` and the (y, x) span of every body node's output."""
     spans: dict[fx.Node, tuple[Span, Span]] = {}
     geo = BodyGeometry(Span(), Span())
     for node in gm.graph.nodes:
@@ -103,7 +110,7 @@ def body_geometry(gm: fx.GraphModule, values: dict[fx.Node, Value], feature: fx.
         if node is feature:
             break
     geo.y, geo.x = spans[feature]
-    return geo
+    return geo, spans
 
 
 def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Module],
@@ -113,7 +120,7 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
     value, src = values[node], values[ins[0]]
     in_shape, out_shape = shape_of(ins[0]), shape_of(node)
     if name in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
-        kernel, stride, pad, dil, ceil, same = _window(node, name, modules)
+        kernel, stride, pad, dil, ceil, same = window_args(node, name, modules)
         if same and in_shape is not None and src.axes is not None:
             pad = tuple(same_padding(in_shape[a], k, s, d)[0]  # type: ignore[assignment]
                         for a, k, s, d in zip(src.axes, kernel, stride, dil))

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from ...plan import HeadPlan
     from ...selfcheck import SelfCheck
 
-__all__ = ["ChannelLayerNorm", "ConvolutionalizedModule", "WindowPool", "activation_shapes",
-           "channel_layer_norm"]
+__all__ = ["ChannelLayerNorm", "ConvolutionalizedModule", "DilatedAvgPool2d", "WindowCells", "WindowPool",
+           "activation_shapes", "channel_layer_norm", "dilated_avg_pool2d"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,13 @@ class WindowPool(nn.Module):
         reduce: Literal["avg", "max"],
         kernel: tuple[int, int] | None,
         permute: tuple[int, int, int, int] | None = None,
+        dilation: tuple[int, int] = (1, 1),
     ) -> None:
         super().__init__()
         self.reduce = reduce
         self.kernel = kernel
         self.permute = permute
+        self.dilation = dilation  # > 1 at an output stride below the network's (a trous)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.permute is not None:
@@ -48,11 +50,65 @@ class WindowPool(nn.Module):
         if self.kernel is None:
             return x
         if self.reduce == "max":
-            return F.max_pool2d(x, self.kernel, stride=1)
+            return F.max_pool2d(x, self.kernel, stride=1, dilation=self.dilation)
+        if self.dilation != (1, 1):
+            return dilated_avg_pool2d(x, self.kernel, self.dilation)
         return F.avg_pool2d(x, self.kernel, stride=1)
 
     def extra_repr(self) -> str:
-        return f"reduce={self.reduce!r}, kernel={self.kernel}, stride=1"
+        return f"reduce={self.reduce!r}, kernel={self.kernel}, stride=1, dilation={self.dilation}"
+
+
+def dilated_avg_pool2d(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
+                       padding: tuple[int, int] = (0, 0), count_include_pad: bool = True) -> torch.Tensor:
+    """A stride-1 average pool whose window taps are ``dilation`` apart (PyTorch's avg_pool2d
+    has no dilation): a depthwise convolution with weights 1/k, and, where the padding must
+    not count, divided by how many real pixels each window holds."""
+    channels = x.shape[1]
+    ones = torch.ones(channels, 1, *kernel, dtype=x.dtype, device=x.device)
+    total = F.conv2d(x, ones, padding=padding, dilation=dilation, groups=channels)
+    if count_include_pad or padding == (0, 0):
+        return total / (kernel[0] * kernel[1])
+    inside = F.conv2d(torch.ones_like(x[:1, :1]), ones[:1], padding=padding, dilation=dilation)
+    return total / inside
+
+
+class WindowCells(nn.Module):
+    """Keeps the cells whose native-size window lies inside the image.
+
+    At an output stride below the network's, a zero-padded body yields a few trailing cells
+    more than ``floor((size - window) / stride) + 1``: their windows reach past the image's
+    far edge, into the padding. The geometry promises windows, so they are cut.
+    """
+
+    def __init__(self, window: tuple[int, int], stride: tuple[int, int]) -> None:
+        super().__init__()
+        self.window, self.stride = window, stride
+
+    def forward(self, scores: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        rows = (image.shape[-2] - self.window[0]) // self.stride[0] + 1
+        cols = (image.shape[-1] - self.window[1]) // self.stride[1] + 1
+        return scores[..., :rows, :cols]
+
+    def extra_repr(self) -> str:
+        return f"window={self.window}, stride={self.stride}"
+
+
+class DilatedAvgPool2d(nn.Module):
+    """``nn.AvgPool2d`` at stride 1 with its taps ``dilation`` apart (see dilated_avg_pool2d)."""
+
+    def __init__(self, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
+                 count_include_pad: bool) -> None:
+        super().__init__()
+        self.kernel, self.dilation, self.padding = kernel, dilation, padding
+        self.count_include_pad = count_include_pad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dilated_avg_pool2d(x, self.kernel, self.dilation, self.padding, self.count_include_pad)
+
+    def extra_repr(self) -> str:
+        return (f"kernel={self.kernel}, dilation={self.dilation}, padding={self.padding}, "
+                f"count_include_pad={self.count_include_pad}")
 
 
 def channel_layer_norm(

@@ -14,16 +14,17 @@ import torch
 from torch import fx, nn
 
 from ...errors import NotConvolutionalizable
-from ...geometry import Geometry, PoolMode, geometry_from_plan
+from ...geometry import BodyGeometry, Geometry, PoolMode, Span, geometry_from_plan
 from ...outputs import tensor_leaves
 from ...plan import HeadPlan
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
 from . import graph as g
+from .atrous import Atrous, plan_atrous
 from .capture import capture
-from .geometry import body_geometry
+from .geometry import body_spans
 from .head import find_head, propagate_kinds
 from .layers import ConvolutionalizedModule
-from .rewrite import rewrite
+from .rewrite import crop_to_windows, rewrite
 
 __all__ = ["analyse", "convolutionalize_module", "native_input_size", "rewrite"]
 
@@ -89,10 +90,16 @@ class Analysis:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(1, self.in_channels, *size, generator=gen).to(self.device, self.dtype)
 
-    def geometry(self, pool: PoolMode) -> Geometry:
+    def body(self) -> tuple[BodyGeometry, dict[fx.Node, tuple[Span, Span]]]:
         feature = self.nodes[self.plan.feature.node]
-        body = body_geometry(self.gm, self.values, feature, self.modules, g.ancestors(feature))
-        geometry = geometry_from_plan(self.plan, pool, body)
+        return body_spans(self.gm, self.values, feature, self.modules, g.ancestors(feature))
+
+    def atrous(self, output_stride: int) -> Atrous:
+        """The à trous rewrite that gives ``output_stride`` (see :mod:`.atrous`)."""
+        return plan_atrous(self.gm, self.plan, *self.body(), output_stride, self.modules)
+
+    def geometry(self, pool: PoolMode) -> Geometry:
+        geometry = geometry_from_plan(self.plan, pool, self.body()[0])
         if not self.capture.fixed_size:
             return geometry
         h, w = self.plan.input_size
@@ -124,12 +131,12 @@ def analyse(model: nn.Module, input_size: object = None) -> Analysis:
     return Analysis(model, native_input_size(model, input_size))
 
 
-def convolutionalize_module(model: nn.Module, input_size: object = None,
-                            pool: PoolMode = "window") -> ConvolutionalizedModule:
+def convolutionalize_module(model: nn.Module, input_size: object = None, pool: PoolMode = "window",
+                            output_stride: int | None = None) -> ConvolutionalizedModule:
     """Convert a PyTorch classifier; see :func:`convolutionalize.convolutionalize`."""
     size = native_input_size(model, input_size)  # the caller's mistakes stay ValueErrors
     try:
-        return _convert(model, size, pool)
+        return _convert(model, size, pool, output_stride)
     except NotConvolutionalizable:
         raise
     except Exception as exc:  # a model we did not foresee: a typed refusal, not a crash
@@ -139,14 +146,23 @@ def convolutionalize_module(model: nn.Module, input_size: object = None,
         ) from exc
 
 
-def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode) -> ConvolutionalizedModule:
+def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode,
+             output_stride: int | None) -> ConvolutionalizedModule:
     analysis = Analysis(model, input_size)
     geometry = analysis.geometry(pool)
+    atrous = None
+    if output_stride is not None and (output_stride, output_stride) != geometry.stride:
+        atrous = analysis.atrous(output_stride)
+        geometry = _atrous_geometry(geometry, atrous)
     probe = _Probe(analysis, geometry)  # the original's crops, before the graph is rewritten
-    net = rewrite(analysis.gm, analysis.plan, pool)
+    if atrous is not None:
+        atrous.apply(analysis.gm)
+    net = rewrite(analysis.gm, analysis.plan, pool, atrous.head_dilation if atrous else (1, 1))
+    if atrous is not None and geometry.pool == "window":
+        crop_to_windows(net, geometry.window, geometry.stride)
     with torch.no_grad():
         out = net(analysis.example)
-    error = _native_error(out, analysis.expected, analysis.plan, geometry.pool)
+    error = _native_error(out, analysis.expected, analysis.plan, geometry.pool, atrous is None)
     if error is not None and error > NATIVE_RTOL:
         raise NotConvolutionalizable(
             f"the rewritten {type(model).__name__} differs from the original at the native size "
@@ -154,6 +170,19 @@ def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode) -> C
         )
     check = probe.check(net, error)
     return ConvolutionalizedModule(net, geometry, analysis.plan, check, analysis.capture.out_spec).eval()
+
+
+def _atrous_geometry(geometry: Geometry, atrous: Atrous) -> Geometry:
+    """The geometry at an output stride below the network's: the same windows, denser."""
+    (ry, rx), (fh, fw) = atrous.head_dilation, geometry.feature_size
+    notes = list(geometry.notes)
+    if not geometry.crop_equivalent:
+        notes.append(f"output stride {atrous.stride[0]} (a trous): cells whose receptive field stays "
+                     "inside the image equal the shift-and-stitch maps; cells near the border differ "
+                     "(zero padding sits at other places)")
+    return dataclasses.replace(
+        geometry, stride=atrous.stride, feature_size=((fh - 1) * ry + 1, (fw - 1) * rx + 1),
+        window=atrous.stride if geometry.pool == "none" else geometry.window, notes=tuple(notes))
 
 
 class _Probe:
@@ -213,9 +242,13 @@ class _Probe:
         return expected
 
 
-def _native_error(out: object, expected: object, plan: HeadPlan, pool: PoolMode) -> float | None:
+def _native_error(out: object, expected: object, plan: HeadPlan, pool: PoolMode,
+                  network_stride: bool = True) -> float | None:
     """Native-size agreement of every output: the 1x1 window map (or global output) equals
-    the original's; with pool='none' the mean of the map does when the head is affine."""
+    the original's; with pool='none' the mean of the map does when the head is affine (at
+    the network's stride: a denser CAM averages other positions)."""
+    if pool == "none" and not network_stride:
+        return None
     errors = [_leaf_error(a, e, plan, pool) for a, e in zip(tensor_leaves(out), tensor_leaves(expected))]
     return None if not errors or None in errors else max(errors)  # type: ignore[type-var]
 

@@ -16,9 +16,9 @@ from ...geometry import PoolMode
 from ...plan import HeadPlan, HeadStep
 from ...weights import linear_to_oihw
 from . import graph as g
-from .layers import ChannelLayerNorm, WindowPool, channel_layer_norm
+from .layers import ChannelLayerNorm, WindowCells, WindowPool, channel_layer_norm
 
-__all__ = ["REWRITES", "rewrite"]
+__all__ = ["REWRITES", "crop_to_windows", "rewrite"]
 
 Rewriter = Callable[["_Rewrite", fx.Node, HeadStep], None]
 
@@ -26,8 +26,9 @@ Rewriter = Callable[["_Rewrite", fx.Node, HeadStep], None]
 class _Rewrite:
     """Applies a HeadPlan to the traced graph, one registered function per step kind."""
 
-    def __init__(self, gm: fx.GraphModule, plan: HeadPlan, pool: PoolMode) -> None:
-        self.gm, self.plan, self.pool = gm, plan, pool
+    def __init__(self, gm: fx.GraphModule, plan: HeadPlan, pool: PoolMode,
+                 dilation: tuple[int, int] = (1, 1)) -> None:
+        self.gm, self.plan, self.pool, self.dilation = gm, plan, pool, dilation
         self.modules = dict(gm.named_modules())
         self.feature = next(n for n in gm.graph.nodes if n.name == plan.feature.node)
         self.counter = 0
@@ -58,7 +59,7 @@ def to_nchw(layout: str) -> tuple[int, int, int, int] | None:
 def _global_pool(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
     kernel = rw.plan.feature.size if rw.pool == "window" else None
     assert step.reduce is not None
-    pool = WindowPool(step.reduce, kernel, permute=to_nchw(rw.plan.feature.layout))
+    pool = WindowPool(step.reduce, kernel, permute=to_nchw(rw.plan.feature.layout), dilation=rw.dilation)
     node.args = (rw.feature, *node.args[1:])
     rw.swap(node, rw.add_module(pool))
 
@@ -100,7 +101,8 @@ def _linear(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
     kh, kw = step.kernel
     out_features, in_features = weight.shape
     channels = in_features // (kh * kw)
-    conv = nn.Conv2d(channels, out_features, (kh, kw), bias=bias is not None)
+    dilation = rw.dilation if step.kernel != (1, 1) else (1, 1)
+    conv = nn.Conv2d(channels, out_features, (kh, kw), bias=bias is not None, dilation=dilation)
     conv = conv.to(device=weight.device, dtype=weight.dtype)
     layout = rw.plan.feature.layout[1:] if step.kernel != (1, 1) else "CHW"
     kernel = linear_to_oihw(weight.cpu().float().numpy() if weight.dtype == torch.bfloat16
@@ -169,11 +171,14 @@ REWRITES: dict[str, Rewriter] = {
 }
 
 
-def rewrite(gm: fx.GraphModule, plan: HeadPlan, pool: PoolMode) -> fx.GraphModule:
-    """Rewrite the head of ``gm`` (in place: ``gm`` is the adapter's private copy)."""
+def rewrite(gm: fx.GraphModule, plan: HeadPlan, pool: PoolMode,
+            dilation: tuple[int, int] = (1, 1)) -> fx.GraphModule:
+    """Rewrite the head of ``gm`` (in place: ``gm`` is the adapter's private copy); a
+    ``dilation`` > 1 (an output stride below the network's) spreads the taps of the window
+    pool and of the first HxW convolution."""
     if pool == "global" and plan.global_pooling:
         return gm  # a global-pool head already runs at any size: nothing to change
-    rw = _Rewrite(gm, plan, "window" if pool == "global" else pool)
+    rw = _Rewrite(gm, plan, "window" if pool == "global" else pool, dilation)
     nodes = {n.name: n for n in gm.graph.nodes}
     for step in plan.steps:
         REWRITES[step.op](rw, nodes[step.node], step)
@@ -187,3 +192,15 @@ def rewrite(gm: fx.GraphModule, plan: HeadPlan, pool: PoolMode) -> fx.GraphModul
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm
+
+
+def crop_to_windows(gm: fx.GraphModule, window: tuple[int, int], stride: tuple[int, int]) -> None:
+    """Cut every output map to the cells whose window lies inside the image (see WindowCells)."""
+    image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    gm.add_submodule("convolutionalize_cells", WindowCells(window, stride))
+    with gm.graph.inserting_before(output):
+        output.args = fx.node.map_arg(
+            output.args, lambda n: gm.graph.call_module("convolutionalize_cells", (n, image)))
+    gm.graph.lint()
+    gm.recompile()
