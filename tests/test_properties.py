@@ -15,7 +15,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from convolutionalize import convolutionalize
+from convolutionalize import NotConvolutionalizable, convolutionalize
 
 from conftest import cells_and_crops, flattened_linears, rel_error
 
@@ -185,3 +185,36 @@ def test_random_padding_free_classifiers_equal_their_crops(
     for index in range(len(maps)):
         dense, expected = cells_and_crops(Output(model, index), Output(fcn, index), image)
         assert rel_error(dense, expected) < 1e-4, f"output {index}"
+
+
+@settings(max_examples=25)
+@given(classifiers(), st.integers(1, 2), st.integers(1, 3))
+def test_random_padding_free_classifiers_at_every_output_stride_equal_their_crops(
+    case: tuple[RandomClassifier, tuple[int, int], int], extra_y: int, extra_x: int
+) -> None:
+    """At every output stride the strided layers allow (1 always is), each output's map has the
+    predicted cells and every cell equals the original on its true crop."""
+    model, native, channels = case
+    network = convolutionalize(model, native).geometry.stride
+    assume(network[0] == network[1])
+    strides = [s for s in range(1, network[0] + 1) if network[0] % s == 0]
+    converted = 0
+    for s in strides:
+        try:
+            fcn = convolutionalize(model, native, output_stride=s)
+        except NotConvolutionalizable as error:
+            assert "is not possible" in str(error) and s != 1, str(error)
+            continue
+        converted += 1
+        geo = fcn.geometry
+        assert geo.stride == (s, s) and geo.window == native and geo.crop_equivalent
+        size = (native[0] + extra_y * network[0], native[1] + extra_x * network[1])
+        image = torch.randn(1, channels, *size)
+        with torch.no_grad():
+            out = fcn(image)
+        maps = [out] if isinstance(out, torch.Tensor) else list(out)
+        assert all(tuple(m.shape[-2:]) == geo.cells(*size) for m in maps)
+        for index in range(len(maps)):
+            dense, expected = cells_and_crops(Output(model, index), Output(fcn, index), image)
+            assert rel_error(dense, expected) < 1e-4, f"output {index} at output stride {s}"
+    assert converted >= (2 if network[0] > 1 else 1)  # the network stride and 1

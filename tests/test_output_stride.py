@@ -1,0 +1,170 @@
+"""Output strides below the network's own (à trous) on real architectures.
+
+A padded network's à trous map equals the shift-and-stitch maps (the stride-S map of the
+image shifted by every multiple of ``s`` below S, interleaved) at every cell whose receptive
+field lies inside both images; border cells differ because the padding sits at other places.
+Both are measured here; the README quotes the border numbers.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from convolutionalize import NotConvolutionalizable, convolutionalize
+
+from conftest import cells_and_crops, rel_error
+
+
+def _randomize_norms(model: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def shift_and_stitch(base: nn.Module, image: torch.Tensor, stride: int, network: int,
+                     shape: tuple[int, ...]) -> torch.Tensor:
+    """The network-stride maps of ``image`` shifted by multiples of ``stride``, interleaved into
+    a map of ``shape`` (cells no shifted map reaches stay NaN)."""
+    k = network // stride
+    stitched = torch.full(shape, float("nan"))
+    with torch.no_grad():
+        for py in range(k):
+            for px in range(k):
+                part = base(image[..., py * stride:, px * stride:])
+                target = stitched[..., py::k, px::k]
+                h, w = min(part.shape[-2], target.shape[-2]), min(part.shape[-1], target.shape[-1])
+                target[..., :h, :w] = part[..., :h, :w]
+    return stitched
+
+
+def interior(fcn: nn.Module, shape: tuple[int, ...], image: tuple[int, int], network: int) -> torch.Tensor:
+    """Cells whose receptive field lies inside the image and inside their shifted image."""
+    geo = fcn.geometry
+    (s, _), (ry, rx), (oy, ox) = geo.stride, geo.receptive_field, geo.receptive_offset
+    k = network // s
+    rows, cols = shape[-2:]
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i in range(rows):
+        for j in range(cols):
+            y0, x0 = i * s + oy, j * s + ox
+            mask[i, j] = (y0 >= (i % k) * s and x0 >= (j % k) * s
+                          and y0 + ry <= image[0] and x0 + rx <= image[1])
+    return mask
+
+
+CASES = [
+    pytest.param(lambda: torchvision.models.resnet18(num_classes=5), (64, 64), 16, id="resnet18-16"),
+    pytest.param(lambda: torchvision.models.resnet18(num_classes=5), (64, 64), 8, id="resnet18-8"),
+    pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=5), (64, 64), 16, id="mobilenet_v2-16"),
+    pytest.param(lambda: torchvision.models.mobilenet_v2(num_classes=5), (64, 64), 8, id="mobilenet_v2-8"),
+]
+
+
+@pytest.mark.parametrize(("factory", "native", "stride"), CASES)
+def test_padded_network_interior_equals_shift_and_stitch(factory, native, stride) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    model = _randomize_norms(factory())
+    base = convolutionalize(model, native)
+    fcn = convolutionalize(model, native, output_stride=stride)
+    network = base.geometry.stride[0]
+    assert fcn.geometry.stride == (stride, stride) and not fcn.geometry.crop_equivalent
+    assert any("output stride" in note for note in fcn.geometry.notes)
+    size = (fcn.geometry.receptive_field[0] + 3 * network, fcn.geometry.receptive_field[1] + 4 * network)
+    image = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        dense = fcn(image)
+    assert dense.shape[-2:] == fcn.geometry.cells(*size)
+    stitched = shift_and_stitch(base, image, stride, network, tuple(dense.shape))
+    inside = interior(fcn, tuple(dense.shape), size, network)
+    assert inside.sum() >= 4
+    scale = dense.abs().max()
+    error = (dense - stitched).abs().amax(1)[0] / scale
+    assert error[inside].max() <= 1e-5
+    assert torch.nan_to_num(error[~inside]).max() > 1e-3  # the border really differs (measured)
+
+
+def test_transformers_cnn_interior_equals_shift_and_stitch() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    layer_type="basic", num_labels=5)
+    model = _randomize_norms(transformers.ResNetForImageClassification(cfg))
+    base = convolutionalize(model, (32, 32))
+    fcn = convolutionalize(model, (32, 32), output_stride=4)
+    assert "torch.export" in fcn.plan.describe()
+    network = base.geometry.stride[0]
+    size = (fcn.geometry.receptive_field[0] + 3 * network, fcn.geometry.receptive_field[1] + 5 * network)
+    image = torch.randn(1, 3, *size)
+    with torch.no_grad():
+        dense = fcn(image).logits
+    logits = _Logits(base)
+    stitched = shift_and_stitch(logits, image, 4, network, tuple(dense.shape))
+    inside = interior(fcn, tuple(dense.shape), size, network)
+    assert inside.sum() >= 4
+    error = (dense - stitched).abs().amax(1)[0] / dense.abs().max()
+    assert error[inside].max() <= 1e-5
+
+
+class _Logits(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).logits
+
+
+def test_densenet_average_pools_become_dilated_and_stay_exact_at_native_size() -> None:
+    """DenseNet's transitions are AvgPool2d(2, 2): below their stride they become dilated
+    depthwise averages. Its receptive field is too large for an interior check here; the
+    self-check (native size, map size at a larger non-square input) holds."""
+    torch.manual_seed(0)
+    model = _randomize_norms(torchvision.models.densenet121(num_classes=5))
+    fcn = convolutionalize(model, (64, 64), output_stride=8)
+    assert fcn.native_error is not None and fcn.native_error <= 1e-4
+    assert fcn.self_check.cells == fcn.geometry.cells(*fcn.self_check.size)
+    assert any(type(m).__name__ == "DilatedAvgPool2d" for m in fcn.modules())
+
+
+def test_global_context_after_a_removed_stride_is_refused_naming_it() -> None:
+    """EfficientNet's squeeze-excitation means would cover other positions on a denser map."""
+    model = torchvision.models.efficientnet_b0(num_classes=5).eval()
+    with pytest.raises(NotConvolutionalizable, match=r"output_stride=16: '.*' .*possible output strides: 32"):
+        convolutionalize(model, (64, 64), output_stride=16)
+
+
+def test_impossible_output_stride_names_the_possible_ones() -> None:
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    with pytest.raises(NotConvolutionalizable, match=r"allow 1, 2, 4, 8, 16, 32"):
+        convolutionalize(model, (64, 64), output_stride=3)
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-2, ValueError), (2.0, TypeError),
+                                              (True, TypeError)])
+def test_bad_output_stride_values(value: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="output_stride"):
+        convolutionalize(torchvision.models.resnet18(num_classes=5), (64, 64), output_stride=value)  # type: ignore[arg-type]
+
+
+def test_output_stride_with_global_pool_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="pool='window' or pool='none'"):
+        convolutionalize(torchvision.models.resnet18(num_classes=5), (64, 64), pool="global",
+                         output_stride=16)
+
+
+def test_padding_free_network_at_output_stride_1_equals_every_crop() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 8, 3, stride=2),
+                          nn.ReLU(), nn.AvgPool2d(2), nn.Conv2d(8, 8, 3), nn.Flatten(),
+                          nn.Linear(8 * 2 * 3, 4)).eval()
+    fcn = convolutionalize(model, (36, 44), output_stride=1)
+    assert fcn.geometry.stride == (1, 1) and fcn.geometry.crop_equivalent
+    dense, expected = cells_and_crops(model, fcn, torch.randn(1, 3, 41, 47))
+    assert dense.shape[0] == 6 * 4
+    assert rel_error(dense, expected) <= 1e-4
