@@ -308,3 +308,25 @@ def test_pretrained_weights_offline_fail_fast_with_hint(capsys: pytest.CaptureFi
     assert time.monotonic() - start < 20
     assert (code, out) == (2, "")
     _assert_one_error_line(err, "--weights random")
+
+
+def test_inspect_at_an_output_stride_counts_shift_and_stitch(capsys: pytest.CaptureFixture[str],
+                                                             files: Path) -> None:
+    args = tiny(files, "--output-stride", "1", "--image-size", "20", "24")
+    code, out, err = run(["inspect", *args], capsys)
+    assert (code, err) == (0, "")
+    assert "stride: 1x1" in out
+    assert "FLOPs shift-and-stitch:" in out and "(shift-and-stitch / dense)" in out
+    assert "cells vs true crops" in out  # the tiny net is padding-free: the self-check compared crops
+
+
+def test_verify_at_an_output_stride_passes(capsys: pytest.CaptureFixture[str], files: Path) -> None:
+    code, out, err = run(["verify", *tiny(files, "--output-stride", "1")], capsys)
+    assert (code, err) == (0, "")
+    assert out.rstrip().endswith("PASS")
+
+
+def test_impossible_output_stride_exits_2(capsys: pytest.CaptureFixture[str], files: Path) -> None:
+    code, out, err = run(["inspect", *tiny(files, "--output-stride", "3")], capsys)
+    assert code == 2 and out == ""
+    _assert_one_error_line(err, "output_stride=3 is not possible")

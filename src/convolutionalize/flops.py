@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .api import geometry_of
-from .geometry import output_cells
+from .geometry import Geometry, output_cells
 
 __all__ = ["FlopComparison", "compare_flops", "count_flops"]
 
@@ -58,6 +58,8 @@ class FlopComparison:
     dense: int
     per_crop: int
 
+    shift_and_stitch: int | None = None  # below the network stride: (S/s)^2 network-stride passes
+
     @property
     def crop_by_crop(self) -> int:
         return self.per_crop * self.windows
@@ -68,8 +70,13 @@ class FlopComparison:
         return self.crop_by_crop / self.dense if self.dense else float("inf")
 
 
-def compare_flops(model: nn.Module, fcn: nn.Module, image_size: tuple[int, int]) -> FlopComparison:
+def compare_flops(model: nn.Module, fcn: nn.Module, image_size: tuple[int, int],
+                  network: nn.Module | None = None) -> FlopComparison:
     """Count FLOPs of ``fcn`` on an ``image_size`` image and of ``model`` on one window.
+
+    ``network``: the same model converted at its network stride S, when ``fcn`` has an output
+    stride s below it; shift-and-stitch then costs (S/s)^2 of its passes over the image
+    (counted on the whole image: each shifted copy is up to S pixels smaller, so a little less).
 
     Raises:
         ValueError: the image is smaller than the native window.
@@ -97,4 +104,12 @@ def compare_flops(model: nn.Module, fcn: nn.Module, image_size: tuple[int, int])
         windows=rows * cols,
         dense=count_flops(fcn, (1, channels, height, width)),
         per_crop=count_flops(model, (1, channels, h, w)),
+        shift_and_stitch=None if network is None else _shift_and_stitch(network, geometry, channels,
+                                                                        (height, width)),
     )
+
+
+def _shift_and_stitch(network: nn.Module, geometry: Geometry, channels: int, size: tuple[int, int]) -> int:
+    shifts = (geometry_of(network).stride[0] // geometry.stride[0]) * (
+        geometry_of(network).stride[1] // geometry.stride[1])
+    return shifts * count_flops(network, (1, channels, *size))

@@ -102,13 +102,14 @@ def verify(
     image_size: tuple[int, int] | None = None,
     samples: int = 8,
     seed: int = 0,
+    output_stride: int | None = None,
 ) -> VerifyReport:
-    """Convert ``model`` (PyTorch, Keras or ONNX) and measure how exactly the result
-    reproduces it. The caller's model is not modified."""
+    """Convert ``model`` (PyTorch, Keras or ONNX; at ``output_stride`` if given) and measure
+    how exactly the result reproduces it. The caller's model is not modified."""
     pool = check_pool(pool)
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
-    fcn = convolutionalize(model, input_size, pool=pool)
+    fcn = convolutionalize(model, input_size, pool=pool, output_stride=output_stride)
     info = conversion_info(fcn)
     geometry = info.geometry
     native_error = info.native_error if info.native_error is not None else 0.0

@@ -62,7 +62,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if info.self_check is not None:
         lines.append(info.self_check)
     if args.image_size is not None:
-        lines.append(_image_lines(model, fcn, info, tuple(args.image_size)))
+        lines.append(_image_lines(args, model, fcn, info, tuple(args.image_size)))
     print("\n".join(lines))
     return EXIT_OK
 
@@ -73,10 +73,14 @@ def _parameters(model: object) -> str:
     return ""
 
 
-def _image_lines(model: object, fcn: object, info: ConversionInfo, size: tuple[int, int]) -> str:
+def _image_lines(args: argparse.Namespace, model: object, fcn: object, info: ConversionInfo,
+                 size: tuple[int, int]) -> str:
     """Map size and, for PyTorch models, FLOPs dense vs crop by crop on an image of ``size``."""
     if isinstance(fcn, ConvolutionalizedModule) and isinstance(model, nn.Module):
-        return _flops_lines(compare_flops(model, fcn, size))
+        network = None
+        if args.output_stride is not None:  # shift-and-stitch runs the network-stride model
+            network = convolutionalize(model, _input_size(args, model), pool=args.pool)
+        return _flops_lines(compare_flops(model, fcn, size, network))
     rows, cols = info.geometry.cells(*size)
     return (f"image: {size[0]}x{size[1]}  map: {rows}x{cols} cells  windows: {rows * cols}\n"
             "FLOPs: counted for PyTorch models only")
@@ -104,6 +108,7 @@ def _verify_command(args: argparse.Namespace) -> int:
         image_size=None if args.image_size is None else tuple(args.image_size),
         samples=args.samples,
         seed=args.seed,
+        output_stride=args.output_stride,
     )
     print(_verify_lines(report, args.seed))
     return EXIT_OK if report.passed else EXIT_FAILED
@@ -114,7 +119,8 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> tuple[Any, Any]:
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
-    return model, convolutionalize(model, _input_size(args, model), pool=args.pool)
+    return model, convolutionalize(model, _input_size(args, model), pool=args.pool,
+                                   output_stride=args.output_stride)
 
 
 def _input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int] | None:
@@ -150,6 +156,10 @@ def _flops_lines(flops: FlopComparison) -> str:
         f"FLOPs crop by crop: {_si(flops.crop_by_crop)}  ({flops.crop_by_crop:,}: the original "
         f"on {flops.windows} windows, {_si(flops.per_crop)} each)",
         f"ratio: {flops.ratio:.1f}x (crop by crop / dense)",
+        *([] if flops.shift_and_stitch is None else [
+            f"FLOPs shift-and-stitch: {_si(flops.shift_and_stitch)}  ({flops.shift_and_stitch:,}: "
+            "the network-stride map once per shift, counted on the whole image)",
+            f"ratio: {flops.shift_and_stitch / flops.dense:.1f}x (shift-and-stitch / dense)"]),
     ])
 
 
@@ -258,6 +268,9 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--input-size", nargs=2, type=int_at_least(1), metavar=("H", "W"),
                         help="native (training) input size (default: the model's own; 224 "
                         "for most torchvision models, 299 for inception_v3)")
+    common.add_argument("--output-stride", type=int_at_least(1), metavar="S",
+                        help="score a window every S pixels, below the network's stride (a trous: "
+                        "S must divide it into factors its strided layers have; PyTorch models)")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="show progress messages and library warnings on stderr")
     common.add_argument("--pool", choices=get_args(PoolMode), default="window",
