@@ -354,10 +354,10 @@ def test_load_keras_rejects_bad_files(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- refusals
 
 
-def _two_outputs() -> keras.Model:
-    inputs = keras.Input((8, 8, 3))
-    x = layers.Flatten()(layers.Conv2D(2, 3)(inputs))
-    return keras.Model(inputs, [layers.Dense(2)(x), layers.Dense(3)(x)], name="two_heads")
+def _two_inputs() -> keras.Model:
+    image, meta = keras.Input((8, 8, 3)), keras.Input((4,))
+    x = layers.Flatten()(layers.Conv2D(2, 3)(image))
+    return keras.Model([image, meta], layers.Dense(2)(layers.Concatenate()([x, meta])), name="two_inputs")
 
 
 def _tokens() -> keras.Model:
@@ -386,12 +386,12 @@ def _flat_norm() -> keras.Model:
 
 
 @pytest.mark.parametrize("build, match", [
-    (_two_outputs, "1 inputs and 2 outputs"),
+    (_two_inputs, "'two_inputs' has 2 inputs"),
     (_tokens, "layer 'reshape.*tokens"),
     (_fully_conv, "fully convolutional"),
     (_two_features, "several feature maps.*'left'.*'right'|several feature maps.*'right'.*'left'"),
     (_flat_norm, "head layer 'flat_norm'.*before any Dense"),
-], ids=["two-outputs", "tokens", "fully-conv", "two-features", "norm-on-flat"])
+], ids=["two-inputs", "tokens", "fully-conv", "two-features", "norm-on-flat"])
 def test_refusals_name_the_layer(build, match: str) -> None:
     with pytest.raises(NotConvolutionalizable, match=match):
         convolutionalize_keras(build())
@@ -458,3 +458,4 @@ def test_keras_applications(name: str) -> None:
     assert rel(native[0, 0, 0], run(model, x)[0]) < CROP_RTOL
     big = (size + 2 * g.stride[0], size + 2 * g.stride[1])
     assert run(fcn, rand(1, *big, 3)).shape == (1, 3, 3, 10) == (1, *g.cells(*big), 10)
+    assert fcn.self_check.cells == g.cells(*fcn.self_check.size)  # checked at a non-square size

@@ -150,7 +150,7 @@ class ConversionInfo:
     geometry: Geometry
     native_error: float | None
     in_channels: int
-    self_check: str | None = None  # what the conversion measured at a larger size (PyTorch)
+    self_check: str | None = None  # what the conversion measured at a larger size (PyTorch, Keras)
 
 
 def conversion_info(fcn: object) -> ConversionInfo:

@@ -3,6 +3,7 @@ replayed on new tensors, and the facts about Keras operations the other parts sh
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -126,10 +127,22 @@ class Graph:
             outs = handle(call, new)
             if outs is None:
                 args, kwargs = fill_arguments(call, new, self.canon)
-                outs = keras.tree.flatten(call.op(*args, **kwargs))
+                try:
+                    outs = keras.tree.flatten(call.op(*args, **kwargs))
+                except Exception as exc:
+                    raise NotConvolutionalizable(f"layer '{call.name}' ({call.kind}) fails: "
+                                                 f"{reason(exc)}") from exc
             for t, out in zip(call.outputs, outs):
                 new[id(t)] = out
         return new
+
+
+def reason(exc: BaseException) -> str:
+    """The informative first line of an exception (Keras wraps the cause in a banner)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.startswith("Exception encountered when calling")]
+    return lines[0] if lines else type(exc).__name__
 
 
 def private_copy(model: keras.Model) -> keras.Model:

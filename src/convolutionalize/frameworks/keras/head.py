@@ -1,5 +1,12 @@
 """Kinds, shapes and the HeadPlan of a Keras model: where the body ends and what each head call
-becomes."""
+becomes.
+
+The head is everything between the one feature map and the outputs (a model with several
+outputs, MTCNN's face/box/landmark heads, has one head per output, all reading that map). A
+``Permute`` of the map (MTCNN's ``Permute((3, 2, 1))`` before its ``Flatten``) keeps it a map
+whose axis order is recorded (``Value.order``, then ``FeatureMap.layout``): the Dense kernel
+is read in that flatten order and the rewrite permutes the map back to the model's layout.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from .graph import (
     axis_of,
     layout_of_calls,
     private_copy,
+    reason,
 )
 
 
@@ -53,7 +61,7 @@ class Analysis:
         except Exception as exc:
             raise NotConvolutionalizable(
                 f"model '{model.name}' does not run at the native input size "
-                f"{self.input_size[0]}x{self.input_size[1]}: {str(exc).splitlines()[0]}") from exc
+                f"{self.input_size[0]}x{self.input_size[1]}: {reason(exc)}") from exc
         self.shapes = {key: tuple(t.shape) for key, t in native.items()}
         self.values = self._kinds()
         self.head, self.feature = self._head()

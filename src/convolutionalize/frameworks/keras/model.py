@@ -5,7 +5,8 @@ model (``clone_model`` + ``set_weights``: the caller's is never touched), flatte
 models into one list of calls, replays it once at the native input size to learn every
 tensor's static shape, and gives each tensor a *kind* (``map``, ``pooled``, ``vector``,
 ``flat``, ``seq``, as in the PyTorch adapter). The head is everything between the last map
-and the output; each head call becomes a :class:`~convolutionalize.plan.HeadStep`.
+and the outputs (one map per output, in the model's output structure); each head call
+becomes a :class:`~convolutionalize.plan.HeadStep`.
 The rewrite replays the calls once more on an input of unknown height and width: body
 calls unchanged, head calls by one registered function per step kind (``Dense`` after a
 flatten -> ``Conv2D`` with the feature map's size as kernel, later ``Dense`` -> 1x1,
@@ -13,6 +14,7 @@ global pooling -> stride-1 window pool / nothing / kept). Only Keras layers are 
 so the result runs on any backend. The head works in the model's own data format: the
 result maps are ``(N, rows, cols, classes)`` for channels_last models and
 ``(N, classes, rows, cols)`` for channels_first ones (:func:`predict_nchw` hides this).
+Files: ``.keras``, and legacy HDF5 ``.h5`` / ``.hdf5`` (``tf.keras``; needs ``h5py``).
 
 Before returning, a conversion checks itself (``_Probe``, the framework-neutral parts in
 :mod:`convolutionalize.selfcheck`) and keeps what it measured next to its geometry
@@ -51,6 +53,7 @@ from .graph import (
     flatten_graph,
     graph_of,
     layout_of_calls,
+    reason,
 )
 from .head import Analysis
 from .rewrite import rebuild
@@ -64,15 +67,15 @@ NATIVE_RTOL = 1e-4
 META_FILE = "convolutionalize.json"  # geometry and plan, stored inside a saved .keras zip
 
 
-def _run(model: keras.Model, x: np.ndarray) -> np.ndarray:
-    # predict_on_batch: inference mode without gradient tracking on every backend (a plain call
-    # on the torch backend records autograd: 25% slower, activations kept)
-    return np.asarray(model.predict_on_batch(x), dtype=np.float64)
-
-
 def _run_all(model: keras.Model, x: np.ndarray) -> list[np.ndarray]:
-    """Every output of ``model`` on ``x``, flattened in the model's output order."""
-    return [np.asarray(o, dtype=np.float64) for o in keras.tree.flatten(model.predict_on_batch(x))]
+    """Every output of ``model`` on ``x``, flattened in the model's output order. ``x`` goes in
+    the structure the model was built with (``[x]`` for tf.keras files' ``input_layers`` list).
+
+    predict_on_batch: inference mode without gradient tracking on every backend (a plain call
+    on the torch backend records autograd: 25% slower, activations kept)."""
+    structure = getattr(model, "_inputs_struct", None)
+    feed = keras.tree.pack_sequence_as(structure, [x]) if structure is not None else x
+    return [np.asarray(o, dtype=np.float64) for o in keras.tree.flatten(model.predict_on_batch(feed))]
 
 
 def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -179,8 +182,7 @@ class _Probe:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return f"{type(exc).__name__}: {reason(exc)}"
 
 
 def convolutionalize_keras(model: keras.Model, input_size: object = None,
@@ -242,17 +244,21 @@ def _layout_of(model: keras.Model) -> Layout:
     return layout_of_calls(calls)
 
 
-def predict_nchw(model: keras.Model, x: np.ndarray) -> np.ndarray:
+def predict_nchw(model: keras.Model, x: np.ndarray, output: int = 0) -> np.ndarray:
     """Run a (converted) Keras model on ``x (N, C, H, W)``; return ``(N, classes, rows, cols)``.
 
     Channels_last models get ``x`` transposed to NHWC and their map transposed back; a
-    ``(N, classes)`` output (``pool="global"``) comes back as ``(N, classes, 1, 1)``.
+    ``(N, classes)`` output (``pool="global"``) comes back as ``(N, classes, 1, 1)``. A model
+    with several outputs gives the one at index ``output`` (in ``model.outputs`` order).
     """
     x = np.asarray(x, dtype=np.float32)
     if x.ndim != 4:
         raise ValueError(f"predict_nchw takes a (N, C, H, W) array, got shape {x.shape}")
     nhwc = _layout_of(model) == "NHWC"
-    out = _run(model, np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc else x).astype(np.float32)
+    outs = _run_all(model, np.ascontiguousarray(x.transpose(0, 2, 3, 1)) if nhwc else x)
+    if not 0 <= output < len(outs):
+        raise ValueError(f"model '{model.name}' has {len(outs)} outputs; output={output} is not one")
+    out = outs[output].astype(np.float32)
     if out.ndim == 2:
         return out[:, :, None, None]
     return out.transpose(0, 3, 1, 2) if nhwc else out
@@ -272,9 +278,9 @@ def input_channels(model: keras.Model) -> int:
 
 
 def activation_shapes(model: keras.Model, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-    """The output shape (without batch, classes first) for one ``size`` input, and the element
-    count of every layer output, symbolically: each layer's ``compute_output_spec`` (nothing
-    is computed and the model gains no new nodes)."""
+    """The output shape (without batch, classes first; the first output of several) for one
+    ``size`` input, and the element count of every layer output, symbolically: each layer's
+    ``compute_output_spec`` (nothing is computed and the model gains no new nodes)."""
     graph = Graph(model)
     layout, channels = _layout_of(model), input_channels(model)
     shape = (1, *size, channels) if layout == "NHWC" else (1, channels, *size)
@@ -355,7 +361,7 @@ def load_keras(path: str | os.PathLike[str]) -> keras.Model:
     try:
         model = keras.saving.load_model(path, compile=False)
     except Exception as exc:
-        raise ValueError(f"cannot read {path.name} as a Keras model: {_reason(exc)}") from None
+        raise ValueError(f"cannot read {path.name} as a Keras model: {reason(exc)}") from None
     if not isinstance(model, keras.Model):
         raise ValueError(f"{path.name} holds a {type(model).__name__}, not a keras.Model")
     meta = _read_meta(path)
@@ -363,10 +369,6 @@ def load_keras(path: str | os.PathLike[str]) -> keras.Model:
         _attach(model, Geometry.from_json(json.dumps(meta["geometry"])), _plan_from_dict(meta["plan"]),
                 _check_from_dict(meta.get("self_check")), meta.get("native_error"))
     return model
-
-
-def _reason(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _check_hdf5(path: Path) -> None:
@@ -381,7 +383,7 @@ def _check_hdf5(path: Path) -> None:
             has_config = "model_config" in f.attrs
     except OSError as exc:
         raise ValueError(f"cannot read {path.name} as a Keras model: not an HDF5 file "
-                         f"({_reason(exc)})") from None
+                         f"({reason(exc)})") from None
     if not has_config:
         raise ValueError(f"{path.name} holds weights only (no model config, as save_weights writes "
                          "it): build the architecture, call load_weights, and pass the keras.Model")

@@ -9,6 +9,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from ...errors import NotConvolutionalizable
 from ...geometry import PoolMode
 from ...plan import HeadStep
 from ...weights import dense_to_hwio
@@ -132,7 +133,11 @@ def rebuild(analysis: Analysis, pool: PoolMode, name: str) -> keras.Model:
             return None
         return [rewrite(rw, call, step, [new[id(t)] for t in call.inputs])]
 
-    new = a.graph.replay(image, handle)
+    try:
+        new = a.graph.replay(image, handle)
+    except NotConvolutionalizable as exc:
+        raise NotConvolutionalizable(f"model '{name}' does not run on an image of unknown size, so it "
+                                     f"cannot slide: {exc}") from exc
     outs = [new[id(t)] for t in a.graph.outputs]
     if pool == "global" and not a.plan.global_pooling:  # flatten head: the mean of the window map
         outs = [keras.layers.GlobalAveragePooling2D(
