@@ -35,7 +35,7 @@ def convolutionalize(
 
     Args:
         model: a trained ``torch.nn.Module``, ``keras.Model`` or ``onnx.ModelProto``, or a
-            path to a ``.keras`` / ``.onnx`` file. It is not modified.
+            path to a ``.keras`` / ``.h5`` / ``.onnx`` file. It is not modified.
         input_size: the native (training) input size ``(H, W)``. Required unless the
             model carries it (timm's ``pretrained_cfg``, a Keras model's static input
             shape, an ONNX graph's static input dims).
@@ -84,7 +84,7 @@ def convolutionalize(
         return convolutionalize_onnx(model, input_size, pool)
     raise TypeError(
         "convolutionalize takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
-        f".keras/.onnx path, got {type(model).__name__}"
+        f".keras/.h5/.onnx path, got {type(model).__name__}"
     )
 
 

@@ -257,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
 def _common_options() -> argparse.ArgumentParser:
     common = Parser(add_help=False)
     common.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, "
-                        "demo:digits, a .pt2 file (torch.export), a .keras / .onnx model file, "
+                        "demo:digits, a .pt2 file (torch.export), a .keras / .h5 / .onnx model file, "
                         "or a .pt/.pth file holding a whole pickled nn.Module (torch.save(model); "
                         "loading it runs its pickled code, so it needs --trust-pickle)")
     common.add_argument("--weights", metavar="W", help="'random', a state_dict file (loaded "
