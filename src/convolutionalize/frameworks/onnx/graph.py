@@ -4,6 +4,7 @@ a private copy with producers, consumers, constants and the shapes at the native
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Literal
 
 import numpy as np
@@ -32,6 +33,7 @@ GLOBAL_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
                         "MeanVarianceNormalization", "Einsum", "Attention"})
 PER_LOCATION = ELEMENTWISE | SHAPE_OPS | frozenset({
     "BatchNormalization", "Concat", "Split", "LayerNormalization", "Softmax", "LogSoftmax",
+    "Hardmax", "LRN",
     "Slice", "Expand", "Where", "MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"})
 
 
@@ -62,20 +64,29 @@ def attr_value(node: onnx.NodeProto, name: str, default: object = None) -> objec
     return value.decode() if isinstance(value, bytes) else value
 
 
+def opset_of(model: onnx.ModelProto) -> int:
+    """The graph's ``ai.onnx`` opset (0 when it imports none)."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
 def image_input(graph: onnx.GraphProto) -> onnx.ValueInfoProto:
     inits = {i.name for i in graph.initializer}
     inputs = [i for i in graph.input if i.name not in inits]
     if len(inputs) != 1:
+        weights = "; weights must be initializers (constants), not runtime inputs" if inputs else ""
         raise NotConvolutionalizable(f"the graph has {len(inputs)} inputs "
-                                     f"({', '.join(i.name for i in inputs)}); one image input needed")
+                                     f"({', '.join(i.name for i in inputs)}); one image input "
+                                     f"needed{weights}")
     return inputs[0]
 
 
 def dims_of(value: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
+    """Static dims, None for symbolic ones (a name, ``?``, or exporters' ``-1``)."""
     t = value.type.tensor_type
     if not t.HasField("shape"):
         return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+    return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
+                 for d in t.shape.dim)
 
 
 class Graph:
@@ -89,26 +100,24 @@ class Graph:
             if not node.name or node.name in seen:
                 node.name = f"{node.name or node.op_type}_{i}"
             seen.add(node.name)
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.opset = opset_of(model)
         image = image_input(g)
         self.image = image.name
         self.batch = (dims_of(image) or (1,))[0] or 1  # the static batch size, if any
         self.layout = layout
         self.inits = {i.name: i for i in g.initializer}
-        self.const_nodes = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
         self.producer = {out: node for node in g.node for out in node.output if out}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         for node in g.node:
             for name in set(node.input):
                 self.consumers[name].append(node)
         self.order = {node.name: i for i, node in enumerate(g.node)}
-        self.stop = ""  # why the walk back from the output stopped (for error messages)
         self.static = self._static_values()
         self.shapes, self.types = self._infer(input_size)
 
     def _static_values(self) -> set[str]:
         """Tensors that do not depend on the image's values (constants and shape arithmetic)."""
-        static = set(self.inits) | set(self.const_nodes)
+        static = set(self.inits)
         for node in self.model.graph.node:
             ins = [n for n in node.input if n]
             if node.op_type in ("Shape", "Size") or (ins and all(n in static for n in ins)):
@@ -125,7 +134,7 @@ class Graph:
         if len(dims) != 4:
             raise NotConvolutionalizable(f"image input '{self.image}' has rank {len(dims)}, not 4")
         for axis, value in zip((0, *axes), (1, *input_size)):
-            if axis != 0 or not dims[0].HasField("dim_value"):
+            if axis != 0 or not dims[0].dim_value > 0:
                 dims[axis].Clear()
                 dims[axis].dim_value = value
         for out in fixed.graph.output:
@@ -135,51 +144,18 @@ class Graph:
         except Exception as exc:
             raise NotConvolutionalizable(f"shape inference fails at the native size "
                                          f"{input_size[0]}x{input_size[1]}: {first_line(exc)}") from exc
-        g = inferred.graph
-        shapes, types = {}, {}
-        for value in [*g.input, *g.value_info, *g.output]:
-            shapes[value.name] = dims_of(value)
-            types[value.name] = value.type.tensor_type.elem_type
-        for init in g.initializer:
-            shapes[init.name] = tuple(init.dims)
-            types[init.name] = init.data_type
+        shapes, types = _shapes_of(inferred.graph)
+        if any(shapes.get(o) is None for n in fixed.graph.node for o in n.output if o):
+            for name, shape in _symbolic_shapes(fixed).items():  # computed reshapes onnx loses
+                if shapes.get(name) is None:
+                    shapes[name] = shape
         return shapes, types
 
     def const(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or ``Constant`` output, else None."""
-        if name in self.inits:
-            return numpy_helper.to_array(self.inits[name])
-        node = self.const_nodes.get(name)
-        if node is None:
-            return self._fold(name)
-        for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-            attr = attr_proto(node, key)
-            if attr is not None:
-                value = helper.get_attribute_value(attr)
-                return numpy_helper.to_array(value) if key == "value" else np.array(value)
-        return None
-
-    def _fold(self, name: str) -> np.ndarray | None:
-        """Constant-fold one node whose inputs are all constants (e.g. a deduplicated
-        initializer behind an ``Identity``)."""
-        node = self.producer.get(name)
-        if node is None or name not in self.static or node.op_type in ("Shape", "Size"):
-            return None
-        values = {n: self.const(n) for n in node.input if n}
-        if any(v is None for v in values.values()):
-            return None
-        if node.op_type == "Identity":
-            return values[node.input[0]]
-        from onnx.reference import ReferenceEvaluator
-
-        inputs = [helper.make_tensor_value_info(k, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
-                  for k, v in values.items() if v is not None]
-        outputs = [helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
-                   for o in node.output]
-        sub = helper.make_model(helper.make_graph([node], "fold", inputs, outputs),
-                                opset_imports=list(self.model.opset_import))
-        results = ReferenceEvaluator(sub).run(None, values)
-        return np.asarray(results[list(node.output).index(name)])
+        """The value of an initializer (constant subgraphs were folded into initializers
+        before the analysis), else None."""
+        init = self.inits.get(name)
+        return None if init is None else numpy_helper.to_array(init)
 
     def shape(self, name: str) -> tuple[int | None, ...] | None:
         return self.shapes.get(name)
@@ -209,6 +185,39 @@ class Graph:
             seen.add(node.name)
             stack.extend(n for n in node.input if n)
         return seen
+
+
+def _shapes_of(g: onnx.GraphProto) -> tuple[dict, dict]:
+    shapes, types = {}, {}
+    for value in [*g.input, *g.value_info, *g.output]:
+        shapes[value.name] = dims_of(value)
+        types[value.name] = value.type.tensor_type.elem_type
+    for init in g.initializer:
+        shapes[init.name] = tuple(init.dims)
+        types[init.name] = init.data_type
+    return shapes, types
+
+
+def _symbolic_shapes(fixed: onnx.ModelProto) -> dict[str, tuple[int | None, ...] | None]:
+    """Shapes from onnxruntime's symbolic shape inference, which evaluates the shape arithmetic
+    of computed reshapes (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` at opsets
+    before 13) where onnx's data propagation stops; empty when it cannot run."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        inferred = SymbolicShapeInference.infer_shapes(fixed)
+    except Exception:  # an op it does not know: onnx's shapes are all there is
+        return {}
+    return _shapes_of(inferred.graph)[0]
+
+
+def all_inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """A node's inputs and the outer names its subgraphs read."""
+    yield from (n for n in node.input if n)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+            for inner in sub.node:
+                yield from all_inputs(inner)
 
 
 def describe_node(node: onnx.NodeProto) -> str:

@@ -17,9 +17,17 @@ op type, followed by clean-up: dead nodes and initializers removed, size-specifi
 checked with ``onnx.checker.check_model(full_check=True)`` and with onnxruntime against the
 original at the native size.
 
+Before the analysis, older forms are prepared (``prepare``: opset at least 7, initializers
+listed as inputs read as constants, constant subgraphs folded); opset-specific head ops are
+handled by functions registered by ``(op_type, since_version)`` (``registry``). Every graph
+output becomes a map (class scores and box regression from one trunk: one map each, in
+order). Before returning, the conversion checks itself (:mod:`convolutionalize.selfcheck`):
+equality with the original at the native size, and at a larger non-square size every map's
+rows and columns as the geometry predicts, and true crops when crop-equivalent.
+
 This module holds the public entry points (conversion, files, running); the analysis lives in
-``_onnx_graph`` (graph facts), ``_onnx_head`` (the head and its plan) and ``_onnx_geometry``
-(body geometry), the rewrite in ``_onnx_rewrite``.
+``graph`` (graph facts), ``head`` (the head and its plan) and ``geometry`` (body geometry), the
+rewrite in ``rewrite``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -37,15 +46,17 @@ from ..._files import atomic_path
 from ...errors import NotConvolutionalizable
 from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, check_pool, geometry_from_plan
 from ...plan import HeadPlan
+from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
 from .geometry import body_geometry
 from .graph import dims_of, first_line, image_input, input_layout
-from .head import analyse
+from .head import Value, analyse
 from .rewrite import rewrite
 
 __all__ = [
     "NATIVE_ERROR_KEY",
     "NATIVE_RTOL",
     "PLAN_KEY",
+    "SELF_CHECK_KEY",
     "Predictor",
     "activation_shapes",
     "analyse",
@@ -56,6 +67,7 @@ __all__ = [
     "model_digest",
     "predict_nchw",
     "save_onnx",
+    "self_check_of",
 ]
 
 logger = logging.getLogger(__name__)
@@ -63,6 +75,7 @@ logger = logging.getLogger(__name__)
 NATIVE_RTOL = 1e-4  # onnxruntime sums in a different order than the original graph's kernels
 PLAN_KEY = "convolutionalize.plan"
 NATIVE_ERROR_KEY = "convolutionalize.native_error"
+SELF_CHECK_KEY = "convolutionalize.self_check"
 
 
 def load_onnx(path: str | os.PathLike[str]) -> onnx.ModelProto:
@@ -115,10 +128,15 @@ class Predictor:
             image.type, np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        """The first output."""
+        return self.run_all(x)[0]
+
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output, in the graph's order."""
         x = np.ascontiguousarray(x, dtype=self.dtype)
         if self.layout == "NHWC":
             x = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-        return np.asarray(self.session.run(None, {self.input: x})[0])
+        return [np.asarray(out) for out in self.session.run(None, {self.input: x})]
 
 
 def predict_nchw(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
@@ -186,8 +204,9 @@ def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
                           pool: PoolMode = "window") -> onnx.ModelProto:
     """Convert an ONNX classifier; see :func:`convolutionalize.convolutionalize`.
 
-    The result has symbolic input height and width and carries its geometry, plan and
-    native-size error in ``metadata_props``.
+    The result has symbolic input batch, height and width, one map per original output (in
+    order), and carries its geometry, plan, native-size error and self-check in
+    ``metadata_props``.
     """
     pool = check_pool(pool)
     graph, plan, head = analyse(model, input_size)
@@ -200,15 +219,17 @@ def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
     except Exception as exc:
         raise NotConvolutionalizable(f"the rewritten graph fails the ONNX checker: "
                                      f"{first_line(exc)}") from exc
-    error = _check_native(model, converted, plan, geometry)
+    probe = _Probe(model, plan, geometry, [value for _, value in head.outputs])
+    predictor = Predictor(converted)
+    error = probe.native(predictor)
     try:
-        _check_larger(converted, plan, geometry, batch=2)
+        check = probe.larger(predictor, error, batch=2)
     except NotConvolutionalizable as exc:  # a body node fixes the batch size: keep it fixed
         logger.info("batch stays %d: %s", graph.batch, exc)
         converted = _pin_batch(converted, graph.batch)
-        _check_larger(converted, plan, geometry, batch=1)
+        check = probe.larger(Predictor(converted), error, batch=1)
     props = {GEOMETRY_KEY: geometry.to_json(), PLAN_KEY: plan.describe(),
-             NATIVE_ERROR_KEY: json.dumps(error)}
+             NATIVE_ERROR_KEY: json.dumps(error), SELF_CHECK_KEY: json.dumps(asdict(check))}
     kept = [p for p in converted.metadata_props if p.key not in props]
     del converted.metadata_props[:]
     converted.metadata_props.extend(kept)
@@ -217,14 +238,24 @@ def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
     return converted
 
 
-def _example(plan: HeadPlan, size: tuple[int, int], batch: int = 1) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    return rng.standard_normal((batch, plan.in_channels, *size)).astype(np.float32)
+def self_check_of(model: onnx.ModelProto) -> SelfCheck | None:
+    """What a converted graph measured on itself when it was converted (None: not recorded)."""
+    text = metadata_of(model).get(SELF_CHECK_KEY)
+    if text is None:
+        return None
+    data = json.loads(text)
+    return SelfCheck(data["native_error"], tuple(data["size"]), tuple(data["cells"]),
+                     data["crop_error"])
+
+
+def _example(channels: int, size: tuple[int, int], batch: int = 1, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, channels, *size)).astype(np.float32)
 
 
 def _pin_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """Give the input and output back the static batch size of the original graph."""
-    for value in (model.graph.input[0], model.graph.output[0]):
+    """Give the input and outputs back the static batch size of the original graph."""
+    for value in (model.graph.input[0], *model.graph.output):
         dim = value.type.tensor_type.shape.dim[0]
         dim.Clear()
         dim.dim_value = batch
@@ -232,45 +263,95 @@ def _pin_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
     return onnx.shape_inference.infer_shapes(model)
 
 
-def _check_native(original: onnx.ModelProto, converted: onnx.ModelProto, plan: HeadPlan,
-                  geometry: Geometry) -> float | None:
-    """The converted graph equals the original at the native size (max relative error)."""
-    x = _example(plan, plan.input_size)
-    expected, out = predict_nchw(original, x), predict_nchw(converted, x)
-    if geometry.pool == "window":
-        if out.shape[-2:] != (1, 1):
-            raise NotConvolutionalizable(f"at the native size the map is {out.shape[-2:]}, not 1x1; "
-                                         "the head's geometry was misread")
-        error: float | None = relative_error(out.reshape(expected.shape), expected)
-    elif geometry.pool == "global":
-        error = relative_error(out, expected)
-    else:
+class _Probe:
+    """The self-check (see :mod:`convolutionalize.selfcheck`), with the original graph run in
+    onnxruntime: equality at the native size, then at a larger non-square size every map's
+    rows and columns, and (crop-equivalent models) cells against the original on true crops."""
+
+    def __init__(self, original: onnx.ModelProto, plan: HeadPlan, geometry: Geometry,
+                 outputs: list[Value]) -> None:
+        self.original = Predictor(original)
+        self.plan, self.geometry = plan, geometry
+        self.axes = [(1, 2) if v.kind == "pooled" and v.layout == "NHWC" else (2, 3) for v in outputs]
+
+    def native(self, converted: Predictor) -> float | None:
+        """The converted graph equals the original at the native size (max relative error)."""
+        x = _example(self.plan.in_channels, self.plan.input_size)
+        expected, maps = self.original.run_all(x), converted.run_all(x)
+        errors = [self._native_error(m, e, axes) for m, e, axes in zip(maps, expected, self.axes)]
+        error = None if None in errors else max(errors)  # type: ignore[type-var]
+        if error is not None and error > NATIVE_RTOL:
+            raise NotConvolutionalizable(f"the rewritten graph differs from the original at the "
+                                         f"native size (max relative error {error:.2e})")
+        return error
+
+    def _native_error(self, out: np.ndarray, expected: np.ndarray,
+                      axes: tuple[int, int]) -> float | None:
+        pool = self.geometry.pool
+        if pool == "global":
+            return relative_error(out, expected)
+        if out.ndim != 4 or (out.shape[axes[0]], out.shape[axes[1]]) != (
+                (1, 1) if pool == "window" else self.plan.feature.size):
+            raise NotConvolutionalizable(f"at the native size the map has shape {out.shape}, not "
+                                         f"{'1x1' if pool == 'window' else 'the feature map'} "
+                                         "cells; the head's geometry was misread")
+        if pool == "window":
+            return relative_error(out.reshape(expected.shape), expected)
+        steps = self.plan.steps
         affine = all(s.op in ("global_pool", "flatten", "linear", "batchnorm") or (
-            s.op == "keep" and s.detail.startswith(("Dropout", "Identity"))) for s in plan.steps)
-        avg = all(s.reduce != "max" for s in plan.steps_of("global_pool"))
-        error = relative_error(out.mean((2, 3)), expected) if affine and avg else None
-    if error is not None and error > NATIVE_RTOL:
-        raise NotConvolutionalizable(f"the rewritten graph differs from the original at the native "
-                                     f"size (max relative error {error:.2e})")
-    return error
+            s.op == "keep" and s.detail.startswith(("Dropout", "Identity"))) for s in steps)
+        avg = all(s.reduce != "max" for s in self.plan.steps_of("global_pool"))
+        if not (affine and avg):
+            return None
+        return relative_error(out.mean(axes).reshape(expected.shape), expected)
 
+    def larger(self, converted: Predictor, native_error: float | None, batch: int) -> SelfCheck:
+        failures = []
+        for size in check_sizes(self.geometry):
+            x = _example(self.plan.in_channels, size, batch, seed=2)
+            try:
+                maps = converted.run_all(x)
+            except Exception as exc:  # a body node specific to the native size or batch
+                failures.append(f"at {batch}x{size[0]}x{size[1]}: {first_line(exc)}")
+                continue
+            cells = self._check_shapes(maps, size, batch)
+            crop_error = self._crop_error(x, maps, size)
+            if crop_error is not None and crop_error > CHECK_RTOL:
+                raise NotConvolutionalizable(
+                    f"the converted map at {size[0]}x{size[1]} differs from the original on the "
+                    f"true crops of its cells (max relative error {crop_error:.2e}); the head's "
+                    "geometry or flatten order was misread")
+            return SelfCheck(native_error, size, cells, crop_error)
+        raise NotConvolutionalizable(f"the rewritten graph does not run at sizes larger than the "
+                                     f"native one ({'; '.join(failures)}); a body node is specific "
+                                     "to the native size")
 
-def _check_larger(converted: onnx.ModelProto, plan: HeadPlan, geometry: Geometry,
-                  batch: int) -> None:
-    """The converted graph runs two strides larger and gives the map size the geometry says."""
-    size = (plan.input_size[0] + 2 * geometry.stride[0], plan.input_size[1] + 2 * geometry.stride[1])
-    try:
-        out = predict_nchw(converted, _example(plan, size, batch))
-    except Exception as exc:
-        raise NotConvolutionalizable(f"the rewritten graph does not run at {batch}x{size[0]}x{size[1]}; "
-                                     f"a body node is specific to the native size: "
-                                     f"{first_line(exc)}") from exc
-    if geometry.pool != "global":
-        cells = geometry.cells(*size)
-        got = tuple(out.shape[2:]) if out.ndim == 4 else None
-        if got != cells and tuple(out.shape[1:3]) != cells:
-            raise NotConvolutionalizable(f"at {size[0]}x{size[1]} the map is {got}, the geometry "
-                                         f"says {cells}")
+    def _check_shapes(self, maps: list[np.ndarray], size: tuple[int, int],
+                      batch: int) -> tuple[int, int]:
+        if self.geometry.pool == "global":
+            return (1, 1)
+        expected = self.geometry.cells(*size)
+        for m, axes in zip(maps, self.axes):
+            if m.ndim != 4 or m.shape[0] != batch or (m.shape[axes[0]], m.shape[axes[1]]) != expected:
+                raise NotConvolutionalizable(
+                    f"at {batch}x{size[0]}x{size[1]} the converted graph returns a map of shape "
+                    f"{m.shape}, but its geometry predicts {expected[0]}x{expected[1]} cells; the "
+                    "map is transposed or the geometry was misread")
+        return expected
+
+    def _crop_error(self, x: np.ndarray, maps: list[np.ndarray], size: tuple[int, int]) -> float | None:
+        """Max relative error of a few cells against the original run on their windows."""
+        geo = self.geometry
+        if not geo.crop_equivalent or geo.window != self.plan.input_size:
+            return None
+        errors = []
+        for i, j in check_cells(geo, size):
+            x0, y0, x1, y1 = geo.box(i, j)
+            originals = self.original.run_all(x[:1, :, y0:y1, x0:x1])
+            for m, e, axes in zip(maps, originals, self.axes):
+                cell = m[0, :, i, j] if axes == (2, 3) else m[0, i, j, :]
+                errors.append(relative_error(cell, e.reshape(-1)))
+        return max(errors) if errors else None
 
 
 def metadata_of(model: onnx.ModelProto) -> dict[str, str]:

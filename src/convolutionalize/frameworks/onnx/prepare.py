@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ...errors import NotConvolutionalizable
-from .graph import first_line
+from .graph import all_inputs, first_line, opset_of
 
-__all__ = ["MIN_OPSET", "fold_constants", "opset_of", "prepare"]
+__all__ = ["MIN_OPSET", "fold_constants", "prepare"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,6 @@ MIN_OPSET = 7
 MIN_IR_WITHOUT_INPUT_INITIALIZERS = 4
 RANDOM_OPS = frozenset({"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
                         "Multinomial", "Bernoulli"})
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    """The graph's ``ai.onnx`` opset (0 when it imports none)."""
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -83,7 +79,7 @@ def fold_constants(model: onnx.ModelProto) -> None:
     produced = {o for n in folded for o in n.output if o}
     ids = {id(n) for n in folded}
     rest = [n for n in g.node if id(n) not in ids]
-    needed = list(dict.fromkeys(i for n in rest for i in n.input if i in produced))
+    needed = list(dict.fromkeys(i for n in rest for i in all_inputs(n) if i in produced))
     values = _evaluate(model, folded, needed) if needed else []
     if values is None:
         return
@@ -93,8 +89,8 @@ def fold_constants(model: onnx.ModelProto) -> None:
     logger.debug("folded %d constant nodes into %d initializers", len(folded), len(needed))
 
 
-def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[str]) -> list | None:
-    from onnx import helper
+def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto],
+              names: list[str]) -> list[np.ndarray] | None:
     from onnx.reference import ReferenceEvaluator
 
     reads = {i for n in nodes for i in n.input if i}
@@ -103,8 +99,7 @@ def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto], names: list[s
     sub = helper.make_model(helper.make_graph(nodes, "constants", [], outputs, inits),
                             opset_imports=list(model.opset_import), ir_version=model.ir_version)
     try:
-        return [numpy_helper.to_array(numpy_helper.from_array(v)) and v
-                for v in ReferenceEvaluator(sub).run(None, {})]
+        return [np.asarray(v) for v in ReferenceEvaluator(sub).run(None, {})]
     except Exception as exc:  # an op the evaluator lacks: the analysis then names the weight
         logger.info("constant subgraph not folded: %s", first_line(exc))
         return None

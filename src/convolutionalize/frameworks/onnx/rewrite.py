@@ -1,10 +1,11 @@
-"""Rewriting an analysed ONNX graph: one function per head op type, then dynamic body
-reshapes, symbolic input/output dims, dead-node removal and a topological sort."""
+"""Rewriting an analysed ONNX graph: one function per head op, registered by
+``(op_type, since_version)`` (see :mod:`.registry`), then dynamic body reshapes, symbolic
+input/output dims, dead-node removal and a topological sort."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import numpy as np
 import onnx
@@ -14,8 +15,9 @@ from ...errors import NotConvolutionalizable
 from ...geometry import PoolMode, Span
 from ...plan import HeadPlan
 from ...weights import linear_to_oihw
-from .graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, attr_value, describe_node
-from .head import Head, HeadNode, Value, linear_weight
+from .graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, all_inputs, attr_value, describe_node
+from .head import SOFTMAX_OPS, Head, HeadNode, Value, linear_weight
+from .registry import Registry, since_version
 
 logger = logging.getLogger(__name__)
 
@@ -152,9 +154,52 @@ def _rewrite_layernorm(rw: _Rewrite, hn: HeadNode) -> None:
 
 
 def _rewrite_softmax(rw: _Rewrite, hn: HeadNode) -> None:
+    """Opset 13+: a softmax over the classes axis; on the map that is axis 1 (NCHW)."""
     rw.keep(hn)
     if hn.before.kind == "vector":
         _set_int(rw.nodes[-1], "axis", 1)
+
+
+def _rewrite_softmax_coerced(rw: _Rewrite, hn: HeadNode) -> None:
+    """Opsets 1-12 flatten the input to 2-D at ``axis``: on channels-last data with ``axis=3``
+    that is ``(N*H*W, C)``, one softmax over the channels per location."""
+    if hn.before.kind == "pooled" and hn.before.layout == "NHWC":
+        rw.keep(hn)
+        _set_int(rw.nodes[-1], "axis", 3)
+        return
+    last, done = rw.fresh("nhwc"), rw.fresh(hn.node.op_type.lower())
+    rw.add("Transpose", [rw.src(hn.node.input[0])], [last], perm=[0, 2, 3, 1])
+    rw.keep(hn, [last])
+    rw.nodes[-1].output[0] = done
+    _set_int(rw.nodes[-1], "axis", 3)
+    rw.add("Transpose", [done], [hn.node.output[0]], perm=[0, 3, 1, 2])
+
+
+def _rewrite_dropout(rw: _Rewrite, hn: HeadNode) -> None:
+    """The identity at inference (its mask, unused, goes with it)."""
+    rw.bypass(hn)
+
+
+def _rewrite_batchnorm(rw: _Rewrite, hn: HeadNode) -> None:
+    """Unchanged on the map, without the (unused) training outputs."""
+    rw.keep(hn)
+    del rw.nodes[-1].output[1:]
+
+
+def _rewrite_batchnorm_spatial(rw: _Rewrite, hn: HeadNode) -> None:
+    """Opsets 7-8: ``spatial`` dropped; with ``spatial=0`` the per-activation statistics of a
+    vector or 1x1 map are one per channel, stored 1-D."""
+    inputs = [rw.src(hn.node.input[0])]
+    for name in hn.node.input[1:5]:
+        array = rw.graph.const(name)
+        inputs.append(name if array is None or array.ndim == 1 else
+                      rw.constant("statistic", array.reshape(-1)))
+    rw.keep(hn, inputs)
+    node = rw.nodes[-1]
+    del node.output[1:]
+    kept = [a for a in node.attribute if a.name != "spatial"]
+    del node.attribute[:]
+    node.attribute.extend(kept)
 
 
 def _set_int(node: onnx.NodeProto, name: str, value: int) -> None:
@@ -165,44 +210,45 @@ def _set_int(node: onnx.NodeProto, name: str, value: int) -> None:
     node.attribute.append(helper.make_attribute(name, value))
 
 
-REWRITES: dict[str, Rewriter] = {
-    **{op: _rewrite_pool for op in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean",
-                                    "ReduceMax", "AveragePool", "MaxPool")},
-    **{op: _rewrite_shape for op in SHAPE_OPS},
-    **{op: _rewrite_keep for op in ELEMENTWISE | {"BatchNormalization", "Conv"}},
-    "Gemm": _rewrite_linear,
-    "MatMul": _rewrite_linear,
-    "LayerNormalization": _rewrite_layernorm,
-    "Softmax": _rewrite_softmax,
-    "LogSoftmax": _rewrite_softmax,
-}
+REWRITES: Registry[Rewriter] = Registry("head rewrite")
+REWRITES.register("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "AveragePool",
+                  "MaxPool")(_rewrite_pool)
+REWRITES.register(*SHAPE_OPS)(_rewrite_shape)
+REWRITES.register(*(ELEMENTWISE - {"Dropout"}), "Conv", "LRN")(_rewrite_keep)
+REWRITES.register("Dropout", versions=(7, 10, 12, 13, 22))(_rewrite_dropout)
+REWRITES.register("Gemm", "MatMul")(_rewrite_linear)
+REWRITES.register("LayerNormalization", versions=(17,))(_rewrite_layernorm)
+REWRITES.register(*SOFTMAX_OPS, versions=(1, 11))(_rewrite_softmax_coerced)
+REWRITES.register(*SOFTMAX_OPS, versions=(13,))(_rewrite_softmax)
+REWRITES.register("BatchNormalization", versions=(7,))(_rewrite_batchnorm_spatial)
+REWRITES.register("BatchNormalization", versions=(9, 14, 15))(_rewrite_batchnorm)
 
 
 def rewrite(graph: Graph, plan: HeadPlan, head: Head, pool: PoolMode,
             spans: dict[str, tuple[Span, Span]]) -> onnx.ModelProto:
-    """Replace the head of ``graph.model`` (the adapter's private copy) and clean up."""
+    """Replace the head of ``graph.model`` (the adapter's private copy) and clean up: every
+    graph output becomes a map, in the original order."""
     model, g = graph.model, graph.model.graph
-    output = g.output[0]
     rw = _Rewrite(graph, plan, "window" if pool == "global" else pool)
-    out_value = head.nodes[-1].after
     if not (pool == "global" and plan.global_pooling):
         head_names = {hn.node.name for hn in head.nodes}
         for hn in head.nodes:
-            handler = REWRITES.get(hn.node.op_type)
+            handler = REWRITES.lookup(hn.node.op_type, graph.opset)
             if handler is None:
-                raise NotConvolutionalizable(f"no rewrite for {describe_node(hn.node)}")
+                raise NotConvolutionalizable(f"no rewrite for {describe_node(hn.node)}, "
+                                             f"{REWRITES.describe(hn.node.op_type, graph.opset)}")
             handler(rw, hn)
-        last = head.nodes[-1].node.output[0]
-        if pool == "global":  # a flatten head: the mean of the window map
-            _append_mean(rw, graph.opset, _rename_output(rw, output.name), output.name)
-        elif rw.src(last) != last:
-            rw.add("Identity", [rw.src(last)], [output.name])
+        for name, _ in head.outputs:
+            if pool == "global":  # a flatten head: the mean of the window map
+                _append_mean(rw, graph.opset, _rename_output(rw, name), name)
+            elif rw.src(name) != name:
+                rw.add("Identity", [rw.src(name)], [name])
         kept = [n for n in g.node if n.name not in head_names]
         del g.node[:]
         g.node.extend(kept + rw.nodes)
         g.initializer.extend(rw.inits)
     _dynamic_body_reshapes(graph, rw, spans, {hn.node.name for hn in head.nodes})
-    _set_io_dims(graph, plan, pool, out_value)
+    _set_io_dims(graph, pool, head)
     _toposort(g)
     _remove_dead(model)
     del g.value_info[:]
@@ -223,7 +269,8 @@ def _rename_output(rw: _Rewrite, name: str) -> str:
 
 
 def _append_mean(rw: _Rewrite, opset: int, src: str, out: str) -> None:
-    if opset >= 18:
+    """The mean over the map (ReduceMean takes its axes as an input from opset 18)."""
+    if (since_version("ReduceMean", opset) or 0) >= 18:
         rw.add("ReduceMean", [src, rw.constant("axes", np.array([2, 3], np.int64))], [out],
                keepdims=0)
     else:
@@ -264,36 +311,56 @@ def _dynamic_body_reshapes(graph: Graph, rw: _Rewrite, spans: dict[str, tuple[Sp
 
 
 def _slice(rw: _Rewrite, src: str, start: int, end: int) -> str:
+    """``src[start:end]`` of a 1-D tensor (Slice-1, before opset 10, takes attributes)."""
     out = rw.fresh("dims")
-    rw.add("Slice", [src, rw.constant("start", np.array([start], np.int64)),
-                     rw.constant("end", np.array([end], np.int64))], [out])
+    if since_version("Slice", rw.graph.opset) == 1:
+        rw.add("Slice", [src], [out], starts=[start], ends=[end], axes=[0])
+    else:
+        rw.add("Slice", [src, rw.constant("start", np.array([start], np.int64)),
+                         rw.constant("end", np.array([end], np.int64))], [out])
     return out
 
 
-def _set_io_dims(graph: Graph, plan: HeadPlan, pool: PoolMode, out_value: Value) -> None:
+IO_NAMES = ("batch", "height", "width")
+
+
+def _set_io_dims(graph: Graph, pool: PoolMode, head: Head) -> None:
+    """Batch, height and width of the input symbolic (a name the graph gave them is kept when
+    it is one name per axis), and every output a map of (batch, classes, rows, cols)."""
     g = graph.model.graph
     image = next(i for i in g.input if i.name == graph.image)
     axes = (2, 3) if graph.layout == "NCHW" else (1, 2)
     dims = image.type.tensor_type.shape.dim
-    for axis, param in zip((0, *axes), ("batch", "height", "width")):
-        if not dims[axis].HasField("dim_param"):
+    given = [dims[a].dim_param for a in (0, *axes)]
+    for axis, param, name in zip((0, *axes), IO_NAMES, given):
+        if not name or name == "?" or name.lstrip("-").isdigit() or given.count(name) > 1:
             dims[axis].Clear()
             dims[axis].dim_param = param
-    output = g.output[0]
+    by_name = {o.name: o for o in g.output}
+    for name, value in head.outputs:
+        _set_output_dims(by_name[name], dims[0], graph.shape(name), pool, value)
+
+
+def _set_output_dims(output: onnx.ValueInfoProto, batch_dim: onnx.TensorShapeProto.Dimension,
+                     native: tuple[int | None, ...] | None, pool: PoolMode, value: Value) -> None:
     t = output.type.tensor_type
     batch, classes = onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()
-    batch.CopyFrom(dims[0])
-    native = graph.shape(output.name)
-    if native and native[-1] is not None and out_value.kind == "vector":
-        classes.dim_value = native[-1]
+    batch.CopyFrom(batch_dim)
+    last = value.kind == "pooled" and value.layout == "NHWC"
+    count = native[-1 if value.kind == "vector" or last else 1] if native else None
+    if count is not None:
+        classes.dim_value = count
     t.ClearField("shape")
     t.shape.dim.append(batch)
-    if pool == "global":
+    if pool == "global" and value.kind == "vector":
         t.shape.dim.append(classes)
+        return
+    if pool == "global":  # a pooled head kept as it was: (N, C, 1, 1) or (N, 1, 1, C)
+        ones = [onnx.TensorShapeProto.Dimension(dim_value=1) for _ in range(2)]
+        t.shape.dim.extend([*ones, classes] if last else [classes, *ones])
         return
     rows, cols = onnx.TensorShapeProto.Dimension(), onnx.TensorShapeProto.Dimension()
     rows.dim_param, cols.dim_param = "rows", "cols"
-    last = out_value.kind == "pooled" and out_value.layout == "NHWC"
     t.shape.dim.extend([rows, cols, classes] if last else [classes, rows, cols])
 
 
@@ -304,21 +371,12 @@ def _remove_dead(model: onnx.ModelProto) -> None:
     for node in reversed(g.node):
         if any(o in live for o in node.output):
             kept.append(node)
-            live.update(_all_inputs(node))
+            live.update(all_inputs(node))
     del g.node[:]
     g.node.extend(reversed(kept))
     inits = [i for i in g.initializer if i.name in live]
     del g.initializer[:]
     g.initializer.extend(inits)
-
-
-def _all_inputs(node: onnx.NodeProto) -> Iterator[str]:
-    """A node's inputs and the outer names its subgraphs read."""
-    yield from (n for n in node.input if n)
-    for attr in node.attribute:
-        for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
-            for inner in sub.node:
-                yield from _all_inputs(inner)
 
 
 def _toposort(g: onnx.GraphProto) -> None:
@@ -330,7 +388,7 @@ def _toposort(g: onnx.GraphProto) -> None:
     while pending:
         rest = []
         for node in pending:
-            needs = [n for n in _all_inputs(node) if n in produced]
+            needs = [n for n in all_inputs(node) if n in produced]
             if all(n in ready for n in needs):
                 ordered.append(node)
                 ready.update(node.output)
