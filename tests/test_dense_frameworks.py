@@ -112,6 +112,19 @@ def test_same_weights_give_the_same_map_in_every_framework(
     assert rel(dense_map(keras_padded(torch_model), image, tile=40), reference) < 1e-4
 
 
+@pytest.mark.parametrize("framework", ["keras", "onnx"])
+def test_pyramids_of_keras_and_onnx_models_are_the_pytorch_pyramid(
+        framework: str, torch_model: Padded, onnx_model: onnx.ModelProto, image: np.ndarray) -> None:
+    model = onnx_model if framework == "onnx" else keras_padded(torch_model)
+    scales = (1.0, 0.6, 0.35)
+    reference = dense_map(torch_model, image, input_size=NATIVE, scales=scales)
+    tiled = dense_map(model, image, scales=scales, tile=16)
+    assert [m.size for m in tiled] == [m.size for m in reference] == [(101, 131), (61, 79), (35, 46)]
+    for level, expected in zip(tiled, reference):
+        assert level.geometry.factor == expected.geometry.factor and level.box(3, 5) == expected.box(3, 5)
+        assert rel(level.map, expected.map) < 1e-4  # as for one scale: frameworks round differently
+
+
 def test_shapes_without_running_match_the_run(torch_model: Padded, onnx_model: onnx.ModelProto) -> None:
     for model in (convolutionalize(onnx_model), convolutionalize(keras_padded(torch_model))):
         adapter = dense_model(model)

@@ -150,19 +150,21 @@ class ConversionInfo:
     geometry: Geometry
     native_error: float | None
     in_channels: int
-    self_check: str | None = None  # what the conversion measured at a larger size (PyTorch, Keras)
+    self_check: str | None = None  # what the conversion measured at a larger size
 
 
 def conversion_info(fcn: object) -> ConversionInfo:
     """The plan, geometry, native-size error and image channels of a converted model."""
     geometry = geometry_of(fcn)
     if is_onnx_model(fcn):
-        from .frameworks.onnx.model import NATIVE_ERROR_KEY, PLAN_KEY, input_channels
+        from .frameworks.onnx.model import NATIVE_ERROR_KEY, PLAN_KEY, input_channels, self_check_of
 
         props = {p.key: p.value for p in fcn.metadata_props}  # type: ignore[attr-defined]
+        onnx_check = self_check_of(fcn)  # type: ignore[arg-type]
         return ConversionInfo(props.get(PLAN_KEY, ""), geometry,
                               json.loads(props.get(NATIVE_ERROR_KEY, "null")),
-                              input_channels(fcn))  # type: ignore[arg-type]
+                              input_channels(fcn),  # type: ignore[arg-type]
+                              None if onnx_check is None else onnx_check.describe())
     plan = fcn.plan  # type: ignore[attr-defined]
     check = getattr(fcn, "self_check", None)
     return ConversionInfo(plan.describe(), geometry, fcn.native_error,  # type: ignore[attr-defined]

@@ -168,9 +168,10 @@ def _check_class(index: int, classes: int, what: str) -> None:
         raise ValueError(f"unknown {what} {index}: the model has {classes} classes (0..{classes - 1})")
 
 
-def _zoomed(box: tuple[int, int, int, int], zoom: int, end: int) -> tuple[int, int, int, int]:
-    x0, y0, x1, y1 = box
-    return (x0 * zoom, y0 * zoom, x1 * zoom + end, y1 * zoom + end)
+def _zoomed(box: tuple[float, float, float, float], zoom: int, end: int) -> tuple[int, int, int, int]:
+    """``box`` in the zoomed picture's whole pixels (boxes across scales or regressed are floats)."""
+    x0, y0, x1, y1 = (round(v * zoom) for v in box)
+    return (x0, y0, x1 + end, y1 + end)
 
 
 def _to_image(figure: Figure, size: tuple[int, int]) -> Image.Image:

@@ -1,8 +1,10 @@
 """The picture-making subcommands of the command line: ``heatmap``, ``detect`` and ``demo``.
 
-``heatmap`` and ``detect`` load MODEL (``models.load_model``), convolutionalize it, run it once
-over IMAGE and write a PNG / JSON; ``demo`` trains and scores the digits detector. Outputs
-are written only after everything succeeded, through a temporary file renamed into place.
+``heatmap`` and ``detect`` load MODEL (``models.load_model``), convolutionalize it, run it
+over IMAGE and write a PNG / JSON; ``demo`` trains and scores the digits detector. ``detect``
+runs it once per ``--scales`` scale (an image pyramid, boxes in the image's own pixels) and
+refines the boxes with the model's ``--box-output`` (MTCNN's convention). Outputs are written
+only after everything succeeded, through a temporary file renamed into place.
 
 Image rule: the image is read with Pillow, converted to the model's channel count (1: grey,
 3: RGB) and scaled to [0, 1]. ``--mean``/``--std`` then normalise it; by default 3-channel
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +29,10 @@ from torch import nn
 
 from .._files import atomic_path
 from ..api import convolutionalize
-from ..detect import class_probabilities, detect
+from ..detect import class_probabilities, detect, detection_maps
 from ..frameworks.torch.layers import ConvolutionalizedModule
 from ..models import default_input_size, load_model
-from .options import EXIT_OK, add_model_output, int_at_least
+from .options import EXIT_OK, add_model_output, int_at_least, model_output
 
 __all__ = ["load_image", "register"]
 
@@ -65,6 +69,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     find.add_argument("--exclusive-iou", type=float, default=None, metavar="IOU",
                       help="also suppress boxes of other classes overlapping a better box by "
                       "more than this (one object per place; default: off)")
+    find.add_argument("--scales", type=_positive_float, nargs="+", metavar="S", help="look at "
+                      "the image resized by each S (an image pyramid: 0.5 finds objects twice the "
+                      "window's size); boxes stay in the image's pixels (default: 1, the image as it is)")
+    find.add_argument("--box-output", type=model_output, metavar="K", help="the model's output "
+                      "(index or name) that regresses boxes: four offsets per cell as fractions of "
+                      "the window (MTCNN's convention) refine each box (default: the windows)")
     find.set_defaults(command=_detect_command)
 
     demo = sub.add_parser("demo", help="train a digits classifier on scikit-learn's "
@@ -75,6 +85,17 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                       help="random seed of the split, the training and the pages (default: 0)")
     demo.add_argument("-v", "--verbose", action="store_true", help="library messages on stderr")
     demo.set_defaults(command=_demo_command)
+
+
+def _positive_float(text: str) -> float:
+    """An argparse type: a positive finite number (a scale)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number")
+    return value
 
 
 def _image_options(parser: argparse.ArgumentParser) -> None:
@@ -100,9 +121,11 @@ def _heatmap_command(args: argparse.Namespace) -> int:
     from ..render import heatmap
 
     _check_output(args.output)
-    fcn, image, probs, labels, background = _prepare(args)
-    picture = heatmap(image, probs, fcn.geometry, class_index=args.class_index, top=args.top,
-                      labels=labels, background_class=background)
+    inputs = _prepare(args)
+    probs = class_probabilities(inputs.fcn, inputs.tensor, output=args.model_output)
+    labels, background = _classes(args, inputs, probs.shape[0])
+    picture = heatmap(inputs.image, probs, inputs.fcn.geometry, class_index=args.class_index,
+                      top=args.top, labels=labels, background_class=background)
     with atomic_path(args.output) as tmp:
         picture.save(tmp, format="PNG")
     print(f"wrote {args.output} ({picture.width}x{picture.height})")
@@ -115,12 +138,15 @@ def _detect_command(args: argparse.Namespace) -> int:
     _check_output(args.output)
     if args.draw is not None:
         _check_output(args.draw)
-    fcn, image, probs, labels, background = _prepare(args)
-    found = detect(probs, fcn.geometry, threshold=args.threshold, background_class=background,
-                   iou=args.iou, exclusive_iou=args.exclusive_iou)
+    inputs = _prepare(args)
+    probs, boxes = detection_maps(inputs.fcn, inputs.tensor, scales=args.scales,
+                                  output=args.model_output, box_output=args.box_output)
+    labels, background = _classes(args, inputs, probs[0].map.shape[0])
+    found = detect(probs, threshold=args.threshold, background_class=background, iou=args.iou,
+                   exclusive_iou=args.exclusive_iou, boxes=boxes)
     records = [{**d.to_dict(), "name": class_name(d.label, labels)} for d in found]
     text = json.dumps(records, indent=2) + "\n"
-    picture = draw_detections(image, found, labels) if args.draw is not None else None
+    picture = draw_detections(inputs.image, found, labels) if args.draw is not None else None
     with contextlib.ExitStack() as stack:  # both files appear only when both are written
         tmp = stack.enter_context(atomic_path(args.output))
         tmp.write_text(text)
@@ -148,9 +174,19 @@ def _demo_command(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- helpers
 
 
-def _prepare(args: argparse.Namespace) -> tuple[ConvolutionalizedModule, Image.Image, np.ndarray,
-                                                 list[str] | None, int | None]:
-    """Converted model, image, its probability map, class names, background class."""
+@dataclass(frozen=True)
+class _Inputs:
+    """What ``heatmap`` and ``detect`` work on."""
+
+    model: nn.Module
+    fcn: ConvolutionalizedModule
+    image: Image.Image  # RGB, to draw on
+    tensor: torch.Tensor  # model-ready (C, H, W)
+    labels: list[str] | None  # from --labels
+
+
+def _prepare(args: argparse.Namespace) -> _Inputs:
+    """The model, converted, the image and its tensor, the ``--labels`` (read before the work)."""
     image = _open_image(args.image)
     labels = _read_labels(args.labels) if args.labels is not None else None
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
@@ -160,11 +196,18 @@ def _prepare(args: argparse.Namespace) -> tuple[ConvolutionalizedModule, Image.I
     channels = fcn.plan.in_channels
     tensor = load_image(image, channels, args.mean, args.std)
     window = fcn.geometry.input_size
-    if tensor.shape[1] < window[0] or tensor.shape[2] < window[1]:
+    small = tensor.shape[1] < window[0] or tensor.shape[2] < window[1]
+    if small and getattr(args, "scales", None) is None:  # scales may enlarge it: dense_map decides
         raise ValueError(f"image {args.image} is {tensor.shape[1]}x{tensor.shape[2]}, smaller than "
                          f"the model's {window[0]}x{window[1]} window")
-    probs = class_probabilities(fcn, tensor, output=args.model_output)
-    classes = probs.shape[0]
+    return _Inputs(model, fcn, image.convert("RGB"), tensor, labels)
+
+
+def _classes(args: argparse.Namespace, inputs: _Inputs,
+             classes: int) -> tuple[list[str] | None, int | None]:
+    """Class names and the background class (given, else the model's own), checked against the
+    map's ``classes``."""
+    labels, model = inputs.labels, inputs.model
     if labels is None and isinstance(getattr(model, "labels", None), (list, tuple)):
         labels = [str(name) for name in model.labels]  # type: ignore[union-attr]
     if labels is not None and len(labels) != classes:
@@ -175,7 +218,7 @@ def _prepare(args: argparse.Namespace) -> tuple[ConvolutionalizedModule, Image.I
     for name, index in (("class", getattr(args, "class_index", None)), ("background class", background)):
         if index is not None and not 0 <= index < classes:
             raise ValueError(f"unknown {name} {index}: the model has {classes} classes (0..{classes - 1})")
-    return fcn, image.convert("RGB"), probs, labels, background
+    return labels, background
 
 
 def load_image(image: Image.Image, channels: int, mean: list[float] | None = None,

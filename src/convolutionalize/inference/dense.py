@@ -7,6 +7,10 @@ whole-image map. Tiles run in this process (batched, optionally in bfloat16) or 
 (:mod:`.distributed`); the map is returned as numpy, written tile by tile to a resumable zarr
 store (:mod:`.store`), or returned as a dask array for a dask input.
 
+``scales=`` maps an image pyramid: the image resized to each scale, tile by tile
+(:mod:`.resize`), each map returned with its geometry in the original image's pixels
+(:mod:`.pyramid`).
+
 A model with several outputs is mapped on the one ``output`` names (the class scores:
 ``logits`` where there is one, else the first); ``output="all"`` maps every output in the
 same passes and returns them by key.
@@ -31,10 +35,12 @@ from torch import nn
 
 from ..api import convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
-from ..geometry import PoolMode, check_pool
+from ..geometry import Geometry, PoolMode, check_pool
 from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model
 from .images import ImageSource, open_image
-from .store import MapSink, ZarrSink, open_zarr_sink
+from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
+from .resize import resized
+from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths
 from .tiling import Tile, TileGrid, halo_of, plan_tiles
 
 __all__ = ["MEMORY_BUDGET", "TILE_BUDGET", "Fallback", "TilingWarning", "dense_map"]
@@ -89,6 +95,7 @@ def dense_map(
     fallback: Fallback = "error",
     stride: int | tuple[int, int] | None = None,
     output: OutputChoice = None,
+    scales: Sequence[float] | None = None,
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -120,22 +127,63 @@ def dense_map(
         output: which of a PyTorch model's outputs holds the class scores: an index or a key
             / attribute name (default: ``logits`` where there is one, else the first output);
             ``"all"`` maps every output (not with ``out``). Keras and ONNX models have one.
+        scales: map an image pyramid: for each scale ``s``, the image resized (antialiased
+            bilinear, torchvision's ``resize(antialias=True)``) to ``round(s * H) x round(s * W)``
+            and mapped with every other option as above (tiles, dask, ``out``). The resize
+            runs per tile on every kind of image: each tile resamples only the input pixels
+            it needs, exactly as the whole-image resize would, so zarr, dask and TIFF images
+            are never loaded or resized whole. A scale that makes the image smaller than the
+            window is skipped with a :class:`~convolutionalize.inference.ScaleWarning`.
+            With ``out``, each
+            scale's map is a store inside the zarr group ``out``, named by the scale's index
+            in ``scales`` (``out/0``, ``out/1``, ...). ``None`` (default): the image as it is.
 
     Returns:
         A float32 numpy array; the zarr array with ``out``; a dask array for a dask input.
         With ``output="all"``: a dict of such maps by output key, each the map that
-        ``output=key`` gives, from one set of passes.
+        ``output=key`` gives, from one set of passes. With ``scales``: a list of
+        :class:`~convolutionalize.inference.ScaledMap`, one per scale kept, in the
+        order given, each holding such a map (``.map``), its geometry in the original image's
+        pixels (``.geometry``, ``.box(i, j)``), its scale and the resized size.
 
     Raises:
-        ValueError: a bad option or image (the message names the value and the fix), or an
-            ``output`` the model does not have (the message lists those it has).
+        ValueError: a bad option or image (the message names the value and the fix), an
+            ``output`` the model does not have (the message lists those it has), bad
+            ``scales`` (empty, zero, negative) or scales that all make the image smaller
+            than the window.
         TypeError: an ``output`` that is neither an index nor a name.
         NotConvolutionalizable: the model cannot be converted and ``fallback="error"``.
     """
     options = check_options(tile, precision, batch_size, fallback, stride, pool, device, output, out)
+    chosen = None if scales is None else check_scales(scales)
     fcn = dense_model(prepare_model(model, input_size, options), options.output)
     source = open_image(image, fcn.channels, mean, std, model)
-    shape, grid = plan_map(fcn, source, options)
+    if chosen is None:
+        return map_image(fcn, source, options, out, scheduler, progress, stacklevel=3)
+    return map_pyramid(fcn, source, options, chosen, out, scheduler, progress)
+
+
+def map_pyramid(fcn: DenseModel, source: ImageSource, options: Options, scales: tuple[float, ...],
+                out: str | os.PathLike[str] | None, scheduler: Any, progress: bool) -> list[ScaledMap]:
+    """``dense_map`` with ``scales``: the map of each scale that holds a window, in order."""
+    original = (source.height, source.width)
+    kept = kept_scales(scales, original, smallest_input(fcn.geometry), stacklevel=4)
+    paths = None if out is None else pyramid_paths(out, scales)
+    maps = []
+    for index, scale, size in kept:
+        level = map_image(fcn, resized(source, size), options, None if paths is None else paths[index],
+                          scheduler, progress, stacklevel=4)
+        factor = (size[0] / original[0], size[1] / original[1])
+        maps.append(ScaledMap(level, ScaledGeometry(fcn.geometry, factor), scale, size))
+    return maps
+
+
+def map_image(fcn: DenseModel, source: ImageSource, options: Options,
+              out: str | os.PathLike[str] | None, scheduler: Any, progress: bool,
+              stacklevel: int = 3) -> Any:
+    """The map of one image source (the body of ``dense_map`` at one scale); warnings go to
+    the frame ``stacklevel`` counts from here (``warnings.warn``'s count)."""
+    shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1)
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     sink = None if out is None else open_zarr_sink(out, shape, grid, _resume_key(fcn, source, grid, options))
     if _use_dask(source, scheduler):
@@ -221,12 +269,18 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
     return fcn
 
 
-def plan_map(fcn: DenseModel, source: ImageSource,
-             options: Options) -> tuple[tuple[int, int, int], TileGrid]:
-    """The whole-image map's shape and the tiles that compute it (warns when tiling is inexact)."""
+def smallest_input(geometry: Geometry) -> tuple[int, int]:
+    """The smallest image a map can be made of: the native input size, or the window."""
+    return geometry.input_size if geometry.pool == "window" else geometry.window
+
+
+def plan_map(fcn: DenseModel, source: ImageSource, options: Options,
+             stacklevel: int = 3) -> tuple[tuple[int, int, int], TileGrid]:
+    """The whole-image map's shape and the tiles that compute it (warns when tiling is
+    inexact, at the frame ``stacklevel`` counts from here)."""
     height, width = source.height, source.width
     geometry = fcn.geometry
-    need = geometry.input_size if geometry.pool == "window" else geometry.window
+    need = smallest_input(geometry)
     if height < need[0] or width < need[1]:
         raise ValueError(f"input {height}x{width} is smaller than the {need[0]}x{need[1]} window; "
                          'pass a larger image or pool="global"')
@@ -243,7 +297,7 @@ def plan_map(fcn: DenseModel, source: ImageSource,
             "this model has global context (no finite receptive field: "
             f"{'; '.join(geometry.notes) or 'a layer sees the whole image'}), so a tiled map differs "
             "from the whole-image map; pass a tile larger than the image to avoid tiling",
-            TilingWarning, stacklevel=3)
+            TilingWarning, stacklevel=stacklevel)
     logger.info("dense map %s from %dx%d input in %d tiles of %s cells", shape, height, width,
                 len(grid.tiles), grid.cells_per_tile)
     read = sum(t.shape[0] * t.shape[1] for t in grid.tiles) / (height * width)
@@ -308,7 +362,7 @@ def _split(stacked: Any, parts: list[tuple[int | str, int]]) -> dict[int | str, 
 
 def _resume_key(fcn: DenseModel, source: ImageSource, grid: TileGrid,
                 options: Options) -> dict[str, Any]:
-    return {"model": fcn.digest(), "image": [source.height, source.width, source.channels],
+    return {"model": fcn.digest(), "image": source.key(),
             "normalization": [source.mean, source.std], "tiles": list(grid.cells_per_tile),
             "precision": options.precision, "output": options.output}
 

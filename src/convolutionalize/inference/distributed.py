@@ -4,7 +4,8 @@ The graph is the tiled computation of :mod:`.tiling` written out for dask, an eq
 ``map_overlap`` whose overlaps follow the network's stride-aligned halos: one task loads the
 model (so the model's bytes sit in the graph once and each worker fetches the loaded model
 once, from a peer, and a lost copy is simply recomputed), and one task per tile reads the
-tile's pixels (a slice of a dask input, or a lazy read of a zarr/numpy source), runs the model
+tile's pixels (a slice of a dask input, or a lazy read of a zarr/numpy source; for a resized
+image, of the input pixels the tile's resized pixels weigh, resampled in the task), runs the model
 and either returns the owned cells (assembled with ``dask.array.block`` for a lazy result, else
 with ``numpy.block``) or writes them to the zarr store and flags the tile done. A progress bar
 counts finished tiles (a dask callback on local schedulers, futures on a cluster). Tasks are
@@ -47,13 +48,13 @@ def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink
 
     model = dask.delayed(_load_runner)(pickle.dumps(runner),
                                        dask_key_name=f"convolutionalize-model-{id(runner):x}")
-    reader = ImageSource(None, source.is_image, source.mean, source.std, source.scale)
+    reader = source.reader()
     lazy = None if source.is_dask else dask.delayed(source, traverse=False)
     tasks = []
     for tile in grid.tiles:
         if sink is not None and sink.is_done(tile):
             continue
-        block = _block(source, tile) if source.is_dask else lazy
+        block = source.block(*tile.read) if source.is_dask else lazy
         tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, tile, sink))
     if sink is None and source.is_dask and scheduler is None:  # lazy: a dask array of the map
         blocks = [[None] * grid.grid[1] for _ in range(grid.grid[0])]
@@ -72,11 +73,6 @@ def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink
     return np.block(rows)  # type: ignore[arg-type]
 
 
-def _block(source: ImageSource, tile: Tile) -> Any:
-    y0, y1, x0, x1 = tile.read
-    return source.array[y0:y1, x0:x1] if source.is_image else source.array[:, y0:y1, x0:x1]
-
-
 def _load_runner(blob: bytes) -> Runner:
     return pickle.loads(blob)
 
@@ -87,7 +83,7 @@ def _run_tile(runner: Runner, reader: ImageSource, block: Any, tile: Tile,
     if isinstance(block, ImageSource):
         pixels = block.read(*tile.read)
     else:
-        pixels = reader.prepare(block)
+        pixels = reader.prepare(block, tile.read)
     with _threads(1):
         cells = runner(pixels[None])[0][(slice(None), *tile.crop())]
     if sink is None:

@@ -13,6 +13,7 @@ the model's own (timm's ``pretrained_cfg``), else ImageNet's for 3-channel model
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,13 +64,25 @@ class ImageSource:
     def is_dask(self) -> bool:
         return type(self.array).__module__.startswith("dask")
 
+    def key(self) -> list[Any]:
+        """What a resumed map must have been made from: the size and channels."""
+        return [self.height, self.width, self.channels]
+
     def read(self, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
         """The rectangle ``[y0, y1) x [x0, x1)`` as a normalized float32 ``(C, h, w)`` tensor."""
-        block = self.array[y0:y1, x0:x1] if self.is_image else self.array[:, y0:y1, x0:x1]
-        return self.prepare(block)
+        return self.prepare(self.block(y0, y1, x0, x1), (y0, y1, x0, x1))
 
-    def prepare(self, block: Any) -> torch.Tensor:
-        """Turn a block read from ``array`` into a model-ready ``(C, h, w)`` tensor."""
+    def block(self, y0: int, y1: int, x0: int, x1: int) -> Any:
+        """What :meth:`read` slices out of ``array`` for that rectangle (lazy for dask)."""
+        return self.array[y0:y1, x0:x1] if self.is_image else self.array[:, y0:y1, x0:x1]
+
+    def reader(self) -> ImageSource:
+        """This source without its array: what turns blocks into tensors on a dask worker."""
+        return dataclasses.replace(self, array=None)
+
+    def prepare(self, block: Any, rect: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+        """Turn the :meth:`block` of the rectangle ``rect`` (``y0, y1, x0, x1``; default the
+        whole image) into a model-ready ``(C, h, w)`` tensor."""
         if hasattr(block, "compute"):
             block = block.compute()
         if not isinstance(block, torch.Tensor):

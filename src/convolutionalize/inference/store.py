@@ -6,6 +6,9 @@ touch the same chunk). A tile's cells are written before its ``done`` flag, so a
 stops anywhere leaves only finished tiles flagged. The group's attributes record what the
 map was made from (``key``); a restart with the same arguments skips the flagged tiles, a
 restart with different ones is refused rather than mixing two maps.
+
+The maps of an image pyramid (``dense_map(..., scales=...)``) are such stores inside one
+group, named by each scale's index (``0``, ``1``, ...); the group records the scales.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ import numpy as np
 
 from .tiling import Tile, TileGrid
 
-__all__ = ["MapSink", "ZarrSink", "open_zarr_sink"]
+__all__ = ["MapSink", "ZarrSink", "open_zarr_sink", "pyramid_paths"]
 
 KEY_ATTR = "convolutionalize.key"
+SCALES_ATTR = "convolutionalize.scales"
 
 
 class MapSink:
@@ -100,3 +104,27 @@ def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], gr
     group.create_array("done", shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
     group.attrs[KEY_ATTR] = text
     return ZarrSink(path, group["map"], group["done"])
+
+
+def pyramid_paths(path: str | os.PathLike[str], scales: tuple[float, ...]) -> list[str]:
+    """The store of each scale's map inside the group ``path`` (made, or reopened to resume).
+
+    Raises:
+        ValueError: ``path`` holds something else: a single map, another pyramid, other data.
+    """
+    import zarr
+
+    root = Path(path)
+    if root.exists():
+        try:
+            found = zarr.open_group(str(root), mode="r").attrs.get(SCALES_ATTR)
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"{root} exists and is not a zarr store of dense maps; remove it or "
+                             "pass another out") from exc
+        if found != list(scales):
+            held = "a single map" if found is None else f"the maps of scales {tuple(found)}"
+            raise ValueError(f"{root} holds {held}, not of scales {scales}; remove it or pass "
+                             "another out")
+    else:
+        zarr.open_group(str(root), mode="w").attrs[SCALES_ATTR] = list(scales)
+    return [str(root / str(index)) for index in range(len(scales))]
