@@ -168,3 +168,41 @@ def test_padding_free_network_at_output_stride_1_equals_every_crop() -> None:
     dense, expected = cells_and_crops(model, fcn, torch.randn(1, 3, 41, 47))
     assert dense.shape[0] == 6 * 4
     assert rel_error(dense, expected) <= 1e-4
+
+
+def test_dense_map_at_output_stride_8_tiled_equals_whole_and_out_of_core(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Tiles start on multiples of the output stride and carry halos from the receptive field:
+    tiled == whole at output stride 8, in memory and written to zarr."""
+    import numpy as np
+
+    from convolutionalize import dense_map
+
+    torch.manual_seed(0)
+    model = _randomize_norms(torchvision.models.resnet18(num_classes=5))
+    image = torch.randn(3, 200, 232)
+    whole = dense_map(model, image, input_size=(64, 64), output_stride=8)
+    tiled = dense_map(model, image, input_size=(64, 64), output_stride=8, tile=64)
+    stored = dense_map(model, image, input_size=(64, 64), output_stride=8, tile=96,
+                       out=tmp_path / "map.zarr")
+    fcn = convolutionalize(model, (64, 64), output_stride=8)
+    assert whole.shape == (5, *fcn.geometry.cells(200, 232))
+    scale = np.abs(whole).max()
+    assert np.abs(tiled - whole).max() <= 1e-5 * scale
+    assert np.abs(np.asarray(stored) - whole).max() <= 1e-5 * scale
+    with pytest.raises(ValueError, match="output_stride=16 differs"):
+        dense_map(fcn, image, output_stride=16)
+
+
+def test_cli_predict_at_an_output_stride(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from convolutionalize.cli import main
+
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=5).eval(), tmp_path / "r18.pt")
+    np.save(tmp_path / "image.npy", np.random.default_rng(0).standard_normal((3, 96, 128)).astype(np.float32))
+    code = main(["predict", str(tmp_path / "r18.pt"), "--trust-pickle", str(tmp_path / "image.npy"),
+                 "--input-size", "64", "64", "--output-stride", "8", "-o", str(tmp_path / "map.npy"),
+                 "--no-progress"])
+    assert code == 0
+    assert np.load(tmp_path / "map.npy").shape == (5, (96 - 64) // 8 + 1, (128 - 64) // 8 + 1)

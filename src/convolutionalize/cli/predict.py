@@ -71,7 +71,7 @@ def predict(args: argparse.Namespace) -> int:
     result = dense_map(model, args.image, input_size=input_size, pool=args.pool, tile=args.tile,
                        out=partial, precision=args.precision, batch_size=args.batch_size,
                        mean=args.mean, std=args.std, scheduler=args.scheduler, progress=args.progress,
-                       output=args.model_output)
+                       output=args.model_output, output_stride=args.output_stride)
     if partial is not None:
         os.replace(partial, output)
     else:

@@ -190,7 +190,7 @@ def _prepare(args: argparse.Namespace) -> _Inputs:
     image = _open_image(args.image)
     labels = _read_labels(args.labels) if args.labels is not None else None
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
-    fcn = convolutionalize(model, _input_size(args, model), pool=args.pool)
+    fcn = convolutionalize(model, _input_size(args, model), pool=args.pool, output_stride=args.output_stride)
     if not isinstance(fcn, ConvolutionalizedModule) or fcn.geometry.pool == "global":
         raise ValueError("heatmap and detect need a class map: use --pool window or none")
     channels = fcn.plan.in_channels

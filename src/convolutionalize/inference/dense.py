@@ -21,6 +21,7 @@ same kind of grid with ``fallback="windows"`` (:mod:`.windows`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from ..api import convolutionalize, geometry_of, is_keras_model, is_onnx_model
+from ..api import check_output_stride, convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
 from ..geometry import Geometry, PoolMode, check_pool
 from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model
@@ -75,6 +76,7 @@ class Options:
     pool: PoolMode
     device: torch.device
     output: OutputChoice
+    output_stride: int | None = None
 
 
 def dense_map(
@@ -96,6 +98,7 @@ def dense_map(
     stride: int | tuple[int, int] | None = None,
     output: OutputChoice = None,
     scales: Sequence[float] | None = None,
+    output_stride: int | None = None,
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -107,7 +110,8 @@ def dense_map(
         image: a model-ready float ``(C, H, W)`` tensor or array, or an image: a path (PNG,
             JPEG, ``.npy``, ``.zarr``, TIFF read lazily), a PIL image, or a uint8 ``(H, W, C)``
             numpy/zarr/dask array, scaled to [0, 1] and normalized with ``mean``/``std``.
-        input_size, pool: passed to ``convolutionalize`` (see there).
+        input_size, pool, output_stride: passed to ``convolutionalize`` (see there) when the
+            model is converted here; a converted model's stride must match ``output_stride``.
         tile: input pixels between tile starts (whole strides); each tile also reads a halo.
             Default: one pass when the image fits ``MEMORY_BUDGET``, else tiles that fit
             ``TILE_BUDGET``. For a model with global context (``geometry.receptive_field is
@@ -155,6 +159,7 @@ def dense_map(
         NotConvolutionalizable: the model cannot be converted and ``fallback="error"``.
     """
     options = check_options(tile, precision, batch_size, fallback, stride, pool, device, output, out)
+    options = dataclasses.replace(options, output_stride=check_output_stride(output_stride, options.pool))
     chosen = None if scales is None else check_scales(scales)
     fcn = dense_model(prepare_model(model, input_size, options), options.output)
     source = open_image(image, fcn.channels, mean, std, model)
@@ -251,7 +256,8 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
         fcn = model
     except TypeError:
         try:
-            fcn = convolutionalize(model, input_size, pool=options.pool)  # type: ignore[arg-type]
+            fcn = convolutionalize(model, input_size, pool=options.pool,  # type: ignore[arg-type]
+                                   output_stride=options.output_stride)
         except NotConvolutionalizable as exc:
             if options.fallback != "windows":
                 raise
@@ -262,6 +268,10 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
 
             return windows_module(model, input_size, options.stride, exc)
         geometry = geometry_of(fcn)
+    if options.output_stride is not None and geometry.stride != (options.output_stride,) * 2:
+        raise ValueError(f"output_stride={options.output_stride} differs from the converted model's "
+                         f"stride {geometry.stride}; pass the unconverted model, or convert it with "
+                         "that output_stride")
     if options.stride is not None and options.stride != geometry.stride:
         raise ValueError(f"stride={options.stride} differs from the converted network's stride "
                          f"{geometry.stride}, which fixes the grid; leave stride out "
