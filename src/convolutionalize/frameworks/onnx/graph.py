@@ -3,6 +3,9 @@ a private copy with producers, consumers, constants and the shapes at the native
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Literal
@@ -203,12 +206,23 @@ def _symbolic_shapes(fixed: onnx.ModelProto) -> dict[str, tuple[int | None, ...]
     of computed reshapes (``Shape -> Gather -> Unsqueeze -> Concat -> Reshape`` at opsets
     before 13) where onnx's data propagation stops; empty when it cannot run."""
     try:
-        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
-        inferred = SymbolicShapeInference.infer_shapes(fixed)
+        inferred = symbolic_shape_inference(fixed)
     except Exception:  # an op it does not know: onnx's shapes are all there is
         return {}
     return _shapes_of(inferred.graph)[0]
+
+
+_CWD_LOCK = threading.Lock()
+
+
+def symbolic_shape_inference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxruntime's ``SymbolicShapeInference.infer_shapes``, run in a temporary directory: when
+    it cannot infer everything it saves the model (and its weights as ``<uuid>.data``) into the
+    current directory before raising, which must not litter the caller's folder."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    with _CWD_LOCK, tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+        return SymbolicShapeInference.infer_shapes(model)
 
 
 def all_inputs(node: onnx.NodeProto) -> Iterator[str]:

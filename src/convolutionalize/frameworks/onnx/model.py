@@ -48,7 +48,7 @@ from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, check_pool, geometry_f
 from ...plan import HeadPlan
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
 from .geometry import body_geometry
-from .graph import dims_of, first_line, image_input, input_layout
+from .graph import dims_of, first_line, image_input, input_layout, symbolic_shape_inference
 from .head import Value, analyse
 from .rewrite import rewrite
 
@@ -168,8 +168,6 @@ def activation_shapes(model: onnx.ModelProto, size: tuple[int, int]
     -> Reshape chains a converted graph computes its channel shuffles with (``onnx``'s own
     inference gives up there).
     """
-    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
-
     layout = input_layout(model)
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
@@ -183,7 +181,7 @@ def activation_shapes(model: onnx.ModelProto, size: tuple[int, int]
         output.type.tensor_type.ClearField("shape")
     del fixed.graph.value_info[:]
     try:
-        inferred = SymbolicShapeInference.infer_shapes(fixed)
+        inferred = symbolic_shape_inference(fixed)
     except Exception as exc:  # an op the inference does not know
         raise ValueError(f"cannot infer the map size at {size[0]}x{size[1]}: {first_line(exc)}") from exc
     out = dims_of(inferred.graph.output[0]) or ()
