@@ -10,11 +10,14 @@ on their true crops (``crop_error``). Anything else raises ``NotConvolutionaliza
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from .errors import NotConvolutionalizable
 from .geometry import Geometry
 
-__all__ = ["CHECK_RTOL", "SelfCheck", "check_cells", "check_sizes"]
+__all__ = ["CHECK_RTOL", "SelfCheck", "check_cells", "check_larger", "check_sizes"]
 
 CHECK_RTOL = 1e-4  # float32, relative to the largest score
 
@@ -56,3 +59,55 @@ def check_cells(geometry: Geometry, size: tuple[int, int]) -> list[tuple[int, in
     picks = [inside[0], inside[-1], inside[len(inside) // 2],
              next((c for c in inside if c[0] == inside[-1][0]), inside[0])]
     return list(dict.fromkeys(picks))
+
+
+def check_larger(geometry: Geometry, native_error: float | None,
+                 runs: Iterable[tuple[tuple[int, int], Callable[[], Sequence[Any]]]],
+                 cells_of: Callable[[Any], tuple[int, int] | None],
+                 crop_error: Callable[[tuple[int, int], Sequence[Any]], float | None]) -> SelfCheck:
+    """The larger-size half of the check, for any framework.
+
+    ``runs`` gives, per size of :func:`check_sizes`, a function returning the converted
+    model's output maps there; the first size the model runs at is checked: every map must
+    have the rows and columns the geometry predicts (``cells_of(map)``: its spatial size, or
+    None when it is not a 4-D map) and ``crop_error`` (None: not compared) must stay within
+    :data:`CHECK_RTOL`. Raises NotConvolutionalizable saying what differed.
+    """
+    failures = []
+    for size, run in runs:
+        try:
+            maps = run()
+        except Exception as exc:  # e.g. a block that needs multiples of its size
+            text = str(exc).strip()
+            failures.append(f"at {size[0]}x{size[1]}: "
+                            f"{text.splitlines()[0] if text else type(exc).__name__}")
+            continue
+        shapes = [getattr(m, "shape", None) for m in maps]
+        cells = _check_shapes(geometry, [cells_of(m) for m in maps], shapes, size)
+        error = crop_error(size, maps)
+        if error is not None and error > CHECK_RTOL:
+            raise NotConvolutionalizable(
+                f"the converted model's map at {size[0]}x{size[1]} differs from the original on "
+                f"the true crops of its cells (max relative error {error:.2e}); the head's "
+                "geometry or flatten order was misread")
+        return SelfCheck(native_error, size, cells, error)
+    raise NotConvolutionalizable("the converted model does not run at sizes larger than the "
+                                 f"native one ({'; '.join(failures)}); it cannot slide")
+
+
+def _check_shapes(geometry: Geometry, spatial: list[tuple[int, int] | None], shapes: list[Any],
+                  size: tuple[int, int]) -> tuple[int, int]:
+    if geometry.pool == "global":
+        bad = [tuple(shape) for cells, shape in zip(spatial, shapes) if cells is not None]
+        if bad:
+            raise NotConvolutionalizable(f"with pool='global' the converted model returns {bad} "
+                                         f"at {size[0]}x{size[1]}, not (N, classes)")
+        return (1, 1)
+    expected = geometry.cells(*size)
+    for cells, shape in zip(spatial, shapes):
+        if cells != expected:
+            raise NotConvolutionalizable(
+                f"at {size[0]}x{size[1]} the converted model returns a map of shape "
+                f"{tuple(shape)}, but its geometry predicts {expected[0]}x{expected[1]} cells; "
+                "the map is transposed or the geometry was misread")
+    return expected

@@ -17,7 +17,7 @@ from ...errors import NotConvolutionalizable
 from ...geometry import BodyGeometry, Geometry, PoolMode, Span, geometry_from_plan
 from ...outputs import tensor_leaves
 from ...plan import HeadPlan
-from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
+from ...selfcheck import SelfCheck, check_cells, check_larger, check_sizes
 from . import graph as g
 from .atrous import Atrous, plan_atrous
 from .capture import capture
@@ -203,43 +203,20 @@ class _Probe:
             return tensor_leaves(self.analysis.gm(image[..., y:y + h, x:x + w]))
 
     def check(self, net: fx.GraphModule, native_error: float | None) -> SelfCheck:
-        failures = []
-        for image, crops in zip(self.images, self.crops):
-            size = (int(image.shape[-2]), int(image.shape[-1]))
-            try:
-                with torch.no_grad():
-                    maps = tensor_leaves(net(image))
-            except Exception as exc:  # e.g. a block that needs multiples of its size
-                failures.append(f"at {size[0]}x{size[1]}: {str(exc).strip().splitlines()[0]}")
-                continue
-            cells = self._check_shapes(maps, size)
-            errors = [relative_error(m[0, :, i, j], e.reshape(-1)) for (i, j), expected in crops
-                      for m, e in zip(maps, expected)]
-            crop_error = max(errors) if errors else None
-            if crop_error is not None and crop_error > CHECK_RTOL:
-                raise NotConvolutionalizable(
-                    f"the converted model's map at {size[0]}x{size[1]} differs from the original on "
-                    f"the true crops of its cells (max relative error {crop_error:.2e}); the head's "
-                    "geometry or flatten order was misread")
-            return SelfCheck(native_error, size, cells, crop_error)
-        raise NotConvolutionalizable("the converted model does not run at sizes larger than the "
-                                     f"native one ({'; '.join(failures)}); it cannot slide")
+        def run(image: torch.Tensor) -> list[torch.Tensor]:
+            with torch.no_grad():
+                return tensor_leaves(net(image))
 
-    def _check_shapes(self, maps: list[torch.Tensor], size: tuple[int, int]) -> tuple[int, int]:
-        if self.geometry.pool == "global":
-            bad = [tuple(m.shape) for m in maps if m.dim() != 2]
-            if bad:
-                raise NotConvolutionalizable(f"with pool='global' the converted model returns {bad} "
-                                             f"at {size[0]}x{size[1]}, not (N, classes)")
-            return (1, 1)
-        expected = self.geometry.cells(*size)
-        for m in maps:
-            if m.dim() != 4 or tuple(m.shape[-2:]) != expected:
-                raise NotConvolutionalizable(
-                    f"at {size[0]}x{size[1]} the converted model returns a map of shape "
-                    f"{tuple(m.shape)}, but its geometry predicts {expected[0]}x{expected[1]} cells; "
-                    "the map is transposed or the geometry was misread")
-        return expected
+        crops = {tuple(image.shape[-2:]): crops for image, crops in zip(self.images, self.crops)}
+
+        def crop_error(size: tuple[int, int], maps: list[torch.Tensor]) -> float | None:
+            errors = [relative_error(m[0, :, i, j], e.reshape(-1)) for (i, j), expected in crops[size]
+                      for m, e in zip(maps, expected)]
+            return max(errors) if errors else None
+
+        return check_larger(self.geometry, native_error,
+                            [(tuple(image.shape[-2:]), lambda x=image: run(x)) for image in self.images],
+                            lambda m: tuple(m.shape[-2:]) if m.dim() == 4 else None, crop_error)
 
 
 def _native_error(out: object, expected: object, plan: HeadPlan, pool: PoolMode,
