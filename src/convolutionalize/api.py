@@ -48,7 +48,7 @@ def convolutionalize(
             stride (à trous: the last strided layers run at stride 1 and every later kernel is
             dilated; weights unchanged). Must divide the network stride into factors its
             strided layers have (ResNet: 32, 16, 8, 4, 2, 1); ``None``: the network stride.
-            PyTorch models, ``pool="window"`` or ``"none"``.
+            PyTorch, ONNX and Keras models; ``pool="window"`` or ``"none"``.
 
     Returns:
         A model of the same kind (a path gives the loaded, converted model). For PyTorch a
@@ -67,13 +67,10 @@ def convolutionalize(
     check_output_stride(output_stride, pool)
     if isinstance(model, (str, os.PathLike)):
         model = load_model_file(model)
-    if output_stride is not None and (is_keras_model(model) or not isinstance(model, nn.Module)):
-        raise ValueError("output_stride is supported for PyTorch models so far; convert a Keras or "
-                         "ONNX model at its network stride")
     if is_keras_model(model):  # first: with KERAS_BACKEND=torch a keras.Model is an nn.Module too
         from .frameworks.keras.model import convolutionalize_keras
 
-        return convolutionalize_keras(model, input_size, pool)
+        return convolutionalize_keras(model, input_size, pool, output_stride)
     if isinstance(model, nn.Module):
         from .frameworks.torch.model import convolutionalize_module
 
@@ -81,7 +78,7 @@ def convolutionalize(
     if is_onnx_model(model):
         from .frameworks.onnx.model import convolutionalize_onnx
 
-        return convolutionalize_onnx(model, input_size, pool)
+        return convolutionalize_onnx(model, input_size, pool, output_stride)
     raise TypeError(
         "convolutionalize takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
         f".keras/.h5/.onnx path, got {type(model).__name__}"

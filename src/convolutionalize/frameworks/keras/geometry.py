@@ -14,6 +14,11 @@ if TYPE_CHECKING:
 
 def body_geometry(a: Analysis) -> BodyGeometry:
     """Compose spans from the input to the feature map, collecting padding / context notes."""
+    return body_spans(a)[0]
+
+
+def body_spans(a: Analysis) -> tuple[BodyGeometry, dict[int, tuple[Span, Span]]]:
+    """The body geometry and every body tensor's spans (by ``id`` of the tensor)."""
     spans: dict[int, tuple[Span, Span]] = {id(a.graph.input): (Span(), Span())}
     geo = BodyGeometry(Span(), Span())
     head = {id(c) for c in a.head}
@@ -33,7 +38,7 @@ def body_geometry(a: Analysis) -> BodyGeometry:
         for t in call.outputs:
             spans[id(t)] = span
     geo.y, geo.x = spans[id(a.feature)]
-    return geo
+    return geo, spans
 
 
 def _apply(a: Analysis, call: Call, ys: Span, xs: Span, geo: BodyGeometry) -> tuple[Span, Span]:

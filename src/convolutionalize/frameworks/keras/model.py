@@ -14,6 +14,8 @@ global pooling -> stride-1 window pool / nothing / kept). Only Keras layers are 
 so the result runs on any backend. The head works in the model's own data format: the
 result maps are ``(N, rows, cols, classes)`` for channels_last models and
 ``(N, classes, rows, cols)`` for channels_first ones (:func:`predict_nchw` hides this).
+With ``output_stride`` the body is rebuilt à trous (:mod:`.atrous`: strides removed,
+``dilation_rate`` multiplied, pools dilated from Keras layers).
 Files: ``.keras``, and legacy HDF5 ``.h5`` / ``.hdf5`` (``tf.keras``; needs ``h5py``).
 
 Before returning, a conversion checks itself (``_Probe``, the framework-neutral parts in
@@ -44,6 +46,8 @@ from ...errors import NotConvolutionalizable
 from ...geometry import Geometry, PoolMode
 from ...plan import FeatureMap, HeadPlan, HeadStep
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
+from .atrous import Atrous, atrous_geometry, plan_atrous
+from .geometry import body_spans
 from .graph import (
     NO_OPS,
     Call,
@@ -186,7 +190,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def convolutionalize_keras(model: keras.Model, input_size: object = None,
-                           pool: PoolMode = "window") -> keras.Model:
+                           pool: PoolMode = "window", output_stride: int | None = None) -> keras.Model:
     """Convert a Keras classifier; see :func:`convolutionalize.convolutionalize`.
 
     Returns a new ``keras.Model`` with input ``(None, None, C)`` (``(C, None, None)`` for
@@ -198,8 +202,14 @@ def convolutionalize_keras(model: keras.Model, input_size: object = None,
     """
     analysis = Analysis(model, input_size)
     geometry = analysis.geometry(pool)
+    atrous = None
+    if output_stride is not None and (output_stride, output_stride) != geometry.stride:
+        body, spans = body_spans(analysis)
+        atrous = plan_atrous(analysis, spans, output_stride, (body.y.jump, body.x.jump),
+                             body.global_context, body.unproven)
+        geometry = atrous_geometry(geometry, atrous)
     try:
-        fcn, check = _convert(analysis, geometry, model.name)
+        fcn, check = _convert(analysis, geometry, model.name, atrous)
     except NotConvolutionalizable:
         raise
     except Exception as exc:  # a layer we did not foresee: a typed refusal, not a crash
@@ -211,10 +221,12 @@ def convolutionalize_keras(model: keras.Model, input_size: object = None,
     return fcn
 
 
-def _convert(a: Analysis, geometry: Geometry, name: str) -> tuple[keras.Model, SelfCheck]:
+def _convert(a: Analysis, geometry: Geometry, name: str,
+             atrous: Atrous | None = None) -> tuple[keras.Model, SelfCheck]:
     probe = _Probe(a, geometry)  # the original's crops
-    fcn = rebuild(a, geometry.pool, name)
-    error = _native_error(a, fcn, geometry.pool)
+    fcn = rebuild(a, geometry.pool, name, atrous, geometry.window)
+    dense_cam = atrous is not None and geometry.pool == "none"  # a denser CAM averages other places
+    error = None if dense_cam else _native_error(a, fcn, geometry.pool)
     if error is not None and error > NATIVE_RTOL:
         raise NotConvolutionalizable(
             f"the rewritten '{name}' differs from the original at the native size (max relative "

@@ -13,6 +13,7 @@ from ...errors import NotConvolutionalizable
 from ...geometry import PoolMode
 from ...plan import HeadStep
 from ...weights import dense_to_hwio
+from .atrous import Atrous, WindowCells, dilated_pool
 from .graph import Call
 from .head import Analysis
 
@@ -22,14 +23,18 @@ Rewriter = Callable[["_Rewrite", Call, HeadStep, list[Any]], Any]
 class _Rewrite:
     """State of one rebuild: the plan, the pool mode and the model's layout."""
 
-    def __init__(self, analysis: Analysis, pool: PoolMode) -> None:
+    def __init__(self, analysis: Analysis, pool: PoolMode, dilation: tuple[int, int] = (1, 1)) -> None:
         self.a, self.plan, self.pool = analysis, analysis.plan, pool
+        self.dilation = dilation  # the head's window pool and first HxW kernel (output_stride)
         self.data_format = "channels_last" if analysis.layout == "NHWC" else "channels_first"
 
 
 def _w_global_pool(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
     if rw.pool == "none":
         return ins[0]
+    if rw.dilation != (1, 1):
+        return dilated_pool(ins[0], step.reduce or "avg", rw.plan.feature.size, rw.dilation, rw.a.layout,
+                            rw.plan.feature.channels, call.name)
     pool_cls = keras.layers.MaxPooling2D if step.reduce == "max" else keras.layers.AveragePooling2D
     return pool_cls(pool_size=rw.plan.feature.size, strides=1, padding="valid",
                     data_format=rw.data_format, name=call.name)(ins[0])
@@ -56,7 +61,9 @@ def _w_linear(rw: _Rewrite, call: Call, step: HeadStep, ins: list[Any]) -> Any:
     order = src.flat[3] if src.flat is not None else "HWC"
     activation = getattr(dense.activation, "__name__", "")
     softmax_first = rw.data_format == "channels_first" and activation == "softmax"  # over channels
+    dilation = rw.dilation if kh * kw > 1 else (1, 1)
     conv = keras.layers.Conv2D(dense.units, (kh, kw), data_format=rw.data_format, use_bias=dense.use_bias,
+                               dilation_rate=dilation,
                                activation=None if softmax_first else dense.activation,
                                dtype=dense.dtype_policy, name=call.name)
     out = conv(ins[0])
@@ -112,17 +119,25 @@ REWRITES: dict[str, Rewriter] = {
 }
 
 
-def rebuild(analysis: Analysis, pool: PoolMode, name: str) -> keras.Model:
+def rebuild(analysis: Analysis, pool: PoolMode, name: str, atrous: Atrous | None = None,
+            window: tuple[int, int] | None = None) -> keras.Model:
     """A new Keras model: the body on an input of unknown size, the head as convolutions; one
-    map per original output, in the original's output structure (a list, a dict)."""
-    a, rw = analysis, _Rewrite(analysis, "window" if pool == "global" else pool)
+    map per original output, in the original's output structure (a list, a dict). With
+    ``atrous`` the body runs at a denser output stride (window maps cut to ``window``)."""
+    a = analysis
+    dilation = atrous.head_dilation if atrous else (1, 1)
+    rw = _Rewrite(analysis, "window" if pool == "global" else pool, dilation)
     shape = (None, None, a.in_channels) if a.layout == "NHWC" else (a.in_channels, None, None)
     image = keras.Input(shape, name="image")
     steps = {s.node: s for s in a.plan.steps}
     keep_head = pool == "global" and a.plan.global_pooling  # already runs at any size
 
     def handle(call: Call, new: dict[int, Any]) -> list[Any] | None:
-        step = steps.get(call.name) if any(call is c for c in a.head) else None
+        in_head = any(call is c for c in a.head)
+        if atrous is not None and not in_head:
+            out = atrous.rebuild(a, call, [new[id(t)] for t in call.inputs])
+            return None if out is None else [out]
+        step = steps.get(call.name) if in_head else None
         if step is None or keep_head:
             return None
         rewrite = REWRITES.get(step.op)
@@ -139,6 +154,10 @@ def rebuild(analysis: Analysis, pool: PoolMode, name: str) -> keras.Model:
         raise NotConvolutionalizable(f"model '{name}' does not run on an image of unknown size, so it "
                                      f"cannot slide: {exc}") from exc
     outs = [new[id(t)] for t in a.graph.outputs]
+    if atrous is not None and pool == "window" and window is not None:
+        outs = [WindowCells(window, atrous.stride, a.layout == "NHWC",
+                            name="window_cells" + (f"_{k}" if k else ""))(out, image)
+                if len(out.shape) == 4 else out for k, out in enumerate(outs)]
     if pool == "global" and not a.plan.global_pooling:  # flatten head: the mean of the window map
         outs = [keras.layers.GlobalAveragePooling2D(
             data_format=rw.data_format, name="window_mean" + (f"_{k}" if k else ""))(out)

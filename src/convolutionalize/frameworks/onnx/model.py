@@ -47,6 +47,7 @@ from ...errors import NotConvolutionalizable
 from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, check_pool, geometry_from_plan
 from ...plan import HeadPlan
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
+from .atrous import atrous_geometry, crop_to_windows, plan_atrous
 from .geometry import body_geometry
 from .graph import dims_of, first_line, image_input, input_layout, symbolic_shape_inference
 from .head import Value, analyse
@@ -199,7 +200,7 @@ def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
 
 
 def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
-                          pool: PoolMode = "window") -> onnx.ModelProto:
+                          pool: PoolMode = "window", output_stride: int | None = None) -> onnx.ModelProto:
     """Convert an ONNX classifier; see :func:`convolutionalize.convolutionalize`.
 
     The result has symbolic input batch, height and width, one map per original output (in
@@ -211,13 +212,27 @@ def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
     body, spans = body_geometry(graph, head.feature)
     geometry = geometry_from_plan(plan, pool, body)
     logger.debug("ONNX head:\n%s", plan.describe())
-    converted = rewrite(graph, plan, head, pool, spans)
+    atrous = None
+    if output_stride is not None and (output_stride, output_stride) != geometry.stride:
+        atrous = plan_atrous(graph, plan, body, spans, output_stride)
+        geometry = atrous_geometry(geometry, atrous)
+    if atrous is None:
+        converted = rewrite(graph, plan, head, pool, spans)
+    else:
+        def dense_body(m: onnx.ModelProto) -> None:
+            atrous.apply(m, graph)
+            if geometry.pool == "window":
+                outputs = [(name, value.kind == "pooled" and value.layout == "NHWC")
+                           for name, value in head.outputs]
+                crop_to_windows(m, graph, outputs, geometry.window, geometry.stride)
+
+        converted = rewrite(graph, plan, head, pool, spans, atrous.head_dilation, dense_body)
     try:
         onnx.checker.check_model(converted, full_check=True)
     except Exception as exc:
         raise NotConvolutionalizable(f"the rewritten graph fails the ONNX checker: "
                                      f"{first_line(exc)}") from exc
-    probe = _Probe(model, plan, geometry, [value for _, value in head.outputs])
+    probe = _Probe(model, plan, geometry, [value for _, value in head.outputs], atrous is None)
     predictor = Predictor(converted)
     error = probe.native(predictor)
     try:
@@ -267,8 +282,9 @@ class _Probe:
     rows and columns, and (crop-equivalent models) cells against the original on true crops."""
 
     def __init__(self, original: onnx.ModelProto, plan: HeadPlan, geometry: Geometry,
-                 outputs: list[Value]) -> None:
+                 outputs: list[Value], network_stride: bool = True) -> None:
         self.original = Predictor(original)
+        self.network_stride = network_stride  # False: a denser (à trous) map
         self.plan, self.geometry = plan, geometry
         self.axes = [(1, 2) if v.kind == "pooled" and v.layout == "NHWC" else (2, 3) for v in outputs]
 
@@ -288,6 +304,8 @@ class _Probe:
         pool = self.geometry.pool
         if pool == "global":
             return relative_error(out, expected)
+        if pool == "none" and not self.network_stride:  # a denser CAM averages other positions
+            return None
         if out.ndim != 4 or (out.shape[axes[0]], out.shape[axes[1]]) != (
                 (1, 1) if pool == "window" else self.plan.feature.size):
             raise NotConvolutionalizable(f"at the native size the map has shape {out.shape}, not "

@@ -25,8 +25,10 @@ logger = logging.getLogger(__name__)
 class _Rewrite:
     """New nodes and initializers replacing the head, one registered function per op type."""
 
-    def __init__(self, graph: Graph, plan: HeadPlan, pool: PoolMode) -> None:
+    def __init__(self, graph: Graph, plan: HeadPlan, pool: PoolMode,
+                 dilation: tuple[int, int] = (1, 1)) -> None:
         self.graph, self.plan, self.pool = graph, plan, pool
+        self.dilation = dilation  # the head's window pool and first HxW kernel (output_stride)
         self.alias: dict[str, str] = {}
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -77,11 +79,31 @@ def _rewrite_pool(rw: _Rewrite, hn: HeadNode) -> None:
     pooled = rw.fresh("pooled") if nhwc else out
     if rw.pool == "none":
         pooled = src
+    elif rw.dilation != (1, 1):
+        _dilated_window_pool(rw, hn, src, pooled)
     else:
         op = "MaxPool" if hn.step.reduce == "max" else "AveragePool"
         rw.add(op, [src], [pooled], kernel_shape=list(rw.plan.feature.size), strides=[1, 1])
     if nhwc:
         rw.add("Transpose", [pooled], [out], perm=[0, 2, 3, 1])
+
+
+def _dilated_window_pool(rw: _Rewrite, hn: HeadNode, src: str, out: str) -> None:
+    """The window pool at an output stride: a dilated MaxPool, or for a mean a depthwise
+    Conv with taps ``1/k`` (no padding: every window is whole)."""
+    kernel, dilations = list(rw.plan.feature.size), list(rw.dilation)
+    if hn.step.reduce == "max":
+        rw.add("MaxPool", [src], [out], kernel_shape=kernel, strides=[1, 1], dilations=dilations)
+        return
+    shape = rw.graph.shape(hn.node.input[0])
+    channels = shape[1] if shape and len(shape) == 4 else None
+    if not channels:
+        raise NotConvolutionalizable(f"output_stride: {describe_node(hn.node)}: the pooled map's "
+                                     "channel count is unknown")
+    dtype = helper.tensor_dtype_to_np_dtype(rw.graph.types.get(hn.node.input[0]) or onnx.TensorProto.FLOAT)
+    weight = np.full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1]), dtype)
+    rw.add("Conv", [src, rw.constant("window_mean", weight)], [out], kernel_shape=kernel,
+           dilations=dilations, group=channels)
 
 
 def _rewrite_shape(rw: _Rewrite, hn: HeadNode) -> None:
@@ -117,7 +139,8 @@ def _rewrite_linear(rw: _Rewrite, hn: HeadNode) -> None:
     inputs = [rw.src(hn.node.input[0]), rw.constant("weight", kernel)]
     if hn.node.op_type == "Gemm" and len(hn.node.input) > 2 and hn.node.input[2]:
         inputs.append(rw.constant("bias", _gemm_bias(rw.graph, hn.node, out_f)))
-    rw.add("Conv", inputs, [hn.node.output[0]], kernel_shape=list(kernel.shape[2:]))
+    dilated = {"dilations": list(rw.dilation)} if rw.dilation != (1, 1) and hn.before.kind == "flat" else {}
+    rw.add("Conv", inputs, [hn.node.output[0]], kernel_shape=list(kernel.shape[2:]), **dilated)
 
 
 def _gemm_bias(graph: Graph, node: onnx.NodeProto, out_f: int) -> np.ndarray:
@@ -225,11 +248,14 @@ REWRITES.register("BatchNormalization", versions=(9, 14, 15))(_rewrite_batchnorm
 
 
 def rewrite(graph: Graph, plan: HeadPlan, head: Head, pool: PoolMode,
-            spans: dict[str, tuple[Span, Span]]) -> onnx.ModelProto:
+            spans: dict[str, tuple[Span, Span]], dilation: tuple[int, int] = (1, 1),
+            body: Callable[[onnx.ModelProto], None] | None = None) -> onnx.ModelProto:
     """Replace the head of ``graph.model`` (the adapter's private copy) and clean up: every
-    graph output becomes a map, in the original order."""
+    graph output becomes a map, in the original order. ``dilation`` spreads the head's
+    window pool and first HxW kernel (an output stride below the network's); ``body``
+    rewrites the body nodes (the à trous rewrite) before the clean-up."""
     model, g = graph.model, graph.model.graph
-    rw = _Rewrite(graph, plan, "window" if pool == "global" else pool)
+    rw = _Rewrite(graph, plan, "window" if pool == "global" else pool, dilation)
     if not (pool == "global" and plan.global_pooling):
         head_names = {hn.node.name for hn in head.nodes}
         for hn in head.nodes:
@@ -249,6 +275,8 @@ def rewrite(graph: Graph, plan: HeadPlan, head: Head, pool: PoolMode,
         g.initializer.extend(rw.inits)
     _dynamic_body_reshapes(graph, rw, spans, {hn.node.name for hn in head.nodes})
     _set_io_dims(graph, pool, head)
+    if body is not None:
+        body(model)
     _toposort(g)
     _remove_dead(model)
     del g.value_info[:]
