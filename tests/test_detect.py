@@ -290,11 +290,6 @@ def test_a_single_map_with_boxes_and_pyramid_argument_errors() -> None:
         detect([])
 
 
-def test_box_output_of_a_single_output_framework_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="Keras and ONNX models are mapped on their single output"):
-        detection_maps(tmp_path / "model.onnx", squares_image(), box_output=1)
-
-
 # --------------------------------------------------------------------------- command line
 
 

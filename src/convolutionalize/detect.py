@@ -296,8 +296,8 @@ def detection_maps(
         kept, in the order given, each in numpy; ``boxes`` is ``None`` without ``box_output``.
 
     Raises:
-        ValueError: as ``dense_map``; also a ``box_output`` for a Keras or ONNX model (mapped on
-            their single output here).
+        ValueError: as ``dense_map`` (Keras and ONNX models name outputs by index; their two
+            outputs are mapped in two passes).
     """
     levels = (1.0,) if scales is None else scales
     if box_output is None:
@@ -305,8 +305,13 @@ def detection_maps(
                          device=device, output=output, scales=levels)
         return [_probabilities(level, np.asarray(level.map)) for level in maps], None
     if is_keras_model(model) or is_onnx_model(model) or isinstance(model, (str, os.PathLike)):
-        raise ValueError(f"box_output={box_output!r} reads a second output of a PyTorch model; Keras "
-                         "and ONNX models are mapped on their single output (leave box_output out)")
+        # Keras and ONNX models are mapped one output at a time: the scores, then the boxes
+        options = dict(input_size=input_size, mean=mean, std=std, tile=tile, device=device, scales=levels)
+        scores = dense_map(model, image, output=output, **options)  # type: ignore[arg-type]
+        offsets = dense_map(model, image, output=box_output, **options)  # type: ignore[arg-type]
+        return ([_probabilities(level, np.asarray(level.map)) for level in scores],
+                [ScaledMap(np.asarray(level.map), level.geometry, level.scale, level.size)
+                 for level in offsets])
     maps = dense_map(model, image, input_size=input_size, mean=mean, std=std, tile=tile,
                      device=device, output="all", scales=levels)
     probs, boxes = [], []

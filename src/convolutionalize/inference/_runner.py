@@ -21,7 +21,7 @@ A model with several outputs (a tuple, dict, dataclass or ``ModelOutput`` of map
 on the one its ``output`` names (:func:`~convolutionalize.outputs.select_output`); ``"all"``
 stacks every output's map along the channels, in :func:`~convolutionalize.outputs.output_keys`
 order, so tiles, sinks and dask see one map that ``dense_map`` splits at the end. Keras and
-ONNX models have one output here.
+ONNX models are mapped on one output at a time, by index.
 """
 
 from __future__ import annotations
@@ -267,13 +267,14 @@ def _stacked(shapes: dict[int | str, Shape]) -> Shape:
 class FrameworkModel(DenseModel):
     """A Keras or ONNX model: shapes, runs and digests in its own framework (float32, CPU)."""
 
-    def __init__(self, model: Any, framework: ModuleType, name: str, shapes: dict | None = None) -> None:
+    def __init__(self, model: Any, framework: ModuleType, name: str, shapes: dict | None = None,
+                 output: int = 0) -> None:
         super().__init__(model, framework.input_channels(model), shapes)
-        self.framework, self.name = framework, name
+        self.framework, self.name, self.output = framework, name, output
         self._runner: FrameworkRunner | None = None
 
     def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-        return self.framework.activation_shapes(self.model, size)
+        return self.framework.activation_shapes(self.model, size, self.output)
 
     def runner(self, precision: Precision, device: torch.device) -> FrameworkRunner:
         if precision != "fp32":
@@ -283,7 +284,7 @@ class FrameworkModel(DenseModel):
             raise ValueError(f"device={str(device)!r} applies to PyTorch models; {self.name} models "
                              "run where their framework places them (leave device out)")
         if self._runner is None:  # one onnxruntime session (or Keras model) for every map
-            self._runner = FrameworkRunner(self.model)
+            self._runner = FrameworkRunner(self.model, self.output)
         return self._runner
 
     def digest(self) -> str:
@@ -303,14 +304,15 @@ def dense_model(fcn: Any, output: OutputChoice = None) -> DenseModel:
     place in a proto already mapped are not noticed: pass a copy instead.
     """
     if is_onnx_model(fcn) or is_keras_model(fcn):
-        _check_single_output(output, "ONNX" if is_onnx_model(fcn) else "Keras")
+        index = _output_index(output, len(fcn.graph.output) if is_onnx_model(fcn) else len(fcn.outputs),
+                              "ONNX" if is_onnx_model(fcn) else "Keras")
     if is_onnx_model(fcn):
-        key, size = id(fcn), (len(fcn.graph.node), len(fcn.graph.initializer))
+        key, size = (id(fcn), index), (len(fcn.graph.node), len(fcn.graph.initializer))
         held = _ONNX_ADAPTERS.pop(key, None)
         if held is None or held[1] != size:
             from ..frameworks.onnx import model as onnx_graph
 
-            held = (fcn, size, FrameworkModel(fcn, onnx_graph, "ONNX"))
+            held = (fcn, size, FrameworkModel(fcn, onnx_graph, "ONNX", output=index))
         _ONNX_ADAPTERS[key] = held  # most recent last
         while len(_ONNX_ADAPTERS) > ONNX_CACHE:
             _ONNX_ADAPTERS.pop(next(iter(_ONNX_ADAPTERS)))
@@ -319,20 +321,26 @@ def dense_model(fcn: Any, output: OutputChoice = None) -> DenseModel:
     if is_keras_model(fcn):
         from ..frameworks.keras import model as keras_model
 
-        return FrameworkModel(fcn, keras_model, "Keras", shapes.setdefault(None, {}))
+        return FrameworkModel(fcn, keras_model, "Keras", shapes.setdefault(index, {}), index)
     return TorchModel(fcn, shapes.setdefault(output, {}), _OUTPUT_SHAPES.setdefault(fcn, {}), output)
 
 
-def _check_single_output(output: OutputChoice, name: str) -> None:
-    if output not in (None, 0):
-        raise ValueError(f"{name} models are mapped on their single output (0); output={output!r} "
-                         "names no other; leave output out")
+def _output_index(output: OutputChoice, count: int, name: str) -> int:
+    """Keras and ONNX models are mapped on one output at a time, named by its index."""
+    if isinstance(output, bool) or not isinstance(output, (int, type(None))):
+        raise ValueError(f"{name} models pick an output by index (0 to {count - 1}); output={output!r} "
+                         "is not one")
+    index = 0 if output is None else output
+    if not -count <= index < count:
+        raise ValueError(f"the {name} model has {count} output{'s' if count > 1 else ''}; "
+                         f"output={output!r} names no other")
+    return index % count
 
 
 _SHAPES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 _OUTPUT_SHAPES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 ONNX_CACHE = 4
-_ONNX_ADAPTERS: dict[int, tuple[Any, tuple[int, int], DenseModel]] = {}
+_ONNX_ADAPTERS: dict[tuple[int, int], tuple[Any, tuple[int, int], DenseModel]] = {}
 
 
 class FrameworkRunner:
@@ -342,8 +350,8 @@ class FrameworkRunner:
     it once; the onnxruntime session (or the Keras model) is made on first use.
     """
 
-    def __init__(self, model: Any) -> None:
-        self.model = model
+    def __init__(self, model: Any, output: int = 0) -> None:
+        self.model, self.output = model, output
         self._predict: Any = None
 
     def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -351,26 +359,27 @@ class FrameworkRunner:
             if is_onnx_model(self.model):
                 from ..frameworks.onnx.model import Predictor
 
-                self._predict = Predictor(self.model)
+                predictor = Predictor(self.model)
+                self._predict = lambda x: predictor.run_all(x)[self.output]
             else:
                 from ..frameworks.keras.model import predict_nchw
 
-                self._predict = lambda x: predict_nchw(self.model, x)
+                self._predict = lambda x: predict_nchw(self.model, x, self.output)
         x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
         return np.asarray(self._predict(x), dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:
         if is_onnx_model(self.model):
-            return {"onnx": self.model.SerializeToString()}
+            return {"onnx": self.model.SerializeToString(), "output": self.output}
         from ..frameworks.keras.model import save_keras
 
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.keras"
             save_keras(self.model, path)
-            return {"keras": path.read_bytes()}
+            return {"keras": path.read_bytes(), "output": self.output}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._predict = None
+        self._predict, self.output = None, state["output"]
         if "onnx" in state:
             import onnx
 

@@ -289,8 +289,9 @@ def input_channels(model: keras.Model) -> int:
     return int(channels)
 
 
-def activation_shapes(model: keras.Model, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
-    """The output shape (without batch, classes first; the first output of several) for one
+def activation_shapes(model: keras.Model, size: tuple[int, int],
+                      output: int = 0) -> tuple[tuple[int, ...], list[int]]:
+    """The shape of output ``output`` (without batch, classes first; in ``model.outputs`` order) for one
     ``size`` input, and the element count of every layer output, symbolically: each layer's
     ``compute_output_spec`` (nothing is computed and the model gains no new nodes)."""
     graph = Graph(model)
@@ -302,7 +303,7 @@ def activation_shapes(model: keras.Model, size: tuple[int, int]) -> tuple[tuple[
         return keras.tree.flatten(call.op.compute_output_spec(*args, **kwargs))
 
     new = graph.replay(keras.KerasTensor(shape), spec)
-    out = tuple(int(d) for d in new[id(graph.output)].shape[1:])
+    out = tuple(int(d) for d in new[id(graph.outputs[output])].shape[1:])
     counts = [int(np.prod(t.shape)) for t in new.values() if None not in t.shape]
     return (out[2], out[0], out[1]) if len(out) == 3 and layout == "NHWC" else out, counts
 

@@ -160,10 +160,10 @@ def model_digest(model: onnx.ModelProto) -> str:
     return hashlib.sha1(model.SerializeToString(deterministic=True)).hexdigest()[:16]
 
 
-def activation_shapes(model: onnx.ModelProto, size: tuple[int, int]
+def activation_shapes(model: onnx.ModelProto, size: tuple[int, int], output: int = 0
                       ) -> tuple[tuple[int, ...], list[int]]:
-    """The output shape (without batch, classes first) for one ``size`` input, and the element
-    count of every intermediate tensor, without running the model.
+    """The shape of output ``output`` (without batch, classes first) for one ``size`` input,
+    and the element count of every intermediate tensor, without running the model.
 
     Uses onnxruntime's symbolic shape inference, which follows the Shape -> Gather -> Concat
     -> Reshape chains a converted graph computes its channel shuffles with (``onnx``'s own
@@ -178,14 +178,14 @@ def activation_shapes(model: onnx.ModelProto, size: tuple[int, int]
     for dim, value in zip(image.type.tensor_type.shape.dim, values):
         dim.Clear()
         dim.dim_value = value
-    for output in fixed.graph.output:
-        output.type.tensor_type.ClearField("shape")
+    for value_info in fixed.graph.output:
+        value_info.type.tensor_type.ClearField("shape")
     del fixed.graph.value_info[:]
     try:
         inferred = symbolic_shape_inference(fixed)
     except Exception as exc:  # an op the inference does not know
         raise ValueError(f"cannot infer the map size at {size[0]}x{size[1]}: {first_line(exc)}") from exc
-    out = dims_of(inferred.graph.output[0]) or ()
+    out = dims_of(inferred.graph.output[output]) or ()
     if not out or not all(out):
         raise ValueError(f"cannot infer the map size at {size[0]}x{size[1]} (output shape {out})")
     counts = [int(np.prod(dims)) for v in inferred.graph.value_info
