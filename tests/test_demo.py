@@ -1,6 +1,7 @@
-"""The digits demo, fast: trains, converts crop-equivalently, detects, scores and writes its
-outputs; its model (``demo:digits --weights digits.pth``, no ``--trust-pickle``) works from
-the command line, which refuses bad input with exit 2."""
+"""The digits demo, fast: trains, converts crop-equivalently, detects digits of three sizes
+across scales, scores them per size and overall and writes its outputs (the side-by-side
+stride picture included); its model (``demo:digits --weights digits.pth``, no
+``--trust-pickle``) works from the command line, which refuses bad input with exit 2."""
 
 from __future__ import annotations
 
@@ -14,11 +15,22 @@ from PIL import Image
 
 from convolutionalize import convolutionalize
 from convolutionalize.cli import main
-from convolutionalize.demo import DemoConfig, DemoResult, digits_classifier, run_demo
+from convolutionalize.demo import (
+    DemoConfig,
+    DemoResult,
+    Page,
+    digits_classifier,
+    run_demo,
+    score,
+    score_by_size,
+)
+from convolutionalize.detect import Detection
 from convolutionalize.models import load_model
 
 MODEL = ["demo:digits", "--weights", "{weights}"]  # the demo's trained state_dict
-FAST = DemoConfig(seed=0, epochs=1, train_pages=40, pages=2, page_size=96, digits_per_page=3,
+# trained just enough (seed 0) to find digits of all three sizes (16, 24, 32 px) on its two
+# pages: one of each per page, the 32 px ones at scores above 0.98
+FAST = DemoConfig(seed=0, epochs=6, train_pages=300, pages=2, page_size=96, digits_per_page=3,
                   pictures=1)
 
 
@@ -26,19 +38,66 @@ FAST = DemoConfig(seed=0, epochs=1, train_pages=40, pages=2, page_size=96, digit
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, DemoResult]:
     output = tmp_path_factory.mktemp("demo")
     torch.manual_seed(0)
-    return output, run_demo(output, FAST)
+    threads = torch.get_num_threads()
+    # ~240 small training batches: on one thread a few seconds; on two threads of shared,
+    # busy cores each op waits for the other thread, ten times slower (same numbers either way)
+    torch.set_num_threads(1)
+    try:
+        return output, run_demo(output, FAST)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_fast_demo_writes_its_outputs(demo: tuple[Path, DemoResult]) -> None:
     output, result = demo
     for name in ("digits.pth", "metrics.json", "page00.png", "page00_heatmap.png",
-                 "page00_detections.png"):
+                 "page00_detections.png", "strides.png"):
         assert (output / name).is_file(), name
     metrics = json.loads((output / "metrics.json").read_text())
     assert metrics["crop_equivalent"] is True and metrics["pages"] == 2
     assert 0 <= metrics["f1"] <= 1 and metrics["digits"] == result.digits > 0
     assert result.metrics_line().startswith("precision ")
     assert Image.open(output / "page00.png").size == (96, 96)
+    assert metrics["scales"] == pytest.approx([1, 2 / 3, 1 / 2])
+
+
+def test_fast_demo_scores_every_size(demo: tuple[Path, DemoResult]) -> None:
+    output, result = demo
+    per_size = json.loads((output / "metrics.json").read_text())["per_size"]
+    assert [entry["size"] for entry in per_size] == [16, 24, 32]
+    for entry in per_size:
+        assert all(0 <= entry[key] <= 1 for key in ("precision", "recall", "f1")), entry
+    for key in ("digits", "detections", "true_positives"):
+        assert sum(entry[key] for entry in per_size) == getattr(result, key) > 0
+    assert len(result.metrics_line().splitlines()) == 4  # overall, then one line per size
+
+
+def test_fast_demo_finds_the_larger_digits_across_scales(demo: tuple[Path, DemoResult]) -> None:
+    # a window-sized (16 px) box cannot match a 32 px digit (IoU <= 0.25): these are found
+    # on the pages shrunk to 1/2 (or 2/3)
+    largest = demo[1].per_size[-1]
+    assert largest.size == 32 and largest.digits == 2 and largest.true_positives >= 1
+
+
+def test_stride_picture_is_two_panels(demo: tuple[Path, DemoResult]) -> None:
+    picture = Image.open(demo[0] / "strides.png")
+    assert str(demo[0] / "strides.png") in demo[1].files
+    assert picture.size == (2 * 6 * 64 + 4, 6 * 64)  # 64 px around a digit, enlarged 6 times
+    pixels = np.asarray(picture.convert("RGB"), np.int16)
+    coarse, fine = pixels[40:, :384], pixels[40:, 388:]  # below the titles
+    assert (coarse != fine).any()  # the stride-1 map is not the stride-2 one
+
+
+def test_score_by_size_adds_up_to_score() -> None:
+    page = Page(np.ones((96, 96), np.float32), [3, 5, 7],
+                [(0, 0, 16, 16), (20, 20, 44, 44), (50, 50, 82, 82)])
+    found = [[Detection(3, 0.9, (1, 0, 17, 16)),  # the 16 px 3
+              Detection(5, 0.8, (20, 20, 52, 52)),  # the 24 px 5 (IoU 0.56) found at 32 px
+              Detection(7, 0.7, (52, 52, 68, 68)),  # part of the 32 px 7: a 16 px false positive
+              Detection(2, 0.6, (50, 50, 74, 74))]]  # wrong label: a 24 px false positive
+    by_size = score_by_size([page], found, [16, 24, 32])
+    assert by_size == {16: (1, 2, 1), 24: (1, 2, 1), 32: (0, 0, 1)}
+    assert tuple(map(sum, zip(*by_size.values()))) == score([page], found) == (2, 4, 3)
 
 
 @pytest.mark.parametrize("trained", [False, True], ids=["seeded", "trained"])
