@@ -11,14 +11,15 @@ carries: which input window each output cell stands for.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:
     from .plan import HeadPlan
 
-__all__ = ["GEOMETRY_KEY", "BodyGeometry", "Geometry", "PoolMode", "Span", "check_pool", "geometry_from_plan",
-           "output_cells"]
+__all__ = ["GEOMETRY_KEY", "BodyGeometry", "Geometry", "PoolMode", "Span", "at_output_stride", "check_pool",
+           "geometry_from_plan", "output_cells", "possible_output_strides"]
 
 PoolMode = Literal["window", "none", "global"]
 GEOMETRY_KEY = "convolutionalize.geometry"  # where non-PyTorch models keep their geometry
@@ -240,3 +241,33 @@ def geometry_from_plan(plan: HeadPlan, pool: PoolMode, body: BodyGeometry) -> Ge
         pool=mode,
         notes=tuple(notes),
     )
+
+
+def possible_output_strides(network: tuple[int, int], strided: Iterable[tuple[int, int]],
+                            output_stride: int) -> list[int]:
+    """The output strides an à trous rewrite can give: the cell spacings at which a strided
+    layer starts (``strided``: each one's input spacing) and the network stride. Raises
+    NotConvolutionalizable, naming them, when ``output_stride`` is not one."""
+    jumps = list(strided)
+    square = network[0] == network[1] and all(jy == jx for jy, jx in jumps)
+    possible = sorted({jy for jy, _ in jumps} | {network[0]}) if square else [network[0]]
+    if output_stride not in possible:
+        from .errors import NotConvolutionalizable
+
+        raise NotConvolutionalizable(
+            f"output_stride={output_stride} is not possible for this network (stride "
+            f"{network[0]}x{network[1]}): its strided layers allow {', '.join(map(str, possible))}")
+    return possible
+
+
+def at_output_stride(geometry: Geometry, stride: tuple[int, int], dilation: tuple[int, int]) -> Geometry:
+    """``geometry`` at an output stride below the network's (the head dilated by ``dilation``):
+    the same windows, denser."""
+    (ry, rx), (fh, fw) = dilation, geometry.feature_size
+    notes = list(geometry.notes)
+    if not geometry.crop_equivalent:
+        notes.append(f"output stride {stride[0]} (a trous): cells whose receptive field stays "
+                     "inside the image equal the shift-and-stitch maps; cells near the border differ "
+                     "(zero padding sits at other places)")
+    return replace(geometry, stride=stride, feature_size=((fh - 1) * ry + 1, (fw - 1) * rx + 1),
+                   window=stride if geometry.pool == "none" else geometry.window, notes=tuple(notes))

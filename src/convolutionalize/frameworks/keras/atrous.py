@@ -13,7 +13,6 @@ image's far edge are cut by :class:`WindowCells`.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,13 +20,13 @@ import keras
 import numpy as np
 
 from ...errors import NotConvolutionalizable
-from ...geometry import Geometry
+from ...geometry import possible_output_strides
 from .graph import GLOBAL_OPS, Call
 
 if TYPE_CHECKING:
     from .head import Analysis
 
-__all__ = ["Atrous", "WindowCells", "atrous_geometry", "dilated_pool", "plan_atrous"]
+__all__ = ["Atrous", "WindowCells", "dilated_pool", "plan_atrous"]
 
 Pair = tuple[int, int]
 CONVS = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D")
@@ -107,12 +106,7 @@ def plan_atrous(a: Analysis, spans: dict[int, tuple[Any, Any]], output_stride: i
         inputs[id(call)] = (call, spans[id(call.inputs[0])])
     strided = {key: (ys.jump, xs.jump) for key, (call, (ys, xs)) in inputs.items()
                if call.kind in (*CONVS, *POOLS) and _stride(call) != (1, 1)}
-    square = network[0] == network[1] and all(jy == jx for jy, jx in strided.values())
-    possible = sorted({jy for jy, _ in strided.values()} | {network[0]}) if square else [network[0]]
-    if output_stride not in possible:
-        raise NotConvolutionalizable(
-            f"output_stride={output_stride} is not possible for this network (stride "
-            f"{network[0]}x{network[1]}): its strided layers allow {', '.join(map(str, possible))}")
+    possible = possible_output_strides(network, strided.values(), output_stride)
     s = output_stride
     blocked = {*global_context, *unproven}
     calls: dict[int, tuple[bool, Pair]] = {}
@@ -155,19 +149,6 @@ def _check_padding(call: Call, unstride: bool, factor: Pair, s: int, allowed: st
             f"output_stride={s}: layer '{call.name}' ({call.kind}) has padding='same' that changes "
             f"with its stride or dilation (use ZeroPadding2D and 'valid'); possible output strides: "
             f"{allowed}")
-
-
-def atrous_geometry(geometry: Geometry, atrous: Atrous) -> Geometry:
-    """The geometry at an output stride below the network's: the same windows, denser."""
-    (ry, rx), (fh, fw) = atrous.head_dilation, geometry.feature_size
-    notes = list(geometry.notes)
-    if not geometry.crop_equivalent:
-        notes.append(f"output stride {atrous.stride[0]} (a trous): cells whose receptive field stays "
-                     "inside the image equal the shift-and-stitch maps; cells near the border differ "
-                     "(zero padding sits at other places)")
-    return dataclasses.replace(
-        geometry, stride=atrous.stride, feature_size=((fh - 1) * ry + 1, (fw - 1) * rx + 1),
-        window=atrous.stride if geometry.pool == "none" else geometry.window, notes=tuple(notes))
 
 
 @keras.saving.register_keras_serializable(package="convolutionalize")

@@ -43,10 +43,10 @@ import numpy as np
 
 from ..._files import atomic_path
 from ...errors import NotConvolutionalizable
-from ...geometry import Geometry, PoolMode
+from ...geometry import Geometry, PoolMode, at_output_stride
 from ...plan import FeatureMap, HeadPlan, HeadStep
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
-from .atrous import Atrous, atrous_geometry, plan_atrous
+from .atrous import Atrous, plan_atrous
 from .geometry import body_spans
 from .graph import (
     NO_OPS,
@@ -207,7 +207,7 @@ def convolutionalize_keras(model: keras.Model, input_size: object = None,
         body, spans = body_spans(analysis)
         atrous = plan_atrous(analysis, spans, output_stride, (body.y.jump, body.x.jump),
                              body.global_context, body.unproven)
-        geometry = atrous_geometry(geometry, atrous)
+        geometry = at_output_stride(geometry, atrous.stride, atrous.head_dilation)
     try:
         fcn, check = _convert(analysis, geometry, model.name, atrous)
     except NotConvolutionalizable:

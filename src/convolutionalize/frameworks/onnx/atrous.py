@@ -13,7 +13,6 @@ the input's Shape.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,11 +20,11 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ...errors import NotConvolutionalizable
-from ...geometry import BodyGeometry, Geometry, Span
+from ...geometry import BodyGeometry, Span, possible_output_strides
 from ...plan import HeadPlan
 from .graph import Graph, attr_value, describe_node
 
-__all__ = ["Atrous", "atrous_geometry", "crop_to_windows", "plan_atrous"]
+__all__ = ["Atrous", "crop_to_windows", "plan_atrous"]
 
 Pair = tuple[int, int]
 WINDOWS = ("Conv", "MaxPool", "AveragePool")
@@ -73,12 +72,7 @@ def plan_atrous(graph: Graph, plan: HeadPlan, body: BodyGeometry,
     inputs = _inputs(graph, spans)
     strided = {name: (ys.jump, xs.jump) for name, (node, (ys, xs)) in inputs.items()
                if node.op_type in WINDOWS and _pair(attr_value(node, "strides"), 1) != (1, 1)}
-    square = network[0] == network[1] and all(jy == jx for jy, jx in strided.values())
-    possible = sorted({jy for jy, _ in strided.values()} | {network[0]}) if square else [network[0]]
-    if output_stride not in possible:
-        raise NotConvolutionalizable(
-            f"output_stride={output_stride} is not possible for this network (stride "
-            f"{network[0]}x{network[1]}): its strided layers allow {', '.join(map(str, possible))}")
+    possible = possible_output_strides(network, strided.values(), output_stride)
     s = output_stride
     if graph.opset < 10:
         raise NotConvolutionalizable(f"output_stride={s}: the graph's opset {graph.opset} predates "
@@ -215,19 +209,6 @@ def _avg_as_conv(graph: Graph, model: onnx.ModelProto, node: onnx.NodeProto, uns
             helper.make_node("ConstantOfShape", [shape_of], [ones], name=fresh("ones_node"), value=one),
             helper.make_node("Conv", [ones, w_name], [counted], name=fresh("count_node"), **conv),
             helper.make_node("Div", [summed, counted], [out], name=fresh("div_node"))]
-
-
-def atrous_geometry(geometry: Geometry, atrous: Atrous) -> Geometry:
-    """The geometry at an output stride below the network's: the same windows, denser."""
-    (ry, rx), (fh, fw) = atrous.head_dilation, geometry.feature_size
-    notes = list(geometry.notes)
-    if not geometry.crop_equivalent:
-        notes.append(f"output stride {atrous.stride[0]} (a trous): cells whose receptive field stays "
-                     "inside the image equal the shift-and-stitch maps; cells near the border differ "
-                     "(zero padding sits at other places)")
-    return dataclasses.replace(
-        geometry, stride=atrous.stride, feature_size=((fh - 1) * ry + 1, (fw - 1) * rx + 1),
-        window=atrous.stride if geometry.pool == "none" else geometry.window, notes=tuple(notes))
 
 
 def crop_to_windows(model: onnx.ModelProto, graph: Graph, outputs: list[tuple[str, bool]],

@@ -44,10 +44,10 @@ import onnx
 
 from ..._files import atomic_path
 from ...errors import NotConvolutionalizable
-from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, check_pool, geometry_from_plan
+from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, at_output_stride, check_pool, geometry_from_plan
 from ...plan import HeadPlan
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
-from .atrous import atrous_geometry, crop_to_windows, plan_atrous
+from .atrous import crop_to_windows, plan_atrous
 from .geometry import body_geometry
 from .graph import dims_of, first_line, image_input, input_layout, symbolic_shape_inference
 from .head import Value, analyse
@@ -215,7 +215,7 @@ def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
     atrous = None
     if output_stride is not None and (output_stride, output_stride) != geometry.stride:
         atrous = plan_atrous(graph, plan, body, spans, output_stride)
-        geometry = atrous_geometry(geometry, atrous)
+        geometry = at_output_stride(geometry, atrous.stride, atrous.head_dilation)
     if atrous is None:
         converted = rewrite(graph, plan, head, pool, spans)
     else:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from torch import fx, nn
 
 from ...errors import NotConvolutionalizable
-from ...geometry import BodyGeometry, Span
+from ...geometry import BodyGeometry, Span, possible_output_strides
 from ...plan import HeadPlan
 from .geometry import CONVS, window_args
 from .graph import arg, op_name, tensor_inputs
@@ -68,12 +68,7 @@ def plan_atrous(gm: fx.GraphModule, plan: HeadPlan, body: BodyGeometry,
                                      "becomes a strided fixed pool; only the network stride is possible")
     strided = {n: _input_jump(n, spans) for n in spans
                if _is_window(n, modules) and _stride(n, modules) != (1, 1)}
-    square = network[0] == network[1] and all(jy == jx for jy, jx in strided.values())
-    possible = sorted({jy for jy, _ in strided.values()} | {network[0]}) if square else [network[0]]
-    if output_stride not in possible:
-        raise NotConvolutionalizable(
-            f"output_stride={output_stride} is not possible for this network (stride "
-            f"{network[0]}x{network[1]}): its strided layers allow {', '.join(map(str, possible))}")
+    possible = possible_output_strides(network, strided.values(), output_stride)
     s = output_stride
     blocked = {*body.global_context, *body.unproven}
     nodes: dict[str, tuple[bool, Pair]] = {}

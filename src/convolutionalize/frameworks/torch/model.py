@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 
 from ...errors import NotConvolutionalizable
-from ...geometry import BodyGeometry, Geometry, PoolMode, Span, geometry_from_plan
+from ...geometry import BodyGeometry, Geometry, PoolMode, Span, at_output_stride, geometry_from_plan
 from ...outputs import tensor_leaves
 from ...plan import HeadPlan
 from ...selfcheck import SelfCheck, check_cells, check_larger, check_sizes
@@ -153,7 +153,7 @@ def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode,
     atrous = None
     if output_stride is not None and (output_stride, output_stride) != geometry.stride:
         atrous = analysis.atrous(output_stride)
-        geometry = _atrous_geometry(geometry, atrous)
+        geometry = at_output_stride(geometry, atrous.stride, atrous.head_dilation)
     probe = _Probe(analysis, geometry)  # the original's crops, before the graph is rewritten
     if atrous is not None:
         atrous.apply(analysis.gm)
@@ -170,19 +170,6 @@ def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode,
         )
     check = probe.check(net, error)
     return ConvolutionalizedModule(net, geometry, analysis.plan, check, analysis.capture.out_spec).eval()
-
-
-def _atrous_geometry(geometry: Geometry, atrous: Atrous) -> Geometry:
-    """The geometry at an output stride below the network's: the same windows, denser."""
-    (ry, rx), (fh, fw) = atrous.head_dilation, geometry.feature_size
-    notes = list(geometry.notes)
-    if not geometry.crop_equivalent:
-        notes.append(f"output stride {atrous.stride[0]} (a trous): cells whose receptive field stays "
-                     "inside the image equal the shift-and-stitch maps; cells near the border differ "
-                     "(zero padding sits at other places)")
-    return dataclasses.replace(
-        geometry, stride=atrous.stride, feature_size=((fh - 1) * ry + 1, (fw - 1) * rx + 1),
-        window=atrous.stride if geometry.pool == "none" else geometry.window, notes=tuple(notes))
 
 
 class _Probe:
