@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from ...errors import NotConvolutionalizable
 from ...geometry import BodyGeometry, Span, possible_output_strides
 from ...plan import HeadPlan
-from .graph import Graph, attr_value, describe_node
+from .graph import Graph, attr_value, describe_node, set_attribute
 
 __all__ = ["Atrous", "crop_to_windows", "plan_atrous"]
 
@@ -131,14 +131,6 @@ def _pair(values: object, default: int) -> Pair:
     return (int(seq[0]), int(seq[1])) if len(seq) >= 2 else (default, default)
 
 
-def _set(node: onnx.NodeProto, name: str, value: object) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            node.attribute.remove(attr)
-            break
-    node.attribute.append(helper.make_attribute(name, value))
-
-
 def _pads(node: onnx.NodeProto) -> list[int]:
     pads = [int(p) for p in attr_value(node, "pads", [0, 0, 0, 0])]  # type: ignore[union-attr]
     return pads if len(pads) == 4 else [0, 0, 0, 0]
@@ -150,11 +142,11 @@ def _scaled(pads: list[int], factor: Pair) -> list[int]:
 
 def _dilate(node: onnx.NodeProto, unstride: bool, factor: Pair) -> None:
     if unstride:
-        _set(node, "strides", [1, 1])
+        set_attribute(node, "strides", [1, 1])
     d = _pair(attr_value(node, "dilations"), 1)
-    _set(node, "dilations", [d[0] * factor[0], d[1] * factor[1]])
+    set_attribute(node, "dilations", [d[0] * factor[0], d[1] * factor[1]])
     if str(attr_value(node, "auto_pad", "NOTSET")) == "NOTSET":
-        _set(node, "pads", _scaled(_pads(node), factor))
+        set_attribute(node, "pads", _scaled(_pads(node), factor))
 
 
 def _scale_pad(graph: Graph, model: onnx.ModelProto, node: onnx.NodeProto, factor: Pair,
@@ -167,7 +159,7 @@ def _scale_pad(graph: Graph, model: onnx.ModelProto, node: onnx.NodeProto, facto
     for a, f in zip((2, 3), factor):  # as body_geometry reads them
         scaled[a], scaled[a + 4] = raw[a] * f, raw[a + 4] * f
     if pads is not None:
-        _set(node, "pads", scaled)
+        set_attribute(node, "pads", scaled)
     else:
         name = fresh("pads")
         model.graph.initializer.append(numpy_helper.from_array(np.array(scaled, np.int64), name))

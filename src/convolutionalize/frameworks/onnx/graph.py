@@ -59,6 +59,15 @@ def attr_proto(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
     return next((a for a in node.attribute if a.name == name), None)
 
 
+def set_attribute(node: onnx.NodeProto, name: str, value: object) -> None:
+    """Give ``node`` attribute ``name`` = ``value``, replacing the one it had."""
+    for attr in node.attribute:
+        if attr.name == name:
+            node.attribute.remove(attr)
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
 def attr_value(node: onnx.NodeProto, name: str, default: object = None) -> object:
     found = attr_proto(node, name)
     if found is None:

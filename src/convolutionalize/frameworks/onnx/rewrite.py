@@ -15,7 +15,7 @@ from ...errors import NotConvolutionalizable
 from ...geometry import PoolMode, Span
 from ...plan import HeadPlan
 from ...weights import linear_to_oihw
-from .graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, all_inputs, attr_value, describe_node
+from .graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, all_inputs, attr_value, describe_node, set_attribute
 from .head import SOFTMAX_OPS, Head, HeadNode, Value, linear_weight
 from .registry import Registry, since_version
 
@@ -172,7 +172,7 @@ def _rewrite_layernorm(rw: _Rewrite, hn: HeadNode) -> None:
     rw.add("Transpose", [rw.src(hn.node.input[0])], [last], perm=[0, 2, 3, 1])
     rw.keep(hn, [last, *hn.node.input[1:]])
     rw.nodes[-1].output[0] = normed
-    _set_int(rw.nodes[-1], "axis", -1)
+    set_attribute(rw.nodes[-1], "axis", -1)
     rw.add("Transpose", [normed], [hn.node.output[0]], perm=[0, 3, 1, 2])
 
 
@@ -180,7 +180,7 @@ def _rewrite_softmax(rw: _Rewrite, hn: HeadNode) -> None:
     """Opset 13+: a softmax over the classes axis; on the map that is axis 1 (NCHW)."""
     rw.keep(hn)
     if hn.before.kind == "vector":
-        _set_int(rw.nodes[-1], "axis", 1)
+        set_attribute(rw.nodes[-1], "axis", 1)
 
 
 def _rewrite_softmax_coerced(rw: _Rewrite, hn: HeadNode) -> None:
@@ -188,13 +188,13 @@ def _rewrite_softmax_coerced(rw: _Rewrite, hn: HeadNode) -> None:
     that is ``(N*H*W, C)``, one softmax over the channels per location."""
     if hn.before.kind == "pooled" and hn.before.layout == "NHWC":
         rw.keep(hn)
-        _set_int(rw.nodes[-1], "axis", 3)
+        set_attribute(rw.nodes[-1], "axis", 3)
         return
     last, done = rw.fresh("nhwc"), rw.fresh(hn.node.op_type.lower())
     rw.add("Transpose", [rw.src(hn.node.input[0])], [last], perm=[0, 2, 3, 1])
     rw.keep(hn, [last])
     rw.nodes[-1].output[0] = done
-    _set_int(rw.nodes[-1], "axis", 3)
+    set_attribute(rw.nodes[-1], "axis", 3)
     rw.add("Transpose", [done], [hn.node.output[0]], perm=[0, 3, 1, 2])
 
 
@@ -223,14 +223,6 @@ def _rewrite_batchnorm_spatial(rw: _Rewrite, hn: HeadNode) -> None:
     kept = [a for a in node.attribute if a.name != "spatial"]
     del node.attribute[:]
     node.attribute.extend(kept)
-
-
-def _set_int(node: onnx.NodeProto, name: str, value: int) -> None:
-    for attr in node.attribute:
-        if attr.name == name:
-            node.attribute.remove(attr)
-            break
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 REWRITES: Registry[Rewriter] = Registry("head rewrite")
