@@ -149,7 +149,7 @@ def _fold_batch_norms(model: nn.Module) -> nn.Module:
     net = getattr(model, "net", None)
     if isinstance(net, nn.Module):
         try:
-            model.net = fuse(net, inplace=True)
+            model.net = fuse(net, inplace=True, no_trace=True)  # its own graph: no retrace
         except Exception as exc:  # an untraceable body keeps its batch norms: slower, as correct
             logger.info("batch norms not folded (%s)", exc)
     return model
