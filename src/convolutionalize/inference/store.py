@@ -1,9 +1,10 @@
 """Where a dense map goes: a numpy array in memory, or a resumable zarr store on disk.
 
 A zarr output is a group holding ``map`` (``(classes, rows, cols)`` float32, one chunk per
-tile) and ``done`` (one bool per tile, one chunk each, so that concurrent writers never
-touch the same chunk). A tile's cells are written before its ``done`` flag, so a run that
-stops anywhere leaves only finished tiles flagged. The group's attributes record what the
+tile), ``done`` (one bool per tile, one chunk each, so that concurrent writers never
+touch the same chunk) and ``skipped`` (the same, for tiles a foreground mask left out: their
+cells stay NaN, the map's fill value). A tile's cells are written before its ``done`` flag,
+so a run that stops anywhere leaves only finished tiles flagged. The group's attributes record what the
 map was made from (``key``); a restart with the same arguments skips the flagged tiles, a
 restart with different ones is refused rather than mixing two maps.
 
@@ -42,8 +43,16 @@ class MapSink:
         r0, r1, c0, c1 = tile.cells
         self.array[:, r0:r1, c0:c1] = cells
 
+    def skip(self, tile: Tile) -> None:
+        """A tile left out (no foreground): its cells are NaN."""
+        r0, r1, c0, c1 = tile.cells
+        self.array[:, r0:r1, c0:c1] = np.nan
+
     def result(self) -> Any:
         return self.array
+
+    def finish(self) -> None:
+        """Called once every tile is written or skipped (nothing to do in memory)."""
 
 
 @dataclass
@@ -53,6 +62,7 @@ class ZarrSink:
     path: str
     map: Any
     done: Any
+    skipped: Any
 
     def is_done(self, tile: Tile) -> bool:
         return bool(self.done[tile.index])
@@ -62,8 +72,16 @@ class ZarrSink:
         self.map[:, r0:r1, c0:c1] = cells
         self.done[tile.index] = True
 
+    def skip(self, tile: Tile) -> None:
+        """A tile left out (no foreground): flagged; its cells keep the fill value, NaN."""
+        self.skipped[tile.index] = True
+        self.done[tile.index] = True
+
     def result(self) -> Any:
         return self.map
+
+    def finish(self) -> None:
+        """Called once every tile is written or skipped (a plain store is complete as it is)."""
 
     def __reduce__(self) -> tuple[Any, ...]:  # workers reopen the store by path
         return (_reopen, (self.path,))
@@ -72,8 +90,11 @@ class ZarrSink:
 def _reopen(path: str) -> ZarrSink:
     import zarr
 
-    group = zarr.open_group(path, mode="r+")
-    return ZarrSink(path, group["map"], group["done"])
+    return _sink(path, zarr.open_group(path, mode="r+"))
+
+
+def _sink(path: str, group: Any) -> ZarrSink:
+    return ZarrSink(path, group["map"], group["done"], group["skipped"])
 
 
 def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], grid: TileGrid,
@@ -96,14 +117,15 @@ def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], gr
                              "another out") from exc
         if found != text:
             raise ValueError(f"{path} holds a map made with different arguments (model, image, "
-                             "tile, precision or output); remove it or pass another out")
-        return ZarrSink(path, group["map"], group["done"])
+                             "tile, precision, output or mask); remove it or pass another out")
+        return _sink(path, group)
     group = zarr.open_group(path, mode="w")
     chunks = (shape[0], *grid.cells_per_tile)
     group.create_array("map", shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan)
-    group.create_array("done", shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
+    for flags in ("done", "skipped"):
+        group.create_array(flags, shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
     group.attrs[KEY_ATTR] = text
-    return ZarrSink(path, group["map"], group["done"])
+    return _sink(path, group)
 
 
 def pyramid_paths(path: str | os.PathLike[str], scales: tuple[float, ...]) -> list[str]:
