@@ -119,7 +119,7 @@ def runner_for(model: nn.Module, precision: Precision, device: torch.device,
     """
     fuse = os.environ.get("CONVOLUTIONALIZE_FUSION", "1") != "0"  # the oneDNN fast path's switch
     prepared = (precision, str(device), fuse)
-    state = _weights_state(model)
+    state = weights_state(model)
     runners = {k: r for k, (s, r) in _RUNNERS.get(model, {}).items() if s == state}
     runner = runners.get((*prepared, output))
     if runner is None:
@@ -138,7 +138,8 @@ _RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, bool, Output
     weakref.WeakKeyDictionary()
 
 
-def _weights_state(model: nn.Module) -> tuple:
+def weights_state(model: nn.Module) -> tuple:
+    """What a model's weights are now: each tensor's storage and version counter."""
     return tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
 
 

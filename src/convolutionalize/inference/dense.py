@@ -27,8 +27,10 @@ import math
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args
 
 import torch
@@ -37,7 +39,7 @@ from torch import nn
 from ..api import check_output_stride, convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
 from ..geometry import Geometry, PoolMode, check_pool
-from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model
+from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model, weights_state
 from .images import ImageSource, open_image
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
@@ -243,10 +245,9 @@ def check_options(
 
 def prepare_model(model: Any, input_size: object, options: Options) -> Any:
     """The converted model: given, converted now, or (fallback) a crop-by-crop equivalent."""
-    if isinstance(model, (str, os.PathLike)):
-        from ..api import load_model_file
-
-        model = load_model_file(model)
+    ours = isinstance(model, (str, os.PathLike))
+    if ours:
+        model = load_remembered(model)
     framework = is_keras_model(model) or is_onnx_model(model)
     if not framework and not isinstance(model, nn.Module):
         raise TypeError("dense_map takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
@@ -256,8 +257,7 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
         fcn = model
     except TypeError:
         try:
-            fcn = convolutionalize(model, input_size, pool=options.pool,  # type: ignore[arg-type]
-                                   output_stride=options.output_stride)
+            fcn = remembered(model, input_size, options.pool, options.output_stride, ours)
         except NotConvolutionalizable as exc:
             if options.fallback != "windows":
                 raise
@@ -277,6 +277,61 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
                          f"{geometry.stride}, which fixes the grid; leave stride out "
                          '(it is for fallback="windows")')
     return fcn
+
+
+def remembered(model: Any, input_size: object, pool: PoolMode, output_stride: int | None,
+               ours: bool = False) -> Any:
+    """``convolutionalize(model, ...)``, done once per model and arguments.
+
+    A PyTorch model keys a weak cache (it never keeps the model alive) of its converted
+    models with the weights each was made from (the tensors and their version counters: an
+    in-place update, ``load_state_dict`` or a replaced layer makes a new conversion). A model
+    ``dense_map`` loaded from a file itself (``ours``: nobody else holds it, so nothing changes
+    it) keeps its conversions while its file stays among the last ``FILE_CACHE`` loaded. Keras
+    and ONNX objects the caller holds are converted on every call: convert once and pass the
+    converted model to map many images with it.
+    """
+    key = (tuple(input_size) if isinstance(input_size, list) else input_size, pool, output_stride)
+    if isinstance(model, nn.Module):
+        state = weights_state(model)
+        conversions = _CONVERTED.setdefault(model, {})
+    elif ours:
+        state, conversions = (), _FILES_CONVERTED.setdefault(id(model), {})
+    else:
+        return convolutionalize(model, input_size, pool=pool, output_stride=output_stride)  # type: ignore[arg-type]
+    found = conversions.get(key)
+    if found is not None and found[0] == state:
+        return found[1]
+    fcn = convolutionalize(model, input_size, pool=pool, output_stride=output_stride)  # type: ignore[arg-type]
+    for stale in [k for k, (s, _) in conversions.items() if s != state]:
+        del conversions[stale]  # made from weights since changed
+    conversions[key] = (state, fcn)
+    return fcn
+
+
+def load_remembered(path: str | os.PathLike[str]) -> Any:
+    """``load_model_file(path)``, reused while the file's size and modification time stay."""
+    from ..api import load_model_file
+
+    try:
+        found = Path(path).resolve()
+        stat = found.stat()
+    except OSError:
+        return load_model_file(path)  # which says what is wrong
+    key = (str(found), stat.st_size, stat.st_mtime_ns)
+    model = _FILES.pop(key, None)
+    if model is None:
+        model = load_model_file(path)
+    _FILES[key] = model  # most recent last
+    while len(_FILES) > FILE_CACHE:
+        _FILES_CONVERTED.pop(id(_FILES.pop(next(iter(_FILES)))), None)
+    return model
+
+
+FILE_CACHE = 4
+_CONVERTED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, Any]]] = weakref.WeakKeyDictionary()
+_FILES: dict[tuple[str, int, int], Any] = {}  # (path, size, mtime) -> the model loaded from it
+_FILES_CONVERTED: dict[int, dict[tuple, tuple[tuple, Any]]] = {}  # id of a model in _FILES -> its conversions
 
 
 def smallest_input(geometry: Geometry) -> tuple[int, int]:
