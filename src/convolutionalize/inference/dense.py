@@ -40,7 +40,8 @@ from ..api import check_output_stride, convolutionalize, geometry_of, is_keras_m
 from ..errors import NotConvolutionalizable
 from ..geometry import Geometry, PoolMode, check_pool
 from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model, weights_state
-from .images import ImageSource, open_image
+from .images import Frame, ImageSource, open_frame
+from .masks import Mask
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
 from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths
@@ -101,6 +102,8 @@ def dense_map(
     output: OutputChoice = None,
     scales: Sequence[float] | None = None,
     output_stride: int | None = None,
+    mpp: float | None = None,
+    mask: Any = None,
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -164,42 +167,56 @@ def dense_map(
     options = dataclasses.replace(options, output_stride=check_output_stride(output_stride, options.pool))
     chosen = None if scales is None else check_scales(scales)
     fcn = dense_model(prepare_model(model, input_size, options), options.output)
-    source = open_image(image, fcn.channels, mean, std, model)
-    if chosen is None:
-        return map_image(fcn, source, options, out, scheduler, progress, stacklevel=3)
-    return map_pyramid(fcn, source, options, chosen, out, scheduler, progress)
+    frame = open_frame(image, fcn.channels, mean, std, model, mpp)
+    foreground = None if mask is None else frame.mask(mask)
+    if chosen is None and mpp is None:
+        return map_image(fcn, frame.source, options, out, scheduler, progress, foreground, stacklevel=3)
+    maps = map_pyramid(fcn, frame, options, chosen, out, scheduler, progress, foreground)
+    return maps if chosen is not None else maps[0]
 
 
-def map_pyramid(fcn: DenseModel, source: ImageSource, options: Options, scales: tuple[float, ...],
-                out: str | os.PathLike[str] | None, scheduler: Any, progress: bool) -> list[ScaledMap]:
-    """``dense_map`` with ``scales``: the map of each scale that holds a window, in order."""
-    original = (source.height, source.width)
-    kept = kept_scales(scales, original, smallest_input(fcn.geometry), stacklevel=4)
-    paths = None if out is None else pyramid_paths(out, scales)
+def map_pyramid(fcn: DenseModel, frame: Frame, options: Options, scales: tuple[float, ...] | None,
+                out: str | os.PathLike[str] | None, scheduler: Any, progress: bool,
+                mask: Mask | None) -> list[ScaledMap]:
+    """``dense_map`` with ``scales`` or ``mpp``: the map of each scale that holds a window, in
+    order, with its geometry in the original (a slide's level-0) pixels; ``scales=None`` is the
+    one scale 1, written to ``out`` itself."""
+    kept = kept_scales(scales or (1.0,), frame.size, smallest_input(fcn.geometry), stacklevel=4)
+    paths = [out] if out is None or scales is None else pyramid_paths(out, scales)
     maps = []
     for index, scale, size in kept:
-        level = map_image(fcn, resized(source, size), options, None if paths is None else paths[index],
-                          scheduler, progress, stacklevel=4)
-        factor = (size[0] / original[0], size[1] / original[1])
-        maps.append(ScaledMap(level, ScaledGeometry(fcn.geometry, factor), scale, size))
+        source = frame.source if size == (frame.source.height, frame.source.width) else \
+            resized(frame.source, size)
+        level = map_image(fcn, source, options, None if out is None else paths[index],
+                          scheduler, progress, mask, stacklevel=4)
+        factor = (size[0] / frame.original[0], size[1] / frame.original[1])
+        maps.append(ScaledMap(level, ScaledGeometry(fcn.geometry, factor), scale, size, frame.mpp))
     return maps
 
 
 def map_image(fcn: DenseModel, source: ImageSource, options: Options,
               out: str | os.PathLike[str] | None, scheduler: Any, progress: bool,
-              stacklevel: int = 3) -> Any:
-    """The map of one image source (the body of ``dense_map`` at one scale); warnings go to
-    the frame ``stacklevel`` counts from here (``warnings.warn``'s count)."""
+              mask: Mask | None = None, stacklevel: int = 3) -> Any:
+    """The map of one image source (the body of ``dense_map`` at one scale), computing only
+    the tiles whose windows touch ``mask``'s foreground; warnings go to the frame
+    ``stacklevel`` counts from here (``warnings.warn``'s count)."""
     shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1)
+    size = (source.height, source.width)
+    skip = set() if mask is None else {t.index for t in grid.tiles
+                                       if not mask.computes(t, fcn.geometry, size)}
+    if skip:
+        logger.info("mask: %d of %d tiles hold no foreground and are skipped", len(skip), len(grid.tiles))
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
-    sink = None if out is None else open_zarr_sink(out, shape, grid, _resume_key(fcn, source, grid, options))
+    key = _resume_key(fcn, source, grid, options, mask)
+    sink = None if out is None else open_zarr_sink(out, shape, grid, key)
     if _use_dask(source, scheduler):
         from .distributed import run_dask
 
-        result = run_dask(grid, source, runner, sink, shape, scheduler, progress)
+        result = run_dask(grid, source, runner, sink, shape, scheduler, progress, skip)
     else:
         local = sink if sink is not None else MapSink(shape)
-        run_tiles(grid.tiles, source, runner, local, options.batch_size, progress)
+        run_tiles(grid.tiles, source, runner, local, options.batch_size, progress, skip)
+        local.finish()
         result = local.result()
     if options.output == ALL:
         return _split(result, fcn.parts((source.height, source.width)))
@@ -375,14 +392,20 @@ def plan_map(fcn: DenseModel, source: ImageSource, options: Options,
 
 
 def run_tiles(tiles: Sequence[Tile], source: ImageSource, runner: Runner,
-              sink: MapSink | ZarrSink, batch_size: int, progress: bool) -> None:
-    """Run unfinished tiles in order, ``batch_size`` equal-shape tiles per forward pass."""
+              sink: MapSink | ZarrSink, batch_size: int, progress: bool,
+              skip: set[tuple[int, int]] = frozenset()) -> None:  # type: ignore[assignment]
+    """Run unfinished tiles in order, ``batch_size`` equal-shape tiles per forward pass; the
+    tiles in ``skip`` (by index) are not computed: the sink marks them skipped (NaN)."""
     from tqdm.auto import tqdm
 
-    pending = [t for t in tiles if not sink.is_done(t)]
-    if len(pending) < len(tiles):
-        logger.info("resuming: %d of %d tiles already done", len(tiles) - len(pending), len(tiles))
-    with tqdm(total=len(tiles), initial=len(tiles) - len(pending), disable=not progress,
+    for t in tiles:
+        if t.index in skip and not sink.is_done(t):
+            sink.skip(t)
+    computed = [t for t in tiles if t.index not in skip]
+    pending = [t for t in computed if not sink.is_done(t)]
+    if len(pending) < len(computed):
+        logger.info("resuming: %d of %d tiles already done", len(computed) - len(pending), len(computed))
+    with tqdm(total=len(computed), initial=len(computed) - len(pending), disable=not progress,
               unit="tile", desc="dense map") as bar:
         for group in _batches(pending, batch_size):
             blocks = [source.read(*t.read) for t in group]
@@ -425,11 +448,12 @@ def _split(stacked: Any, parts: list[tuple[int | str, int]]) -> dict[int | str, 
     return maps
 
 
-def _resume_key(fcn: DenseModel, source: ImageSource, grid: TileGrid,
-                options: Options) -> dict[str, Any]:
+def _resume_key(fcn: DenseModel, source: ImageSource, grid: TileGrid, options: Options,
+                mask: Mask | None) -> dict[str, Any]:
     return {"model": fcn.digest(), "image": source.key(),
             "normalization": [source.mean, source.std], "tiles": list(grid.cells_per_tile),
-            "precision": options.precision, "output": options.output}
+            "precision": options.precision, "output": options.output,
+            **({} if mask is None else {"mask": mask.digest()})}
 
 
 def _use_dask(source: ImageSource, scheduler: object) -> bool:

@@ -36,8 +36,10 @@ LOCAL_SCHEDULERS = ("threads", "processes", "synchronous", "sync", "single-threa
 
 
 def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink | None,
-             shape: tuple[int, int, int], scheduler: Any, progress: bool) -> Any:
-    """Run the tiles as dask tasks.
+             shape: tuple[int, int, int], scheduler: Any, progress: bool,
+             skip: set[tuple[int, int]] = frozenset()) -> Any:  # type: ignore[assignment]
+    """Run the tiles as dask tasks; those in ``skip`` (by index) are not computed: NaN cells
+    (flagged skipped in the sink).
 
     Returns:
         With ``sink``: the zarr array, once every tile is written. Without: a dask array for
@@ -50,27 +52,47 @@ def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink
                                        dask_key_name=f"convolutionalize-model-{id(runner):x}")
     reader = source.reader()
     lazy = None if source.is_dask else dask.delayed(source, traverse=False)
-    tasks = []
+    tasks, computed = [], []
     for tile in grid.tiles:
         if sink is not None and sink.is_done(tile):
             continue
+        if tile.index in skip:
+            if sink is not None:
+                sink.skip(tile)
+            continue
         block = source.block(*tile.read) if source.is_dask else lazy
         tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, tile, sink))
+        computed.append(tile)
     if sink is None and source.is_dask and scheduler is None:  # lazy: a dask array of the map
-        blocks = [[None] * grid.grid[1] for _ in range(grid.grid[0])]
-        for tile, task in zip(grid.tiles, tasks):
-            r0, r1, c0, c1 = tile.cells
-            blocks[tile.index[0]][tile.index[1]] = da.from_delayed(
-                task, (shape[0], r1 - r0, c1 - c0), dtype=np.float32)
+        blocks: list[list[Any]] = [[_skipped(tile, shape) for tile in row] for row in _rows(grid)]
+        for tile, task in zip(computed, tasks):
+            blocks[tile.index[0]][tile.index[1]] = da.from_delayed(task, _cells(tile, shape), np.float32)
         return da.block(blocks)
     with _scheduler(scheduler) as chosen:
         cells = _compute(tasks, chosen, progress)
     if sink is not None:
+        sink.finish()
         return sink.result()
-    rows: list[list[np.ndarray]] = [[] for _ in range(grid.grid[0])]
-    for tile, block in zip(grid.tiles, cells):
-        rows[tile.index[0]].append(block)
-    return np.block(rows)  # type: ignore[arg-type]
+    found = {tile.index: block for tile, block in zip(computed, cells)}
+    return np.block([[found[t.index] if t.index in found else _skipped(t, shape) for t in row]
+                     for row in _rows(grid)])
+
+
+def _rows(grid: TileGrid) -> list[list[Tile]]:
+    rows: list[list[Tile]] = [[] for _ in range(grid.grid[0])]
+    for tile in grid.tiles:
+        rows[tile.index[0]].append(tile)
+    return rows
+
+
+def _cells(tile: Tile, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    r0, r1, c0, c1 = tile.cells
+    return (shape[0], r1 - r0, c1 - c0)
+
+
+def _skipped(tile: Tile, shape: tuple[int, int, int]) -> np.ndarray:
+    """The cells of a tile a mask skipped: NaN."""
+    return np.full(_cells(tile, shape), np.nan, dtype=np.float32)
 
 
 def _load_runner(blob: bytes) -> Runner:

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageSource", "default_normalization", "open_image"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Frame", "ImageSource", "default_normalization", "open_frame",
+           "open_image"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TIFF_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi")
+TIFF_SUFFIXES = (".tif", ".tiff")
 
 
 @dataclass
@@ -95,6 +96,68 @@ class ImageSource:
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
         return tensor.sub_(mean).div_(std)
+
+
+@dataclass
+class Frame:
+    """The image a map is made of, and where its pixels sit in the image the caller named.
+
+    Attributes:
+        source: the pixels mapped at scale 1 (a slide's chosen level; see ``size``).
+        original: ``(H, W)`` of what geometries are reported in (a slide's level 0).
+        size: ``(h, w)`` of the image at scale 1: the source, or the size a slide's level is
+            resampled to for the requested resolution.
+        mpp: ``(y, x)`` microns per ``original`` pixel, where known.
+        low_resolution: a small ``(h, w, C)`` view of the whole image (for ``mask="auto"``).
+    """
+
+    source: ImageSource
+    original: tuple[int, int]
+    size: tuple[int, int]
+    mpp: tuple[float, float] | None
+    low_resolution: Any
+
+    def mask(self, spec: Any) -> Any:
+        """The :class:`~.masks.Mask` that ``dense_map``'s ``mask=`` names."""
+        from .masks import auto_mask, check_mask
+
+        if isinstance(spec, str) and spec == "auto":
+            if not self.source.is_image:
+                raise ValueError('mask="auto" looks at image pixels; a model-ready float input has none: '
+                                 "pass a mask array")
+            return auto_mask(self.low_resolution())
+        return check_mask(spec, self.original)
+
+
+def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None,
+               model: object = None, mpp: float | None = None) -> Frame:
+    """The :class:`Frame` of ``image``: a slide file (a slide format, or a TIFF with ``mpp``)
+    read at ``mpp`` microns per pixel (default: level 0), else :func:`open_image`.
+
+    Raises:
+        ValueError: as :func:`open_image`; ``mpp`` for an input that is not a slide file; a
+            slide no installed reader opens, without resolution metadata, or ``mpp`` finer
+            than its level 0.
+    """
+    from .masks import low_resolution
+    from .slides import SLIDE_SUFFIXES, level_for, open_slide
+
+    suffix = Path(image).suffix.lower() if isinstance(image, (str, os.PathLike)) else ""
+    if not suffix or suffix not in SLIDE_SUFFIXES or (suffix in TIFF_SUFFIXES and mpp is None):
+        if mpp is not None:
+            raise ValueError(f"mpp= reads a slide file (one of {', '.join(SLIDE_SUFFIXES)}) at a "
+                             f"resolution; {type(image).__name__} {str(image)[:60]!r} is not one: leave "
+                             "mpp out, or resample the image yourself")
+        source = open_image(image, channels, mean, std, model)
+        size = (source.height, source.width)
+        return Frame(source, size, size, None, lambda: low_resolution(source.array))
+    slide = open_slide(image)
+    level, factor = (0, 1.0) if mpp is None else level_for(slide, mpp)
+    source = open_image(slide.level(level), channels, mean, std, model)
+    height, width = slide.sizes[level]
+    size = (height, width) if factor == 1.0 else (round(height * factor), round(width * factor))
+    return Frame(source, slide.sizes[0], size, slide.mpp,
+                 lambda: low_resolution(slide.level(len(slide.sizes) - 1)))
 
 
 def default_normalization(model: object, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:

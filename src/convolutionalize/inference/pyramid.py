@@ -80,16 +80,38 @@ class ScaledMap:
         geometry: where its cells are in the original image's pixels.
         scale: the scale asked for.
         size: ``(h, w)`` of the resized image the map was computed on.
+        mpp: ``(y, x)`` microns per original pixel (a slide's level 0), where known.
     """
 
     map: Any
     geometry: ScaledGeometry
     scale: float
     size: tuple[int, int]
+    mpp: tuple[float, float] | None = None
 
     def box(self, i: int, j: int) -> tuple[float, float, float, float]:
         """Cell ``(i, j)``'s window ``(x0, y0, x1, y1)`` in original pixels."""
         return self.geometry.box(i, j)
+
+    def box_microns(self, i: int, j: int) -> tuple[float, float, float, float]:
+        """Cell ``(i, j)``'s window ``(x0, y0, x1, y1)`` in microns from the original's corner.
+
+        Raises:
+            ValueError: the image has no known resolution.
+        """
+        if self.mpp is None:
+            raise ValueError("this map's image has no resolution (microns per pixel) to convert to")
+        x0, y0, x1, y1 = self.box(i, j)
+        my, mx = self.mpp
+        return (x0 * mx, y0 * my, x1 * mx, y1 * my)
+
+    @property
+    def microns_per_cell(self) -> FloatPair | None:
+        """``(y, x)`` microns between neighbouring cells' windows, where known."""
+        if self.mpp is None:
+            return None
+        (sy, sx), (my, mx) = self.geometry.stride, self.mpp
+        return (sy * my, sx * mx)
 
 
 def check_scales(scales: object) -> tuple[float, ...]:

@@ -1,0 +1,137 @@
+"""Foreground masks: which parts of an image hold anything worth mapping (tissue on a slide).
+
+A mask is a 2-D boolean array over the whole image's extent, at any resolution with the
+image's aspect ratio: mask pixel ``(r, c)`` of an ``h x w`` mask covers image rows
+``[r H / h, (r + 1) H / h)`` and the same for columns, on whatever level, resize or scale the
+image is mapped at. ``dense_map`` computes a tile only when the windows of the cells it owns
+touch a foreground mask pixel; the others are skipped and their cells are NaN.
+
+``mask="auto"`` thresholds the colour saturation of a low-resolution view (a slide's
+coarsest level; an image read every ``k``-th pixel, at most ``AUTO_SIDE`` pixels a side)
+with Otsu's method (scikit-image), capped at ``SATURATION_CAP`` so that a slide covered in
+tissue is not cut in two, and grows the foreground by one mask pixel so that tissue edges a
+low-resolution pixel half covers are kept. Glass is grey (saturation near 0), stained tissue
+is not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..geometry import Geometry
+from .tiling import Tile
+
+__all__ = ["AUTO_SIDE", "SATURATION_CAP", "Mask", "auto_mask", "check_mask", "low_resolution"]
+
+AUTO_SIDE = 2048
+SATURATION_CAP = 0.08
+
+
+@dataclass(frozen=True)
+class Mask:
+    """A foreground mask over an image's extent (see the module docstring)."""
+
+    array: np.ndarray  # (h, w) bool
+
+    def digest(self) -> str:
+        bits = np.packbits(self.array).tobytes() + str(self.array.shape).encode()
+        return hashlib.sha1(bits).hexdigest()[:16]
+
+    @property
+    def foreground(self) -> float:
+        """The share of mask pixels that are foreground."""
+        return float(self.array.mean())
+
+    def touches(self, rect: tuple[int, int, int, int], size: tuple[int, int]) -> bool:
+        """Whether the image rectangle ``(y0, y1, x0, x1)`` of an image of ``size`` overlaps a
+        foreground mask pixel."""
+        (h, w), (height, width) = self.array.shape, size
+        y0, y1, x0, x1 = rect
+        r0, r1 = math.floor(y0 * h / height), math.ceil(y1 * h / height)
+        c0, c1 = math.floor(x0 * w / width), math.ceil(x1 * w / width)
+        return bool(self.array[max(r0, 0):max(r1, r0 + 1), max(c0, 0):max(c1, c0 + 1)].any())
+
+    def computes(self, tile: Tile, geometry: Geometry, size: tuple[int, int]) -> bool:
+        """Whether ``tile`` is computed: the windows of the cells it owns touch the foreground."""
+        r0, r1, c0, c1 = tile.cells
+        (sy, sx), (wy, wx), (oy, ox) = geometry.stride, geometry.window, geometry.offset
+        rect = (max(r0 * sy + oy, 0), min((r1 - 1) * sy + oy + wy, size[0]),
+                max(c0 * sx + ox, 0), min((c1 - 1) * sx + ox + wx, size[1]))
+        return self.touches(rect, size)
+
+
+def check_mask(mask: Any, size: tuple[int, int]) -> Mask:
+    """A caller's mask (an array, nonzero = foreground; or a ``.npy`` / image file) for an
+    image of ``size``.
+
+    Raises:
+        ValueError: not 2-D, empty, or not of the image's aspect ratio.
+        TypeError: neither an array nor a path.
+    """
+    if isinstance(mask, (str, os.PathLike)):
+        mask = _read_mask(Path(mask))
+    if not hasattr(mask, "shape"):
+        raise TypeError(f'mask must be "auto", a 2-D array or a path to one, got {type(mask).__name__}')
+    array = np.asarray(mask)
+    if array.ndim != 2 or 0 in array.shape:
+        raise ValueError(f"mask must be a 2-D (rows, cols) array, got shape {array.shape}")
+    (h, w), (height, width) = array.shape, size
+    if abs(w * height - h * width) > (height + width) / 2:  # more than each side's rounding
+        raise ValueError(f"a {h}x{w} mask does not have the {height}x{width} image's aspect ratio; "
+                         "pass a mask of the whole image at any resolution")
+    return Mask(array.astype(bool))
+
+
+def auto_mask(pixels: np.ndarray) -> Mask:
+    """The foreground of ``pixels``, a low-resolution ``(h, w, 3)`` view of the image (see the
+    module docstring).
+
+    Raises:
+        ValueError: not 3-channel colour pixels.
+    """
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import dilation
+
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError('mask="auto" finds tissue by its colour saturation and needs RGB pixels, got '
+                         f"shape {pixels.shape}; pass a mask array")
+    saturation = rgb2hsv(pixels)[..., 1]
+    spread = float(saturation.max() - saturation.min())
+    threshold = min(float(threshold_otsu(saturation)) if spread > 1e-3 else SATURATION_CAP, SATURATION_CAP)
+    return Mask(dilation(saturation > threshold, np.ones((3, 3), bool)))
+
+
+def low_resolution(array: Any, side: int = AUTO_SIDE) -> np.ndarray:
+    """Every ``k``-th pixel of an ``(H, W, C)`` array, ``k`` the smallest step that leaves at most
+    ``side`` pixels a side; read in blocks (a lazy array is never loaded whole)."""
+    height, width = int(array.shape[0]), int(array.shape[1])
+    step = max(math.ceil(max(height, width) / side), 1)
+    block = step * max(math.ceil(2048 / step), 1)
+    rows = []
+    for y in range(0, height, block):
+        rows.append(np.concatenate([np.asarray(array[y:min(y + block, height), x:min(x + block, width)])
+                                    [::step, ::step] for x in range(0, width, block)], axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise ValueError(f"mask {path} does not exist")
+    try:
+        if path.suffix.lower() == ".npy":
+            return np.load(path)
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return np.asarray(image.convert("L")) > 0
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the mask {path}: {' '.join(str(exc).split())}") from exc
