@@ -82,9 +82,11 @@ def test_fast_demo_finds_the_larger_digits_across_scales(demo: tuple[Path, DemoR
 def test_stride_picture_is_two_panels(demo: tuple[Path, DemoResult]) -> None:
     picture = Image.open(demo[0] / "strides.png")
     assert str(demo[0] / "strides.png") in demo[1].files
-    assert picture.size == (2 * 6 * 64 + 4, 6 * 64)  # 64 px around a digit, enlarged 6 times
+    strip = 56  # the colorbar's, right of each 384 px panel
+    assert picture.size == (2 * (6 * 64 + strip) + 4, 6 * 64)  # 64 px around a digit, enlarged 6 times
     pixels = np.asarray(picture.convert("RGB"), np.int16)
-    coarse, fine = pixels[40:, :384], pixels[40:, 388:]  # below the titles
+    second = 384 + strip + 4
+    coarse, fine = pixels[40:, :384], pixels[40:, second:second + 384]  # below the titles
     assert (coarse != fine).any()  # the stride-1 map is not the stride-2 one
 
 
@@ -134,7 +136,7 @@ def test_cli_detect_and_heatmap_on_a_page(demo: tuple[Path, DemoResult], tmp_pat
     assert all(set(r) == {"label", "name", "score", "box"} for r in records)
     assert (tmp_path / "d.png").is_file()
     assert main(["heatmap", *model, page, "-o", str(tmp_path / "h.png"), "--class", "3"]) == 0
-    assert Image.open(tmp_path / "h.png").size == (96, 96)
+    assert Image.open(tmp_path / "h.png").size == (96 + 40, 96)  # the image and the colorbar's strip
 
 
 def bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:

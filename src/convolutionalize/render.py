@@ -6,6 +6,11 @@ block at the centre of its window: the blocks tile the image without overlap and
 where its window is centred, which is where a window classifier "looks". Pixels that no
 window centre covers (a half-window border) stay unpainted. Nothing is stretched.
 
+A map can also be painted over a picture of the image scaled by ``scale`` (a thumbnail of a
+whole-slide image, with an integer :class:`~.geometry.Geometry` or a pyramid level's float
+``ScaledGeometry``): each picture pixel shows the cell whose block holds its centre, mapped
+back to image pixels. ``NaN`` cells (skipped background tiles) stay unpainted.
+
 Everything returns a ``PIL.Image`` (matplotlib with the Agg backend draws the overlays, Pillow
 the boxes); callers decide whether and where to save it.
 """
@@ -13,82 +18,109 @@ the boxes); callers decide whether and where to save it.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
 from .detect import Detection
-from .geometry import Geometry
 
-__all__ = ["class_name", "draw_detections", "heatmap", "overlay", "paint_map", "rank_classes"]
+__all__ = ["CellGrid", "class_name", "draw_detections", "heatmap", "overlay", "paint_map", "rank_classes"]
 
 logger = logging.getLogger(__name__)
 
 ImageLike = Image.Image | np.ndarray
+Scale = float | tuple[float, float]
 DPI = 100
 CMAP = "turbo"
 
 
-def paint_map(values: np.ndarray, geometry: Geometry, size: tuple[int, int]) -> np.ndarray:
-    """An ``(H, W)`` float array: cell ``(i, j)`` of ``values (rows, cols)`` painted over the
-    ``stride`` block centred in its window, ``NaN`` where no cell is painted."""
-    height, width = size
-    (sy, sx), (h, w), (oy, ox) = geometry.stride, geometry.window, geometry.offset
-    canvas = np.full((height, width), np.nan)
-    blocks = np.repeat(np.repeat(np.asarray(values, np.float64), sy, 0), sx, 1)
-    top, left = oy + (h - sy) // 2, ox + (w - sx) // 2
-    y0, x0 = max(top, 0), max(left, 0)
-    y1, x1 = min(top + blocks.shape[0], height), min(left + blocks.shape[1], width)
-    if y1 > y0 and x1 > x0:
-        canvas[y0:y1, x0:x1] = blocks[y0 - top:y1 - top, x0 - left:x1 - left]
+class CellGrid(Protocol):
+    """Where a map's cells are, in image pixels: a :class:`~.geometry.Geometry` (integers) or a
+    pyramid level's ``ScaledGeometry`` (floats). Cell ``(i, j)``'s window starts at
+    ``(i * stride + offset)`` per axis and is ``window`` long."""
+
+    @property
+    def window(self) -> tuple[float, float]: ...
+    @property
+    def stride(self) -> tuple[float, float]: ...
+    @property
+    def offset(self) -> tuple[float, float]: ...
+
+
+def paint_map(values: np.ndarray, geometry: CellGrid, size: tuple[int, int], *,
+              scale: Scale = 1.0) -> np.ndarray:
+    """An ``(H, W) = size`` float array: cell ``(i, j)`` of ``values (rows, cols)`` painted over
+    the ``stride`` block centred in its window, ``NaN`` where no cell is painted (and where the
+    cell is ``NaN``).
+
+    ``scale`` ``(fy, fx)`` (or one factor for both) is the picture's size over the image's:
+    picture pixel ``(y, x)`` shows the cell whose block holds the image point
+    ``((y + 0.5) / fy, (x + 0.5) / fx)``, that is row ``floor((Y - top) / stride_y)`` with
+    ``top = offset_y + (window_y - stride_y) / 2``. At scale 1 that is the block itself; where
+    cells are smaller than a picture pixel, the pixel shows the one under its centre (sampled,
+    not averaged).
+
+    Raises:
+        ValueError: a scale that is not a positive finite number.
+    """
+    values = np.asarray(values, np.float64)
+    rows, cols = (_cell_index(length, factor, geometry.window[k], geometry.stride[k], geometry.offset[k],
+                              values.shape[k])
+                  for k, (length, factor) in enumerate(zip(size, _factors(scale))))
+    canvas = np.full(size, np.nan)
+    r, c = np.flatnonzero(rows >= 0), np.flatnonzero(cols >= 0)
+    canvas[np.ix_(r, c)] = values[np.ix_(rows[r], cols[c])]
     return canvas
 
 
-def overlay(image: ImageLike, values: np.ndarray, geometry: Geometry, *, title: str = "",
-            vmin: float = 0.0, vmax: float = 1.0, cmap: str = CMAP, zoom: int = 1) -> Image.Image:
-    """``image`` (greyed) with the map ``values (rows, cols)`` painted over it in a colormap,
-    a colorbar inside the right edge and ``title`` in the top-left corner; the image's size
-    times ``zoom``. Low values are nearly transparent so the image shows through."""
+def overlay(image: ImageLike, values: np.ndarray, geometry: CellGrid, *, title: str = "",
+            vmin: float = 0.0, vmax: float = 1.0, cmap: str = CMAP, zoom: int = 1,
+            scale: Scale = 1.0, colorbar: bool = True) -> Image.Image:
+    """``image`` (greyed) with the map ``values (rows, cols)`` painted over it in a colormap
+    (:func:`paint_map`, ``image`` being the image scaled by ``scale``) and ``title`` in the
+    top-left corner. Low values are nearly transparent so the image shows through; ``NaN``
+    cells are not painted.
+
+    The picture is the image enlarged ``zoom`` times, pixel for pixel at its top left, and, with
+    ``colorbar``, a white strip to its right holding the colour scale: a bar 2 % of the width
+    and its tick labels, wider with the font (which grows with the picture), 40 px at least.
+    """
     grey = np.asarray(to_rgb(image).convert("L"), np.float64) / 255.0
-    painted = paint_map(values, geometry, grey.shape)
-    if zoom > 1:
-        grey, painted = (np.kron(a, np.ones((zoom, zoom))) for a in (grey, painted))
-    height, width = grey.shape
-    norm = np.clip((painted - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    rgba = colormaps[cmap](np.nan_to_num(norm))
-    rgba[..., 3] = np.where(np.isnan(painted), 0.0, 0.1 + 0.85 * np.nan_to_num(norm))
-    figure = Figure(figsize=(width / DPI, height / DPI), dpi=DPI)
-    axes = figure.add_axes((0.0, 0.0, 1.0, 1.0))
-    axes.imshow(0.35 + 0.65 * grey, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-    shown = axes.imshow(rgba, interpolation="nearest")
-    shown.set_cmap(cmap)
-    shown.set_clim(vmin, vmax)
-    axes.set_axis_off()
-    font = float(np.clip(min(height, width) / 45, 5, 12))
-    bar = axes.inset_axes((0.96, 0.08, 0.02, 0.5))
-    colorbar = figure.colorbar(shown, cax=bar)
-    colorbar.ax.yaxis.set_ticks_position("left")  # labels inside the picture
-    colorbar.ax.tick_params(labelsize=font * 0.8, colors="black")
+    painted = paint_map(values, geometry, grey.shape, scale=scale)
+    rgb = np.repeat(np.repeat(_blend(grey, painted, vmin, vmax, cmap), zoom, 0), zoom, 1)
+    height, width = rgb.shape[:2]
+    font = float(np.clip(min(height, width) / 45, 5, 12))  # points
+    strip = _strip_width(width, font) if colorbar else 0
+    figure = Figure(figsize=(_inches(width + strip), _inches(height)), dpi=DPI)
+    figure.figimage(rgb, origin="upper")  # not resampled: the image's pixels as they are
+    if colorbar:
+        _draw_colorbar(figure, (width, height), font, Normalize(vmin, vmax), cmap)
     if title:
-        axes.text(0.015, 0.985, title, transform=axes.transAxes, va="top", ha="left",
-                  fontsize=font, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
-    return _to_image(figure, (width, height))
+        figure.text(0.015 * width / (width + strip), 0.985, title, va="top", ha="left", fontsize=font,
+                    bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "none"})
+    return _to_image(figure, (width + strip, height))
 
 
-def heatmap(image: ImageLike, probabilities: np.ndarray, geometry: Geometry, *,
+def heatmap(image: ImageLike, probabilities: np.ndarray, geometry: CellGrid, *,
             class_index: int | None = None, top: int = 1, labels: Sequence[str] | None = None,
             background_class: int | None = None, any_object: bool = False,
-            zoom: int = 1) -> Image.Image:
+            zoom: int = 1, scale: Scale = 1.0) -> Image.Image:
     """Heatmap panels of a ``(classes, rows, cols)`` probability map over ``image``, side by side.
 
     ``class_index`` draws that class; otherwise the ``top`` classes with the highest peak
     probability (the background class excluded). ``any_object`` (with a background class)
-    adds a first panel of ``1 - P(background)``: where anything is. Each panel has the
-    image's size times ``zoom``.
+    adds a first panel of ``1 - P(background)``: where anything is. Each panel is an
+    :func:`overlay`: the image enlarged ``zoom`` times, then a colour-scale strip to its right;
+    ``image`` may be a thumbnail, the image scaled by ``scale``. ``NaN`` cells are left out.
 
     Raises:
         ValueError: an unknown class index or a ``top`` below 1.
@@ -104,20 +136,20 @@ def heatmap(image: ImageLike, probabilities: np.ndarray, geometry: Geometry, *,
     if any_object and background_class is not None:
         _check_class(background_class, classes, "background class")
         panels.append(overlay(image, 1.0 - probabilities[background_class], geometry,
-                              title="any object: 1 - P(background)", zoom=zoom))
+                              title="any object: 1 - P(background)", zoom=zoom, scale=scale))
     for k in chosen:
-        peak = float(probabilities[k].max())
-        panels.append(overlay(image, probabilities[k], geometry,
-                              title=f"P({class_name(k, labels)})  peak {peak:.2f}", zoom=zoom))
+        peak = _peaks(probabilities[k:k + 1])[0]
+        panels.append(overlay(image, probabilities[k], geometry, zoom=zoom, scale=scale,
+                              title=f"P({class_name(k, labels)})  peak {peak:.2f}"))
     return _side_by_side(panels)
 
 
 def rank_classes(probabilities: np.ndarray, top: int, background_class: int | None = None) -> list[int]:
-    """The ``top`` class indices with the highest peak probability over the map."""
+    """The ``top`` class indices with the highest peak probability over the map (``NaN`` cells
+    ignored, an all-``NaN`` class last)."""
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
-    peaks = np.asarray(probabilities).reshape(len(probabilities), -1).max(1)
-    order = [int(k) for k in np.argsort(-peaks, kind="stable") if k != background_class]
+    order = [int(k) for k in np.argsort(-_peaks(probabilities), kind="stable") if k != background_class]
     return order[:top]
 
 
@@ -174,12 +206,79 @@ def _zoomed(box: tuple[float, float, float, float], zoom: int, end: int) -> tupl
     return (x0, y0, x1 + end, y1 + end)
 
 
+def _peaks(maps: np.ndarray) -> np.ndarray:
+    """Each map's largest value, ``NaN`` cells ignored (``-inf`` for an all-``NaN`` map)."""
+    flat = np.asarray(maps, np.float64).reshape(len(maps), -1)
+    return np.where(np.isnan(flat), -np.inf, flat).max(1, initial=-np.inf)
+
+
+def _factors(scale: Scale) -> tuple[float, float]:
+    """``scale`` as ``(fy, fx)``, checked."""
+    pair = (scale, scale) if isinstance(scale, numbers.Real) else tuple(scale)
+    if len(pair) != 2 or not all(isinstance(f, numbers.Real) and math.isfinite(f) and f > 0 for f in pair):
+        raise ValueError(f"scale must be a positive finite factor or a pair (fy, fx) of them, got "
+                         f"{scale!r}; pass the picture's size over the image's, e.g. scale=1200 / 100000")
+    return (float(pair[0]), float(pair[1]))
+
+
+def _cell_index(length: int, factor: float, window: float, stride: float, offset: float,
+                cells: int) -> np.ndarray:
+    """Along one axis, for each of ``length`` picture pixels, the cell whose stride block holds
+    the pixel's centre in image pixels, or -1 where none does."""
+    centre = (np.arange(length) + 0.5) / factor
+    index = np.floor((centre - (offset + (window - stride) / 2)) / stride)
+    return np.where((index >= 0) & (index < cells), index, -1).astype(np.intp)
+
+
+def _blend(grey: np.ndarray, painted: np.ndarray, vmin: float, vmax: float, cmap: str) -> np.ndarray:
+    """``(H, W, 3)`` uint8: the image lightened, with ``painted`` over it in ``cmap``, its opacity
+    rising with the value (transparent where ``NaN``)."""
+    norm = np.nan_to_num(np.clip((painted - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0))
+    alpha = np.where(np.isnan(painted), 0.0, 0.1 + 0.85 * norm)[..., None]
+    rgb = (1.0 - alpha) * (0.35 + 0.65 * grey)[..., None] + alpha * colormaps[cmap](norm)[..., :3]
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def _strip_width(width: int, font: float) -> int:
+    """Pixels of the colour-scale strip right of a ``width`` wide picture with ``font`` point
+    text: a gap, the bar and room for the tick labels (4 digits), 40 at least."""
+    gap, bar = _bar_size(width, font)
+    return max(40, gap + bar + round(3.6 * font * DPI / 72))
+
+
+def _bar_size(width: int, font: float) -> tuple[int, int]:
+    """The gap before the colour bar and its width, in pixels: 2 % of the picture's width, 6 px
+    at least and 1.5 font heights at most."""
+    pixels = font * DPI / 72
+    return max(3, round(0.4 * pixels)), max(6, round(min(0.02 * width, 1.5 * pixels)))
+
+
+def _draw_colorbar(figure: Figure, size: tuple[int, int], font: float, norm: Normalize, cmap: str) -> None:
+    """The colour bar of ``norm`` in ``cmap``, in the strip right of a ``size`` image, its ticks
+    labelled on its right."""
+    (width, height), total = size, figure.bbox.width
+    gap, bar = _bar_size(width, font)
+    margin = min(max(0.1 * height, font * DPI / 72), 0.45 * height) / height
+    axes = figure.add_axes(((width + gap) / total, margin, bar / total, 1.0 - 2 * margin))
+    figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=axes)
+    axes.tick_params(labelsize=font * 0.8, length=font * 0.35, pad=font * 0.25, colors="black")
+
+
+def _inches(pixels: int) -> float:
+    """A figure side in inches that Agg draws as exactly ``pixels`` pixels at ``DPI`` (it
+    truncates: 29 / 100 * 100 is 28.999...)."""
+    inches = pixels / DPI
+    while int(inches * DPI) < pixels:
+        inches = math.nextafter(inches, math.inf)
+    return inches
+
+
 def _to_image(figure: Figure, size: tuple[int, int]) -> Image.Image:
     canvas = FigureCanvasAgg(figure)
     canvas.draw()
     picture = Image.fromarray(np.asarray(canvas.buffer_rgba())[..., :3].copy())
-    if picture.size != size:  # float rounding of the figure size: off by a pixel at most
-        picture = picture.resize(size, Image.Resampling.NEAREST)
+    if picture.size != size:
+        raise RuntimeError(f"matplotlib drew {picture.size}, not {size}")  # _inches prevents it
     return picture
 
 
