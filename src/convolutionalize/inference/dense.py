@@ -42,6 +42,7 @@ from ..geometry import Geometry, PoolMode, check_pool
 from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model, weights_state
 from .images import Frame, ImageSource, open_frame
 from .masks import Mask
+from .omezarr import Physical, open_ome_zarr_sink
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
 from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths
@@ -104,6 +105,7 @@ def dense_map(
     output_stride: int | None = None,
     mpp: float | None = None,
     mask: Any = None,
+    bands: Sequence[int] | None = None,
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -167,17 +169,66 @@ def dense_map(
     options = dataclasses.replace(options, output_stride=check_output_stride(output_stride, options.pool))
     chosen = None if scales is None else check_scales(scales)
     fcn = dense_model(prepare_model(model, input_size, options), options.output)
-    frame = open_frame(image, fcn.channels, mean, std, model, mpp)
+    kind = output_kind(out)
+    if kind in ("ome", "geotiff") and chosen is not None:
+        raise ValueError(f"out={str(out)!r} holds one map; with scales=, pass a .zarr store (one map per "
+                         "scale inside it)")
+    frame = open_frame(image, fcn.channels, mean, std, model, mpp, bands)
     foreground = None if mask is None else frame.mask(mask)
+    labels = class_labels(model, fcn.map_shape(fcn.geometry.input_size)[0])
+    if kind == "geotiff":
+        from .geotiff import require_rasterio, write_geotiff
+
+        require_rasterio()
+
+        result = map_pyramid(fcn, frame, options, None, None, scheduler, progress, foreground, labels)[0]
+        write_geotiff(out, result.map, frame.map_transform(result.geometry), frame.crs, labels,  # type: ignore[arg-type]
+                      progress=progress)
+        return result if mpp is not None else result.map
     if chosen is None and mpp is None:
-        return map_image(fcn, frame.source, options, out, scheduler, progress, foreground, stacklevel=3)
-    maps = map_pyramid(fcn, frame, options, chosen, out, scheduler, progress, foreground)
+        return map_image(fcn, frame.source, options, out, scheduler, progress, foreground,
+                         physical(fcn.geometry, (1.0, 1.0), None), labels, stacklevel=3)
+    maps = map_pyramid(fcn, frame, options, chosen, out, scheduler, progress, foreground, labels)
     return maps if chosen is not None else maps[0]
+
+
+def output_kind(out: str | os.PathLike[str] | None) -> str | None:
+    """What ``out`` names: a ``"zarr"`` store, an ``"ome"`` (``.ome.zarr``) image, a
+    ``"geotiff"`` (``.tif``/``.tiff``), or nothing."""
+    if out is None:
+        return None
+    from .omezarr import is_ome_zarr
+
+    if is_ome_zarr(out):
+        return "ome"
+    return "geotiff" if Path(out).suffix.lower() in (".tif", ".tiff") else "zarr"
+
+
+def physical(geometry: Geometry, factor: tuple[float, float], mpp: tuple[float, float] | None) -> Physical:
+    """Where a map's cell centres are in the original image (a slide's level 0): in microns
+    with ``mpp``, else in pixels, as an image's own pixel ``k`` is at ``k`` (its centre)."""
+    unit = (1.0, 1.0) if mpp is None else mpp
+    scale = tuple(s / f * u for s, f, u in zip(geometry.stride, factor, unit))
+    centre = tuple(((o + w / 2) / f - 0.5) * u
+                   for o, w, f, u in zip(geometry.offset, geometry.window, factor, unit))
+    return Physical(scale, centre, None if mpp is None else "micrometer")  # type: ignore[arg-type]
+
+
+def class_labels(model: Any, classes: int) -> list[str] | None:
+    """The model's class names, where it carries them (a ``labels`` list, or a transformers
+    ``config.id2label``) and they match the map's ``classes``."""
+    names = getattr(model, "labels", None)
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not isinstance(names, (list, tuple)) and isinstance(id2label, dict):
+        names = [id2label.get(k, id2label.get(str(k), f"class {k}")) for k in range(len(id2label))]
+    if isinstance(names, (list, tuple)) and len(names) == classes:
+        return [str(name) for name in names]
+    return None
 
 
 def map_pyramid(fcn: DenseModel, frame: Frame, options: Options, scales: tuple[float, ...] | None,
                 out: str | os.PathLike[str] | None, scheduler: Any, progress: bool,
-                mask: Mask | None) -> list[ScaledMap]:
+                mask: Mask | None, labels: list[str] | None = None) -> list[ScaledMap]:
     """``dense_map`` with ``scales`` or ``mpp``: the map of each scale that holds a window, in
     order, with its geometry in the original (a slide's level-0) pixels; ``scales=None`` is the
     one scale 1, written to ``out`` itself."""
@@ -187,19 +238,21 @@ def map_pyramid(fcn: DenseModel, frame: Frame, options: Options, scales: tuple[f
     for index, scale, size in kept:
         source = frame.source if size == (frame.source.height, frame.source.width) else \
             resized(frame.source, size)
-        level = map_image(fcn, source, options, None if out is None else paths[index],
-                          scheduler, progress, mask, stacklevel=4)
         factor = (size[0] / frame.original[0], size[1] / frame.original[1])
+        level = map_image(fcn, source, options, None if out is None else paths[index], scheduler,
+                          progress, mask, physical(fcn.geometry, factor, frame.mpp), labels, stacklevel=4)
         maps.append(ScaledMap(level, ScaledGeometry(fcn.geometry, factor), scale, size, frame.mpp))
     return maps
 
 
 def map_image(fcn: DenseModel, source: ImageSource, options: Options,
               out: str | os.PathLike[str] | None, scheduler: Any, progress: bool,
-              mask: Mask | None = None, stacklevel: int = 3) -> Any:
+              mask: Mask | None = None, where: Physical | None = None, labels: list[str] | None = None,
+              stacklevel: int = 3) -> Any:
     """The map of one image source (the body of ``dense_map`` at one scale), computing only
-    the tiles whose windows touch ``mask``'s foreground; warnings go to the frame
-    ``stacklevel`` counts from here (``warnings.warn``'s count)."""
+    the tiles whose windows touch ``mask``'s foreground; an OME-Zarr ``out`` places the cells
+    ``where`` says and names the channels ``labels``. Warnings go to the frame ``stacklevel``
+    counts from here (``warnings.warn``'s count)."""
     shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1)
     size = (source.height, source.width)
     skip = set() if mask is None else {t.index for t in grid.tiles
@@ -208,7 +261,13 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
         logger.info("mask: %d of %d tiles hold no foreground and are skipped", len(skip), len(grid.tiles))
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     key = _resume_key(fcn, source, grid, options, mask)
-    sink = None if out is None else open_zarr_sink(out, shape, grid, key)
+    if out is None:
+        sink = None
+    elif output_kind(out) == "ome":
+        sink = open_ome_zarr_sink(out, shape, grid, key, where or physical(fcn.geometry, (1.0, 1.0), None),
+                                  labels)
+    else:
+        sink = open_zarr_sink(out, shape, grid, key)
     if _use_dask(source, scheduler):
         from .distributed import run_dask
 

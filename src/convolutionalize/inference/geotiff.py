@@ -34,7 +34,7 @@ from ..geometry import Geometry
 if TYPE_CHECKING:
     from affine import Affine
 
-__all__ = ["GeoRaster", "is_georeferenced", "map_transform", "write_geotiff"]
+__all__ = ["GeoRaster", "is_georeferenced", "map_transform", "require_rasterio", "write_geotiff"]
 
 logger = logging.getLogger(__name__)
 
@@ -186,10 +186,20 @@ def _block_size(classes: int, rows: int, cols: int) -> int:
     return max(16, min(BLOCK, fits, -(-needed // 16) * 16) // 16 * 16)
 
 
+def require_rasterio() -> None:
+    """Raises ValueError (naming the extra to install) where rasterio is missing."""
+    try:
+        import rasterio  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("GeoTIFF input with bands= and GeoTIFF output need rasterio: "
+                         "pip install 'convolutionalize[geo]'") from exc
+
+
 def _open(path: str) -> Any:
     """``rasterio.open(path)`` for reading; a file it cannot open is a one-line ValueError."""
     import warnings
 
+    require_rasterio()
     import rasterio
     from rasterio.errors import NotGeoreferencedWarning, RasterioError
 

@@ -109,6 +109,8 @@ class Frame:
             resampled to for the requested resolution.
         mpp: ``(y, x)`` microns per ``original`` pixel, where known.
         low_resolution: a small ``(h, w, C)`` view of the whole image (for ``mask="auto"``).
+        transform, crs: a georeferenced raster's affine transform and coordinate system
+            (rasterio's), else ``None``.
     """
 
     source: ImageSource
@@ -116,6 +118,18 @@ class Frame:
     size: tuple[int, int]
     mpp: tuple[float, float] | None
     low_resolution: Any
+    transform: Any = None
+    crs: Any = None
+
+    def map_transform(self, geometry: Any) -> Any:
+        """The affine transform of a map with ``geometry`` (a ``ScaledGeometry`` in original
+        pixels): the image's own (pixels, where it has none) placing each cell over the stride
+        block centred in its window."""
+        from affine import Affine
+
+        from .geotiff import map_transform
+
+        return map_transform(self.transform or Affine.identity(), geometry.model, geometry.factor)
 
     def mask(self, spec: Any) -> Any:
         """The :class:`~.masks.Mask` that ``dense_map``'s ``mask=`` names."""
@@ -130,19 +144,33 @@ class Frame:
 
 
 def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-               model: object = None, mpp: float | None = None) -> Frame:
+               model: object = None, mpp: float | None = None, bands: Sequence[int] | None = None) -> Frame:
     """The :class:`Frame` of ``image``: a slide file (a slide format, or a TIFF with ``mpp``)
-    read at ``mpp`` microns per pixel (default: level 0), else :func:`open_image`.
+    read at ``mpp`` microns per pixel (default: level 0); a georeferenced raster (a TIFF with
+    a coordinate system, or any raster with ``bands``) read through rasterio, the ``bands``
+    given (1-based, default all); else :func:`open_image`.
 
     Raises:
-        ValueError: as :func:`open_image`; ``mpp`` for an input that is not a slide file; a
-            slide no installed reader opens, without resolution metadata, or ``mpp`` finer
-            than its level 0.
+        ValueError: as :func:`open_image`; ``mpp`` for an input that is not a slide file, or
+            ``bands`` for one that is not a raster file; a slide no installed reader opens,
+            without resolution metadata, or ``mpp`` finer than its level 0.
     """
     from .masks import low_resolution
     from .slides import SLIDE_SUFFIXES, level_for, open_slide
 
     suffix = Path(image).suffix.lower() if isinstance(image, (str, os.PathLike)) else ""
+    if bands is not None or (suffix in TIFF_SUFFIXES and mpp is None and _georeferenced(image)):
+        if mpp is not None:
+            raise ValueError("bands= picks bands of a raster file (a GeoTIFF, say); mpp= reads slides")
+        if not suffix:
+            raise ValueError(f"bands= picks bands of a raster file; {type(image).__name__} is not one: "
+                             "pass its path, or only the bands' pixels")
+        from .geotiff import GeoRaster
+
+        raster = GeoRaster(image, bands)
+        source = open_image(raster, channels, mean, std, model)
+        size = (source.height, source.width)
+        return Frame(source, size, size, None, lambda: low_resolution(raster), raster.transform, raster.crs)
     if not suffix or suffix not in SLIDE_SUFFIXES or (suffix in TIFF_SUFFIXES and mpp is None):
         if mpp is not None:
             raise ValueError(f"mpp= reads a slide file (one of {', '.join(SLIDE_SUFFIXES)}) at a "
@@ -158,6 +186,12 @@ def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Seq
     size = (height, width) if factor == 1.0 else (round(height * factor), round(width * factor))
     return Frame(source, slide.sizes[0], size, slide.mpp,
                  lambda: low_resolution(slide.level(len(slide.sizes) - 1)))
+
+
+def _georeferenced(path: Any) -> bool:
+    from .geotiff import is_georeferenced
+
+    return Path(path).is_file() and is_georeferenced(path)
 
 
 def default_normalization(model: object, channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
