@@ -1,14 +1,19 @@
-"""``convolutionalize predict``: the dense class map of an image, saved as ``.npy`` or ``.zarr``.
+"""``convolutionalize predict``: dense class maps of images, saved as ``.npy``, ``.zarr``,
+``.ome.zarr`` (OME-Zarr, for napari and QuPath) or ``.tif`` (a GeoTIFF, for QGIS).
 
-A thin command: parse, call :func:`~convolutionalize.inference.dense_map`, move the result
-into place, print one line. The map is written under a temporary name next to the output
-and renamed on success, so bad input or a failed run never leaves a file at the output
-path. An interrupted ``.zarr`` run leaves ``OUTPUT.partial.zarr``; the same command resumes it.
+A thin command: parse, call :func:`~convolutionalize.inference.dense_map` on each image (the
+model is converted once: ``dense_map`` remembers it), move each result into place, print one
+line per map. IMAGE may be several paths, folders (every image file in them) or globs; with
+more than one image ``-o`` is a folder and each map is named after its image. A map is
+written under a temporary name next to its output and renamed on success, so bad input or a
+failed run never leaves a file at the output path. An interrupted ``.zarr`` run leaves
+``OUTPUT.partial.zarr`` (``.partial.ome.zarr``); the same command resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 from pathlib import Path
 from typing import Any, get_args
@@ -16,6 +21,7 @@ from typing import Any, get_args
 import numpy as np
 
 from .._files import atomic_path
+from ..api import convolutionalize, geometry_of
 from ..inference import dense_map
 from ..inference._runner import Precision
 from ..models import default_input_size, load_model
@@ -23,18 +29,32 @@ from .options import add_model_output, int_at_least
 
 __all__ = ["predict", "register"]
 
-SUFFIXES = (".npy", ".zarr")
+SUFFIXES = (".npy", ".zarr", ".ome.zarr", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy", ".zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs",
+                  ".scn", ".bif", ".vms", ".vmu", ".svslide", ".btf", ".dcm")
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
     """Add the ``predict`` subcommand to ``sub`` (the parser's subparsers), with ``common`` options."""
-    predict_parser = sub.add_parser("predict", parents=[common], help="the dense class map of an image "
-                                    "(every native-size window scored), saved as .npy or .zarr")
-    predict_parser.add_argument("image", metavar="IMAGE", type=Path, help="image file: PNG/JPEG, "
-                                ".npy, .zarr, or a (pyramidal) TIFF read lazily tile by tile")
+    predict_parser = sub.add_parser("predict", parents=[common], help="dense class maps of images "
+                                    "(every native-size window scored), saved as .npy, .zarr, "
+                                    ".ome.zarr or GeoTIFF")
+    predict_parser.add_argument("images", metavar="IMAGE", nargs="+", type=Path, help="image files "
+                                "(PNG/JPEG, .npy, .zarr, (pyramidal) TIFF, GeoTIFF, whole-slide "
+                                "images), folders of them or globs")
     predict_parser.add_argument("-o", "--output", required=True, type=Path, metavar="MAP",
-                                help="MAP.npy (in memory) or MAP.zarr (written tile by tile, "
-                                "resumable)")
+                                help="MAP.npy (in memory), MAP.zarr (written tile by tile, "
+                                "resumable), MAP.ome.zarr (OME-Zarr) or MAP.tif (GeoTIFF); with "
+                                "several images, a folder (see --format)")
+    predict_parser.add_argument("--format", choices=[s.lstrip(".") for s in SUFFIXES[:4]], default="npy",
+                                help="the maps' format when -o is a folder (default: npy)")
+    predict_parser.add_argument("--mpp", type=float, metavar="UM", help="read slides at UM microns "
+                                "per pixel (the model's training resolution; default: level 0)")
+    predict_parser.add_argument("--mask", metavar="auto|FILE", help="compute only tiles with "
+                                "foreground: 'auto' (tissue by colour saturation) or a mask image "
+                                "/ .npy of the whole image; other cells are NaN")
+    predict_parser.add_argument("--bands", type=int_at_least(1), nargs="+", metavar="B",
+                                help="bands of a raster (GeoTIFF) to read, 1-based, e.g. 4 3 2")
     predict_parser.add_argument("--tile", type=int_at_least(1), metavar="N", help="input pixels per "
                                 "tile side (default: chosen from a memory budget)")
     predict_parser.add_argument("--precision", choices=get_args(Precision), default="fp32",
@@ -56,29 +76,89 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     """Run ``predict``; errors (ValueError, TypeError, OSError) propagate to ``cli.main``."""
-    output: Path = args.output
-    suffix = output.suffix.lower()
-    if suffix not in SUFFIXES:
-        raise ValueError(f"output {output} must end in .npy or .zarr")
-    if suffix == ".zarr" and output.exists():
-        raise ValueError(f"output {output} exists; remove it or pass another -o")
-    if not args.image.exists():
-        raise ValueError(f"image {args.image} does not exist")
+    images = find_images(args.images)
+    jobs = output_paths(images, args.output, args.format)
+    for _, output in jobs:
+        if _suffix(output).endswith(".zarr") and output.exists():
+            raise ValueError(f"output {output} exists; remove it or pass another -o")
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     input_size = (tuple(args.input_size) if args.input_size is not None
                   else default_input_size(args.model, model))
-    partial = output.with_name(output.stem + ".partial.zarr") if suffix == ".zarr" else None
-    result = dense_map(model, args.image, input_size=input_size, pool=args.pool, tile=args.tile,
-                       out=partial, precision=args.precision, batch_size=args.batch_size,
-                       mean=args.mean, std=args.std, scheduler=args.scheduler, progress=args.progress,
-                       output=args.model_output, output_stride=args.output_stride)
+    try:
+        geometry_of(model)  # already converted
+    except TypeError:  # converted once for every image (it keeps timm's normalization and labels)
+        model = convolutionalize(model, input_size, pool=args.pool, output_stride=args.output_stride)
+    from tqdm.auto import tqdm
+
+    bar = not args.progress or len(jobs) < 2
+    for image, output in tqdm(jobs, unit="image", desc="images", disable=bar):
+        _predict_one(args, model, input_size, image, output)
+    return 0
+
+
+def _predict_one(args: argparse.Namespace, model: Any, input_size: Any, image: Path, output: Path) -> None:
+    """One image's map, written to ``output`` only once complete (a GeoTIFF is written to a
+    temporary file and renamed by ``dense_map`` itself)."""
+    kind = _suffix(output)
+    zarr = kind.endswith("zarr")
+    partial = output.with_name(output.name[:-len(kind)] + ".partial" + kind) if zarr else None
+    result = dense_map(model, image, input_size=input_size, pool=args.pool, tile=args.tile,
+                       out=partial if partial is not None else (None if kind == ".npy" else output),
+                       precision=args.precision, batch_size=args.batch_size, mean=args.mean, std=args.std,
+                       scheduler=args.scheduler, progress=args.progress, output=args.model_output,
+                       output_stride=args.output_stride, mpp=args.mpp, mask=args.mask,
+                       bands=None if args.bands is None else tuple(args.bands))
+    cells = getattr(result, "map", result)  # a ScaledMap with --mpp
     if partial is not None:
         os.replace(partial, output)
-    else:
-        _save_npy(np.asarray(result), output)
-    classes, rows, cols = result.shape
+    elif kind == ".npy":
+        _save_npy(np.asarray(cells), output)
+    classes, rows, cols = cells.shape
     print(f"wrote {output}: {classes} classes x {rows} x {cols} cells ({args.precision})")
-    return 0
+
+
+def find_images(given: list[Path]) -> list[Path]:
+    """The image files that paths, folders and globs name, in order, each once.
+
+    Raises:
+        ValueError: a path that does not exist, or a folder or glob that names no image.
+    """
+    found: list[Path] = []
+    for entry in given:
+        text = str(entry)
+        if entry.is_dir() and entry.suffix.lower() != ".zarr":
+            matches = sorted(p for p in entry.iterdir() if _suffix(p) in IMAGE_SUFFIXES)
+        elif glob.has_magic(text):
+            matches = sorted(Path(p) for p in glob.glob(text) if _suffix(Path(p)) in IMAGE_SUFFIXES)
+        elif entry.exists():
+            matches = [entry]
+        else:
+            raise ValueError(f"image {entry} does not exist")
+        if not matches:
+            raise ValueError(f"{entry} names no image file ({', '.join(IMAGE_SUFFIXES)})")
+        found.extend(m for m in matches if m not in found)
+    return found
+
+
+def output_paths(images: list[Path], output: Path, fmt: str) -> list[tuple[Path, Path]]:
+    """Each image's map file: ``output`` itself for one image with a map suffix, else
+    ``output/<image stem>.<fmt>`` (the folder is made)."""
+    if len(images) == 1 and _suffix(output) in SUFFIXES:
+        return [(images[0], output)]
+    if _suffix(output) in SUFFIXES or output.is_file():
+        raise ValueError(f"{len(images)} images make {len(images)} maps: -o must be a folder, not "
+                         f"{output}")
+    stems = [image.name[:-len(_suffix(image))] or image.name for image in images]
+    if len(set(stems)) < len(stems):
+        raise ValueError("two images share a name; their maps would overwrite each other: pass them "
+                         "in separate runs")
+    output.mkdir(parents=True, exist_ok=True)
+    return [(image, output / f"{stem}.{fmt}") for image, stem in zip(images, stems)]
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    return ".ome.zarr" if name.endswith(".ome.zarr") else path.suffix.lower()
 
 
 def _save_npy(array: np.ndarray, output: Path) -> None:

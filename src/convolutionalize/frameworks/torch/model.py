@@ -169,7 +169,17 @@ def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode,
             f"(max relative error {error:.2e}); a head operation has no exact sliding form"
         )
     check = probe.check(net, error)
-    return ConvolutionalizedModule(net, geometry, analysis.plan, check, analysis.capture.out_spec).eval()
+    fcn = ConvolutionalizedModule(net, geometry, analysis.plan, check, analysis.capture.out_spec).eval()
+    for name in CARRIED:  # what the model says about its inputs and classes, for dense maps and pictures
+        value = getattr(model, name, None)
+        if isinstance(value, (dict, list, tuple, int, str)) and not isinstance(value, bool):
+            setattr(fcn, name, copy.deepcopy(value))
+    return fcn
+
+
+# Plain attributes a converted model keeps from the original: timm's normalization and input
+# size, class names and a background class (the demo's convention).
+CARRIED = ("pretrained_cfg", "default_cfg", "labels", "background_class")
 
 
 class _Probe:
