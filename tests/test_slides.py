@@ -260,3 +260,19 @@ def test_bad_masks(fcn: nn.Module, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model-ready float input"):
         dense_map(fcn, torch.randn(3, 64, 64), mask="auto")
     assert check_mask(np.ones((128, 160)), (512, 640)).foreground == 1.0
+
+
+def test_masked_cells_are_those_whose_window_misses_the_foreground_whatever_the_tiling(
+        fcn: nn.Module) -> None:
+    page = tissue_page()
+    mask = auto_mask(page[::4, ::4])
+    whole, tiled = dense_map(fcn, page, mask=mask.array), dense_map(fcn, page, tile=40, mask=mask.array)
+    np.testing.assert_array_equal(tiled, whole)
+    geometry = fcn.geometry
+    expected = np.zeros(whole.shape[1:], bool)
+    for i in range(whole.shape[1]):
+        for j in range(whole.shape[2]):
+            x0, y0, x1, y1 = geometry.box(i, j)
+            expected[i, j] = mask.array[y0 // 4:-(-y1 // 4), x0 // 4:-(-x1 // 4)].any()
+    np.testing.assert_array_equal(~np.isnan(whole).any(axis=0), expected)
+    assert 0.2 < expected.mean() < 0.9

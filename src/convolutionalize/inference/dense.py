@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -41,7 +42,7 @@ from ..errors import NotConvolutionalizable
 from ..geometry import Geometry, PoolMode, check_pool
 from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model, weights_state
 from .images import Frame, ImageSource, open_frame
-from .masks import Mask
+from .masks import Mask, blank
 from .omezarr import Physical, open_ome_zarr_sink
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
@@ -254,11 +255,11 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     ``where`` says and names the channels ``labels``. Warnings go to the frame ``stacklevel``
     counts from here (``warnings.warn``'s count)."""
     shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1)
-    size = (source.height, source.width)
-    skip = set() if mask is None else {t.index for t in grid.tiles
-                                       if not mask.computes(t, fcn.geometry, size)}
-    if skip:
-        logger.info("mask: %d of %d tiles hold no foreground and are skipped", len(skip), len(grid.tiles))
+    keep = None if mask is None else mask.cells(fcn.geometry, (source.height, source.width), shape[1:])
+    if keep is not None:
+        skipped = sum(not keep[_block(t)].any() for t in grid.tiles)
+        logger.info("mask: %.0f %% of the cells are foreground; %d of %d tiles hold none and are skipped",
+                    100 * keep.mean(), skipped, len(grid.tiles))
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     key = _resume_key(fcn, source, grid, options, mask)
     if out is None:
@@ -271,10 +272,10 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if _use_dask(source, scheduler):
         from .distributed import run_dask
 
-        result = run_dask(grid, source, runner, sink, shape, scheduler, progress, skip)
+        result = run_dask(grid, source, runner, sink, shape, scheduler, progress, keep)
     else:
         local = sink if sink is not None else MapSink(shape)
-        run_tiles(grid.tiles, source, runner, local, options.batch_size, progress, skip)
+        run_tiles(grid.tiles, source, runner, local, options.batch_size, progress, keep)
         local.finish()
         result = local.result()
     if options.output == ALL:
@@ -452,15 +453,18 @@ def plan_map(fcn: DenseModel, source: ImageSource, options: Options,
 
 def run_tiles(tiles: Sequence[Tile], source: ImageSource, runner: Runner,
               sink: MapSink | ZarrSink, batch_size: int, progress: bool,
-              skip: set[tuple[int, int]] = frozenset()) -> None:  # type: ignore[assignment]
-    """Run unfinished tiles in order, ``batch_size`` equal-shape tiles per forward pass; the
-    tiles in ``skip`` (by index) are not computed: the sink marks them skipped (NaN)."""
+              keep: np.ndarray | None = None) -> None:
+    """Run unfinished tiles in order, ``batch_size`` equal-shape tiles per forward pass. With
+    ``keep`` (a foreground mask's cells): its False cells are NaN, and tiles with none True are
+    not computed (the sink marks them skipped)."""
     from tqdm.auto import tqdm
 
+    computed = []
     for t in tiles:
-        if t.index in skip and not sink.is_done(t):
+        if keep is None or keep[_block(t)].any():
+            computed.append(t)
+        elif not sink.is_done(t):
             sink.skip(t)
-    computed = [t for t in tiles if t.index not in skip]
     pending = [t for t in computed if not sink.is_done(t)]
     if len(pending) < len(computed):
         logger.info("resuming: %d of %d tiles already done", len(computed) - len(pending), len(computed))
@@ -470,8 +474,15 @@ def run_tiles(tiles: Sequence[Tile], source: ImageSource, runner: Runner,
             blocks = [source.read(*t.read) for t in group]
             scores = runner(blocks[0][None] if len(blocks) == 1 else torch.stack(blocks))
             for t, cells in zip(group, scores):
-                sink.write(t, cells[(slice(None), *t.crop())])
+                owned = cells[(slice(None), *t.crop())]
+                sink.write(t, owned if keep is None else blank(owned, keep[_block(t)]))
             bar.update(len(group))
+
+
+def _block(tile: Tile) -> tuple[slice, slice]:
+    """The map cells ``tile`` owns, as slices."""
+    r0, r1, c0, c1 = tile.cells
+    return slice(r0, r1), slice(c0, c1)
 
 
 def _batches(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:

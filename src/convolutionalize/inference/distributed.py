@@ -25,6 +25,7 @@ import torch
 
 from ._runner import Runner
 from .images import ImageSource
+from .masks import blank
 from .store import ZarrSink
 from .tiling import Tile, TileGrid
 
@@ -37,9 +38,9 @@ LOCAL_SCHEDULERS = ("threads", "processes", "synchronous", "sync", "single-threa
 
 def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink | None,
              shape: tuple[int, int, int], scheduler: Any, progress: bool,
-             skip: set[tuple[int, int]] = frozenset()) -> Any:  # type: ignore[assignment]
-    """Run the tiles as dask tasks; those in ``skip`` (by index) are not computed: NaN cells
-    (flagged skipped in the sink).
+             keep: np.ndarray | None = None) -> Any:
+    """Run the tiles as dask tasks; with ``keep`` (a foreground mask's cells) its False cells
+    are NaN and tiles with none True are not computed (flagged skipped in the sink).
 
     Returns:
         With ``sink``: the zarr array, once every tile is written. Without: a dask array for
@@ -56,12 +57,14 @@ def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink
     for tile in grid.tiles:
         if sink is not None and sink.is_done(tile):
             continue
-        if tile.index in skip:
+        r0, r1, c0, c1 = tile.cells
+        kept = None if keep is None else keep[r0:r1, c0:c1]
+        if kept is not None and not kept.any():
             if sink is not None:
                 sink.skip(tile)
             continue
         block = source.block(*tile.read) if source.is_dask else lazy
-        tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, tile, sink))
+        tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, tile, sink, kept))
         computed.append(tile)
     if sink is None and source.is_dask and scheduler is None:  # lazy: a dask array of the map
         blocks: list[list[Any]] = [[_skipped(tile, shape) for tile in row] for row in _rows(grid)]
@@ -100,14 +103,15 @@ def _load_runner(blob: bytes) -> Runner:
 
 
 def _run_tile(runner: Runner, reader: ImageSource, block: Any, tile: Tile,
-              sink: ZarrSink | None) -> np.ndarray | None:
-    """One tile: read, score, crop to the owned cells; write them to ``sink`` if given."""
+              sink: ZarrSink | None, keep: np.ndarray | None = None) -> np.ndarray | None:
+    """One tile: read, score, crop to the owned cells (NaN where ``keep`` is False); write them
+    to ``sink`` if given."""
     if isinstance(block, ImageSource):
         pixels = block.read(*tile.read)
     else:
         pixels = reader.prepare(block, tile.read)
     with _threads(1):
-        cells = runner(pixels[None])[0][(slice(None), *tile.crop())]
+        cells = blank(runner(pixels[None])[0][(slice(None), *tile.crop())], keep)
     if sink is None:
         return cells
     sink.write(tile, cells)

@@ -3,8 +3,9 @@
 A mask is a 2-D boolean array over the whole image's extent, at any resolution with the
 image's aspect ratio: mask pixel ``(r, c)`` of an ``h x w`` mask covers image rows
 ``[r H / h, (r + 1) H / h)`` and the same for columns, on whatever level, resize or scale the
-image is mapped at. ``dense_map`` computes a tile only when the windows of the cells it owns
-touch a foreground mask pixel; the others are skipped and their cells are NaN.
+image is mapped at. A cell whose window touches no foreground mask pixel is NaN in the map
+(whatever the tiling: tiled == whole holds with a mask too), and ``dense_map`` computes a
+tile only when one of the cells it owns is not: the others are skipped.
 
 ``mask="auto"`` thresholds the colour saturation of a low-resolution view (a slide's
 coarsest level; an image read every ``k``-th pixel, at most ``AUTO_SIDE`` pixels a side)
@@ -26,9 +27,8 @@ from typing import Any
 import numpy as np
 
 from ..geometry import Geometry
-from .tiling import Tile
 
-__all__ = ["AUTO_SIDE", "SATURATION_CAP", "Mask", "auto_mask", "check_mask", "low_resolution"]
+__all__ = ["AUTO_SIDE", "SATURATION_CAP", "Mask", "auto_mask", "blank", "check_mask", "low_resolution"]
 
 AUTO_SIDE = 2048
 SATURATION_CAP = 0.08
@@ -49,22 +49,31 @@ class Mask:
         """The share of mask pixels that are foreground."""
         return float(self.array.mean())
 
-    def touches(self, rect: tuple[int, int, int, int], size: tuple[int, int]) -> bool:
-        """Whether the image rectangle ``(y0, y1, x0, x1)`` of an image of ``size`` overlaps a
-        foreground mask pixel."""
+    def cells(self, geometry: Geometry, size: tuple[int, int], cells: tuple[int, int]) -> np.ndarray:
+        """``(rows, cols)`` bools: which cells of the map of an image of ``size`` have a window
+        that touches a foreground mask pixel (a summed-area table: no loop over cells)."""
         (h, w), (height, width) = self.array.shape, size
-        y0, y1, x0, x1 = rect
-        r0, r1 = math.floor(y0 * h / height), math.ceil(y1 * h / height)
-        c0, c1 = math.floor(x0 * w / width), math.ceil(x1 * w / width)
-        return bool(self.array[max(r0, 0):max(r1, r0 + 1), max(c0, 0):max(c1, c0 + 1)].any())
+        table = np.zeros((h + 1, w + 1), np.int64)
+        table[1:, 1:] = self.array.cumsum(0).cumsum(1)
+        spans = []
+        for axis, (n, full, m) in enumerate(((cells[0], height, h), (cells[1], width, w))):
+            start = np.arange(n) * geometry.stride[axis] + geometry.offset[axis]
+            lo = np.clip(np.floor(np.clip(start, 0, full) * m / full), 0, m - 1).astype(np.int64)
+            end = np.clip(start + geometry.window[axis], 0, full)
+            hi = np.maximum(np.ceil(end * m / full).astype(np.int64), lo + 1)
+            spans.append((lo, np.minimum(hi, m)))
+        (r0, r1), (c0, c1) = spans
+        count = (table[np.ix_(r1, c1)] - table[np.ix_(r0, c1)] - table[np.ix_(r1, c0)]
+                 + table[np.ix_(r0, c0)])
+        return count > 0
 
-    def computes(self, tile: Tile, geometry: Geometry, size: tuple[int, int]) -> bool:
-        """Whether ``tile`` is computed: the windows of the cells it owns touch the foreground."""
-        r0, r1, c0, c1 = tile.cells
-        (sy, sx), (wy, wx), (oy, ox) = geometry.stride, geometry.window, geometry.offset
-        rect = (max(r0 * sy + oy, 0), min((r1 - 1) * sy + oy + wy, size[0]),
-                max(c0 * sx + ox, 0), min((c1 - 1) * sx + ox + wx, size[1]))
-        return self.touches(rect, size)
+
+def blank(cells: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """``cells`` ``(classes, rows, cols)`` with NaN where ``keep`` (their ``(rows, cols)``
+    block of :meth:`Mask.cells`) is False."""
+    if keep is None or keep.all():
+        return cells
+    return np.where(keep[None], cells, np.float32(np.nan))
 
 
 def check_mask(mask: Any, size: tuple[int, int]) -> Mask:
