@@ -18,6 +18,15 @@ from test_slides import Padded, tissue_page, write_slide
 
 
 @pytest.fixture(scope="module")
+def torch_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same kind of model as a pickled PyTorch module (heatmap and detect run PyTorch models)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "padded.pt"
+    torch.save(Padded().eval(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
 def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "padded.onnx"
@@ -107,3 +116,31 @@ def test_bad_input_exits_2_and_writes_nothing(model_file: Path, tmp_path: Path, 
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out.exists() and not (tmp_path / "out.partial.zarr").exists()
+
+
+def test_heatmap_of_a_slide_on_a_thumbnail_of_the_chosen_width(torch_file: Path, tmp_path: Path) -> None:
+    slide = write_slide(tmp_path / "page.ome.tif", tissue_page())
+    out = tmp_path / "heat.png"
+    assert main(["heatmap", str(torch_file), "--trust-pickle", str(slide), "--mpp", "0.5", "--mask", "auto",
+                 "--width", "320", "--input-size", "32", "32", "-o", str(out), "--no-progress"]) == 0
+    picture = np.asarray(Image.open(out).convert("RGB"), np.int16)
+    assert picture.shape[1] > 320 and picture.shape[0] == 256  # the 512 x 640 page at 320 px wide + colorbar
+    image_area = picture[:, :320]
+    glass, tissue = image_area[220:250, 10:40], image_area[30:110, 20:150]  # thumbnail pixels
+    assert np.ptp(glass.reshape(-1, 3), axis=0).max() < 40  # background tiles skipped: greyed glass only
+    assert (np.abs(tissue[..., 0] - tissue[..., 2]) > 30).mean() > 0.3  # the map painted over tissue
+
+
+def test_heatmap_and_detect_of_several_images(torch_file: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pages"
+    folder.mkdir()
+    for k in range(2):
+        Image.fromarray(tissue_page(64, 96)).save(folder / f"p{k}.png")
+    assert main(["heatmap", str(torch_file), "--trust-pickle", str(folder), "--input-size", "32", "32", "-o",
+                 str(tmp_path / "heat"), "--no-progress"]) == 0
+    assert sorted(p.name for p in (tmp_path / "heat").iterdir()) == ["p0.png", "p1.png"]
+    assert main(["detect", str(torch_file), "--trust-pickle", str(folder / "*.png"), "--input-size", "32",
+                 "32", "-o", str(tmp_path / "found"), "--draw", str(tmp_path / "drawn"), "--no-progress"]) \
+        == 0
+    assert sorted(p.name for p in (tmp_path / "found").iterdir()) == ["p0.json", "p1.json"]
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["p0.png", "p1.png"]

@@ -143,7 +143,7 @@ def bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     Image.fromarray(np.full((10, 10), 255, np.uint8)).save(root / "small.png")
     (root / "fake.png").write_bytes(b"not an image at all")
     return {
-        "missing image": (["detect", *MODEL, str(root / "nope.png")], "not found"),
+        "missing image": (["detect", *MODEL, str(root / "nope.png")], "does not exist"),
         "not an image": (["detect", *MODEL, str(root / "fake.png")], "cannot read the image"),
         "smaller than window": (["detect", *MODEL, str(root / "small.png")], "smaller than"),
         "unknown class": (["heatmap", *MODEL, "{page}", "--class", "11"], "unknown class 11"),

@@ -91,6 +91,7 @@ def predict(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     bar = not args.progress or len(jobs) < 2
+    make_folders(jobs)
     for image, output in tqdm(jobs, unit="image", desc="images", disable=bar):
         _predict_one(args, model, input_size, image, output)
     return 0
@@ -140,20 +141,39 @@ def find_images(given: list[Path]) -> list[Path]:
     return found
 
 
-def output_paths(images: list[Path], output: Path, fmt: str) -> list[tuple[Path, Path]]:
-    """Each image's map file: ``output`` itself for one image with a map suffix, else
-    ``output/<image stem>.<fmt>`` (the folder is made)."""
-    if len(images) == 1 and _suffix(output) in SUFFIXES:
+def output_paths(images: list[Path], output: Path, fmt: str,
+                 suffixes: tuple[str, ...] = SUFFIXES) -> list[tuple[Path, Path]]:
+    """Each image's output file. One image: ``output`` itself, unless it is a folder (an
+    existing one, or a path ending in ``/``); it must then end in one of ``suffixes`` (any
+    suffix where ``suffixes`` is empty). Several: ``output/<image stem>.<fmt>``, in a folder
+    that :func:`make_folders` makes once the work starts.
+
+    Raises:
+        ValueError: an output file that cannot be one, or two images of one name.
+    """
+    folder = output.is_dir() or str(output).endswith(os.sep)
+    if len(images) == 1 and not folder:
+        if suffixes and _suffix(output) not in suffixes:
+            raise ValueError(f"output {output} must end in {', '.join(suffixes[:-1])} or {suffixes[-1]} "
+                             "(or be a folder)")
         return [(images[0], output)]
-    if _suffix(output) in SUFFIXES or output.is_file():
-        raise ValueError(f"{len(images)} images make {len(images)} maps: -o must be a folder, not "
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"{len(images)} images make {len(images)} outputs: -o must be a folder, not "
+                         f"the file {output}")
+    if _suffix(output) in suffixes:
+        raise ValueError(f"{len(images)} images make {len(images)} outputs: -o must be a folder, not "
                          f"{output}")
     stems = [image.name[:-len(_suffix(image))] or image.name for image in images]
     if len(set(stems)) < len(stems):
-        raise ValueError("two images share a name; their maps would overwrite each other: pass them "
+        raise ValueError("two images share a name; their outputs would overwrite each other: pass them "
                          "in separate runs")
-    output.mkdir(parents=True, exist_ok=True)
     return [(image, output / f"{stem}.{fmt}") for image, stem in zip(images, stems)]
+
+
+def make_folders(jobs: list[tuple[Path, Path]]) -> None:
+    """Make the folders the outputs go to (after every check has passed)."""
+    for _, output in jobs:
+        output.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _suffix(path: Path) -> str:

@@ -33,6 +33,9 @@ from ..detect import class_probabilities, detect, detection_maps
 from ..frameworks.torch.layers import ConvolutionalizedModule
 from ..models import default_input_size, load_model
 from .options import EXIT_OK, add_model_output, int_at_least, model_output
+from .predict import find_images, make_folders, output_paths
+
+SLIDE_WIDTH = 1200  # a slide's heatmap picture, in pixels
 
 __all__ = ["load_image", "register"]
 
@@ -47,7 +50,16 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                           "over IMAGE (PNG)")
     _image_options(heat)
     heat.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.png",
-                      help="the PNG to write (one panel of the image's size per class)")
+                      help="the PNG to write (one panel per class: the image and its colorbar); a "
+                      "folder for several images")
+    heat.add_argument("--mpp", type=float, metavar="UM", help="a whole-slide IMAGE read at UM "
+                      "microns per pixel (default: level 0); slides are drawn on a thumbnail")
+    heat.add_argument("--mask", metavar="auto|FILE", help="map only tiles with foreground ('auto': "
+                      "tissue by colour saturation; or a mask of the whole image); the rest stays unpainted")
+    heat.add_argument("--width", type=int_at_least(16), metavar="PX", help="the picture's width: the "
+                      "image is drawn scaled to it (default: the image's own; 1200 for slides)")
+    heat.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="progress bars over a slide's tiles and over images (default: on)")
     which = heat.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_index", type=int_at_least(0), metavar="K",
                        help="draw class K")
@@ -61,7 +73,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     _image_options(find)
     find.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.json",
                       help="the JSON to write: a list of {label, name, score, box: [x0, y0, x1, y1]}")
-    find.add_argument("--draw", type=Path, metavar="OUT.png", help="also draw the boxes on the image")
+    find.add_argument("--draw", type=Path, metavar="OUT.png", help="also draw the boxes on the image "
+                      "(a folder for several images)")
+    find.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                      help="a progress bar over several images (default: on)")
     find.add_argument("--threshold", type=float, default=0.5, metavar="T",
                       help="minimum class probability, in (0, 1] (default: 0.5)")
     find.add_argument("--iou", type=float, default=0.3, metavar="IOU",
@@ -99,8 +114,9 @@ def _positive_float(text: str) -> float:
 
 
 def _image_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("image", metavar="IMAGE", type=Path, help="a PNG or JPEG image, at least "
-                        "the model's window in size; converted to the model's channels, scaled to 0..1")
+    parser.add_argument("images", metavar="IMAGE", nargs="+", type=Path, help="PNG or JPEG images "
+                        "(paths, folders, globs), at least the model's window in size; converted to "
+                        "the model's channels, scaled to 0..1. With several, -o is a folder")
     parser.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line "
                         "(default: the model's own 'labels' attribute, else 'class K')")
     parser.add_argument("--background-class", type=int_at_least(0), metavar="K",
@@ -118,41 +134,71 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _heatmap_command(args: argparse.Namespace) -> int:
+    jobs = output_paths(find_images(args.images), args.output, "png", ())
+    _check_outputs(jobs)
+    loaded = _load(args)
+    make_folders(jobs)
+    for path, output in _progress(jobs, args):
+        picture = _heatmap_picture(args, loaded, path)
+        with atomic_path(output) as tmp:
+            picture.save(tmp, format="PNG")
+        print(f"wrote {output} ({picture.width}x{picture.height})")
+    return EXIT_OK
+
+
+def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> Image.Image:
+    """One image's heatmap: a slide's map over its thumbnail, else the image's map over it."""
+    from ..inference import dense_map
+    from ..inference.slides import thumbnail
     from ..render import heatmap
 
-    _check_output(args.output)
-    inputs = _prepare(args)
-    probs = class_probabilities(inputs.fcn, inputs.tensor, output=args.model_output)
-    labels, background = _classes(args, inputs, probs.shape[0])
-    picture = heatmap(inputs.image, probs, inputs.fcn.geometry, class_index=args.class_index,
-                      top=args.top, labels=labels, background_class=background)
-    with atomic_path(args.output) as tmp:
-        picture.save(tmp, format="PNG")
-    print(f"wrote {args.output} ({picture.width}x{picture.height})")
-    return EXIT_OK
+    if _is_slide(path, args):
+        result = dense_map(loaded.fcn, path, mpp=args.mpp, mask=args.mask, output=args.model_output,
+                           mean=args.mean, std=args.std, progress=args.progress)
+        logits, geometry = ((result.map, result.geometry) if args.mpp is not None
+                            else (result, loaded.fcn.geometry))
+        picture, scale = thumbnail(path, args.width or SLIDE_WIDTH)
+        probs = _softmax(np.asarray(logits))
+    else:
+        if args.mask is not None:
+            raise ValueError("--mask skips background tiles of slides; pass a slide, or leave --mask out")
+        image, tensor = _image_and_tensor(args, loaded, path)
+        probs = class_probabilities(loaded.fcn, tensor, output=args.model_output)
+        geometry, picture, scale = loaded.fcn.geometry, image, 1.0
+        if args.width is not None and args.width != image.width:
+            height = max(round(image.height * args.width / image.width), 1)
+            picture = image.resize((args.width, height), Image.Resampling.LANCZOS)
+            scale = (height / image.height, args.width / image.width)
+    labels, background = _classes(args, loaded, probs.shape[0])
+    return heatmap(picture, probs, geometry, class_index=args.class_index, top=args.top, labels=labels,
+                   background_class=background, scale=scale)
 
 
 def _detect_command(args: argparse.Namespace) -> int:
     from ..render import class_name, draw_detections
 
-    _check_output(args.output)
-    if args.draw is not None:
-        _check_output(args.draw)
-    inputs = _prepare(args)
-    probs, boxes = detection_maps(inputs.fcn, inputs.tensor, scales=args.scales,
-                                  output=args.model_output, box_output=args.box_output)
-    labels, background = _classes(args, inputs, probs[0].map.shape[0])
-    found = detect(probs, threshold=args.threshold, background_class=background, iou=args.iou,
-                   exclusive_iou=args.exclusive_iou, boxes=boxes)
-    records = [{**d.to_dict(), "name": class_name(d.label, labels)} for d in found]
-    text = json.dumps(records, indent=2) + "\n"
-    picture = draw_detections(inputs.image, found, labels) if args.draw is not None else None
-    with contextlib.ExitStack() as stack:  # both files appear only when both are written
-        tmp = stack.enter_context(atomic_path(args.output))
-        tmp.write_text(text)
-        if picture is not None:
-            picture.save(stack.enter_context(atomic_path(args.draw)), format="PNG")
-    print(f"{len(found)} detections -> {args.output}" + (f", {args.draw}" if args.draw else ""))
+    jobs = output_paths(find_images(args.images), args.output, "json", ())
+    drawn = [] if args.draw is None else output_paths([image for image, _ in jobs], args.draw, "png", ())
+    drawings = [out for _, out in drawn] if drawn else [None] * len(jobs)
+    _check_outputs(jobs + drawn)
+    loaded = _load(args)
+    make_folders(jobs + drawn)
+    for (path, output), drawing in zip(_progress(jobs, args), drawings):
+        image, tensor = _image_and_tensor(args, loaded, path)
+        probs, boxes = detection_maps(loaded.fcn, tensor, scales=args.scales,
+                                      output=args.model_output, box_output=args.box_output)
+        labels, background = _classes(args, loaded, probs[0].map.shape[0])
+        found = detect(probs, threshold=args.threshold, background_class=background, iou=args.iou,
+                       exclusive_iou=args.exclusive_iou, boxes=boxes)
+        records = [{**d.to_dict(), "name": class_name(d.label, labels)} for d in found]
+        text = json.dumps(records, indent=2) + "\n"
+        picture = draw_detections(image, found, labels) if drawing is not None else None
+        with contextlib.ExitStack() as stack:  # both files appear only when both are written
+            tmp = stack.enter_context(atomic_path(output))
+            tmp.write_text(text)
+            if picture is not None:
+                picture.save(stack.enter_context(atomic_path(drawing)), format="PNG")
+        print(f"{len(found)} detections -> {output}" + (f", {drawing}" if drawing else ""))
     return EXIT_OK
 
 
@@ -175,35 +221,60 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 @dataclass(frozen=True)
-class _Inputs:
-    """What ``heatmap`` and ``detect`` work on."""
+class _Loaded:
+    """What ``heatmap`` and ``detect`` load once for every image."""
 
     model: nn.Module
     fcn: ConvolutionalizedModule
-    image: Image.Image  # RGB, to draw on
-    tensor: torch.Tensor  # model-ready (C, H, W)
     labels: list[str] | None  # from --labels
 
 
-def _prepare(args: argparse.Namespace) -> _Inputs:
-    """The model, converted, the image and its tensor, the ``--labels`` (read before the work)."""
-    image = _open_image(args.image)
+def _load(args: argparse.Namespace) -> _Loaded:
+    """The model, converted, and the ``--labels`` (read before the work)."""
     labels = _read_labels(args.labels) if args.labels is not None else None
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     fcn = convolutionalize(model, _input_size(args, model), pool=args.pool, output_stride=args.output_stride)
     if not isinstance(fcn, ConvolutionalizedModule) or fcn.geometry.pool == "global":
         raise ValueError("heatmap and detect need a class map: use --pool window or none")
-    channels = fcn.plan.in_channels
-    tensor = load_image(image, channels, args.mean, args.std)
-    window = fcn.geometry.input_size
+    return _Loaded(model, fcn, labels)
+
+
+def _image_and_tensor(args: argparse.Namespace, loaded: _Loaded,
+                      path: Path) -> tuple[Image.Image, torch.Tensor]:
+    """An image (RGB, to draw on) and its model-ready ``(C, H, W)`` tensor."""
+    image = _open_image(path)
+    tensor = load_image(image, loaded.fcn.plan.in_channels, args.mean, args.std)
+    window = loaded.fcn.geometry.input_size
     small = tensor.shape[1] < window[0] or tensor.shape[2] < window[1]
     if small and getattr(args, "scales", None) is None:  # scales may enlarge it: dense_map decides
-        raise ValueError(f"image {args.image} is {tensor.shape[1]}x{tensor.shape[2]}, smaller than "
+        raise ValueError(f"image {path} is {tensor.shape[1]}x{tensor.shape[2]}, smaller than "
                          f"the model's {window[0]}x{window[1]} window")
-    return _Inputs(model, fcn, image.convert("RGB"), tensor, labels)
+    return image.convert("RGB"), tensor
 
 
-def _classes(args: argparse.Namespace, inputs: _Inputs,
+def _is_slide(path: Path, args: argparse.Namespace) -> bool:
+    from ..inference.images import TIFF_SUFFIXES
+    from ..inference.slides import SLIDE_SUFFIXES
+
+    suffix = path.suffix.lower()
+    return args.mpp is not None or (suffix in SLIDE_SUFFIXES and suffix not in TIFF_SUFFIXES)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities of a ``(classes, rows, cols)`` map in float64 (NaN cells stay NaN)."""
+    shifted = logits.astype(np.float64) - logits.max(axis=0, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=0, keepdims=True)
+
+
+def _progress(jobs: list[Any], args: argparse.Namespace) -> Any:
+    """A progress bar over several images (on stderr)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(jobs, unit="image", desc="images", disable=len(jobs) < 2 or not args.progress)
+
+
+def _classes(args: argparse.Namespace, inputs: _Loaded,
              classes: int) -> tuple[list[str] | None, int | None]:
     """Class names and the background class (given, else the model's own), checked against the
     map's ``classes``."""
@@ -268,6 +339,15 @@ def _input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int] |
     if isinstance(carried, (tuple, list)) and len(carried) == 2:
         return (int(carried[0]), int(carried[1]))
     return default_input_size(args.model, model)
+
+
+def _check_outputs(jobs: list[tuple[Path, Path]]) -> None:
+    """Fail before the work when an output cannot be written (its folder made where missing)."""
+    for _, path in jobs:
+        if len(jobs) > 1 and not path.parent.exists():
+            _check_output(path.parent)  # the folder, to be made
+        else:
+            _check_output(path)
 
 
 def _check_output(path: Path) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MPP_TOLERANCE", "SLIDE_SUFFIXES", "Slide", "level_for", "open_slide"]
+__all__ = ["MPP_TOLERANCE", "SLIDE_SUFFIXES", "Slide", "level_for", "open_slide", "thumbnail"]
 
 TIFF_SLIDES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".btf")
 OPENSLIDE_ONLY = (".mrxs", ".vms", ".vmu", ".bif", ".svslide", ".dcm")
@@ -117,6 +117,29 @@ def level_for(slide: Slide, mpp: float) -> tuple[int, float]:
     level = fine_enough[-1]
     factor = base * slide.downsamples[level] / mpp
     return level, 1.0 if abs(factor - 1.0) <= MPP_TOLERANCE else factor
+
+
+def thumbnail(path: str | os.PathLike[str], width: int) -> tuple[Any, tuple[float, float]]:
+    """A ``width``-pixel-wide RGB picture of the slide (a PIL image) and its scale ``(fy, fx)``
+    against level 0: read from the coarsest level at least that wide (every ``k``-th pixel
+    where even that level is much wider, in blocks), resized with a Lanczos filter.
+
+    Raises:
+        ValueError: as :func:`open_slide`.
+    """
+    from PIL import Image
+
+    from .masks import low_resolution
+
+    slide = open_slide(path)
+    level = slide.thumbnail_level(width)
+    height, level_width = slide.sizes[level]
+    step = max(level_width // width, 1)
+    pixels = low_resolution(slide.level(level), side=math.ceil(max(height, level_width) / step))
+    full_height, full_width = slide.sizes[0]
+    picture = Image.fromarray(pixels).resize((width, max(round(width * full_height / full_width), 1)),
+                                            Image.Resampling.LANCZOS)
+    return picture, (picture.height / full_height, picture.width / full_width)
 
 
 def _open_tiffslide(path: str) -> Any:
