@@ -46,6 +46,7 @@ from ..api import geometry_of, is_keras_model, is_onnx_model
 from ..geometry import Geometry
 from ..outputs import OutputKey, output_keys, select_output
 from ._onednn import fuse_convolutions
+from ._strips import StripNet, plan_strips
 
 __all__ = ["ALL", "DenseModel", "FrameworkRunner", "OutputChoice", "Precision", "Runner",
            "TileRunner", "dense_model", "runner_for"]
@@ -64,13 +65,16 @@ class TileRunner:
     the map of output ``output`` (see the module docstring)."""
 
     def __init__(self, model: nn.Module, precision: Precision, device: torch.device,
-                 fuse: bool = True, output: OutputChoice = None) -> None:
+                 fuse: bool = True, output: OutputChoice = None, strips: bool = True) -> None:
         model = _fold_batch_norms(copy.deepcopy(model).eval().to(device))  # never touch the caller's
         if precision == "bf16":
             model = model.to(torch.bfloat16)
         self.model = model.to(memory_format=torch.channels_last)
         if fuse and device.type == "cpu" and isinstance(getattr(model, "net", None), fx.GraphModule):
             fuse_convolutions(model.net)
+        plan = plan_strips(getattr(model, "net", None)) if strips else None
+        if plan is not None:  # large tiles run their stem in strips (same numbers, less memory)
+            model.net = StripNet(model.net, plan)
         self.precision = precision
         self.device = device
         self.output = output
@@ -118,14 +122,15 @@ def runner_for(model: nn.Module, precision: Precision, device: torch.device,
     version counters and invalidate the cached runners.
     """
     fuse = os.environ.get("CONVOLUTIONALIZE_FUSION", "1") != "0"  # the oneDNN fast path's switch
-    prepared = (precision, str(device), fuse)
+    strips = os.environ.get("CONVOLUTIONALIZE_STRIPS", "1") != "0"  # the stem in strips (._strips)
+    prepared = (precision, str(device), fuse, strips)
     state = weights_state(model)
     runners = {k: r for k, (s, r) in _RUNNERS.get(model, {}).items() if s == state}
     runner = runners.get((*prepared, output))
     if runner is None:
-        same = next((r for k, r in runners.items() if k[:3] == prepared), None)
+        same = next((r for k, r in runners.items() if k[:4] == prepared), None)
         runner = (same.for_output(output) if same is not None
-                  else TileRunner(model, precision, device, fuse, output))
+                  else TileRunner(model, precision, device, fuse, output, strips))
         held = _RUNNERS.setdefault(model, {})
         for stale in [k for k, (s, _) in held.items() if s != state]:
             del held[stale]  # made for weights since changed
@@ -133,7 +138,7 @@ def runner_for(model: nn.Module, precision: Precision, device: torch.device,
     return runner
 
 
-_RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, bool, OutputChoice],
+_RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, bool, bool, OutputChoice],
                                                     tuple[tuple, TileRunner]]] = \
     weakref.WeakKeyDictionary()
 
@@ -230,6 +235,18 @@ class TorchModel(DenseModel):
 
     def runner(self, precision: Precision, device: torch.device) -> TileRunner:
         return runner_for(self.model, precision, device, self.output)
+
+    def bytes_per_pixel(self, size: tuple[int, int]) -> float:
+        """As :meth:`DenseModel.bytes_per_pixel`; where the runner runs the stem in strips
+        (:mod:`._strips`), the stem's activations other than its output are not counted."""
+        _, counts = self.shapes(size)
+        plan = plan_strips(getattr(self.model, "net", None))
+        off = os.environ.get("CONVOLUTIONALIZE_STRIPS", "1") == "0"
+        if plan is None or off or len(counts) <= plan.modules:
+            return super().bytes_per_pixel(size)
+        area = size[0] * size[1]
+        rest = sorted(counts[plan.modules:], reverse=True)[:2]
+        return 4.0 * (sum(rest) + counts[plan.modules - 1] + self.channels * area) / area
 
     def digest(self) -> str:
         digest = hashlib.sha1(repr(self.model).encode())

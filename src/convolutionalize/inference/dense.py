@@ -54,14 +54,16 @@ __all__ = ["MEMORY_BUDGET", "TILE_BUDGET", "Fallback", "TilingWarning", "dense_m
 logger = logging.getLogger(__name__)
 
 Fallback = Literal["error", "windows"]
-# Activation bytes (estimated: ``DenseModel.bytes_per_pixel``) of one forward pass. An image
-# that fits MEMORY_BUDGET runs in one pass: no halo is computed twice. A larger one runs in
-# tiles that fit TILE_BUDGET: streaming shufflenet_v2_x0_5 over a 16384^2 image took 67-68 s at
-# 1.38-1.42 GiB peak RSS with 384 MiB tiles, 59-65 s at 1.47-1.59 GiB with 448 MiB and 66 s at
-# 2.06 GiB with 1 GiB tiles (smaller tiles stay in cache): peak RSS grows by about 1.3-1.5x the
-# tile budget over the ~0.8 GiB that torch and the model take.
+# Activation bytes (estimated: ``DenseModel.bytes_per_pixel``, not counting a stem that runs in
+# strips, see ._strips) of one forward pass. An image that fits MEMORY_BUDGET runs in one pass:
+# no halo is computed twice. A larger one runs in tiles that fit TILE_BUDGET: streaming
+# shufflenet_v2_x0_5 over a 16384^2 zarr image (benchmarks/out_of_core.py) took 28.2 s at 1.46 GiB
+# peak RSS with 300 MiB tiles and 28.2 s at 1.70 GiB with 384 MiB (its stem in strips; 33.7 s at
+# 1.40 GiB before, with 384 MiB): peak RSS grows by about 2x the tile budget over the ~0.85 GiB
+# that torch and the model take, and larger tiles are slower per pixel (cache), which cancels
+# the halo they save.
 MEMORY_BUDGET = 1 << 30
-TILE_BUDGET = 384 << 20
+TILE_BUDGET = 300 << 20
 READ_WARNING = 4.0  # say so when the tiles' halos make a map read this many times the image
 
 
@@ -505,8 +507,11 @@ def _auto_tile(fcn: DenseModel, source: ImageSource) -> int | None:
     side = int(math.sqrt(TILE_BUDGET / per_pixel))
     halo, _ = halo_of(geometry)
     stride = max(geometry.stride)
-    tile = side - max(sum(h) for h in halo) - max(geometry.window) + stride
-    return max(tile // stride * stride, 4 * stride)
+    tile = max((side - max(sum(h) for h in halo) - max(geometry.window) + stride) // stride * stride,
+               4 * stride)
+    longest = max(source.height, source.width)
+    even = math.ceil(longest / math.ceil(longest / tile) / stride) * stride  # as many tiles, all alike
+    return min(tile, even)
 
 
 def _split(stacked: Any, parts: list[tuple[int | str, int]]) -> dict[int | str, Any]:
