@@ -9,7 +9,9 @@ store (:mod:`.store`), or returned as a dask array for a dask input.
 
 ``scales=`` maps an image pyramid: the image resized to each scale, tile by tile
 (:mod:`.resize`), each map returned with its geometry in the original image's pixels
-(:mod:`.pyramid`).
+(:mod:`.pyramid`). Whole-slide images are read at a physical resolution (``mpp=``,
+:mod:`.slides`), background is skipped (``mask=``, :mod:`.masks`), and maps are written as
+OME-Zarr (:mod:`.omezarr`) or GeoTIFF (:mod:`.geotiff`) where ``out`` says so.
 
 A model with several outputs is mapped on the one ``output`` names (the class scores:
 ``logits`` where there is one, else the first); ``output="all"`` maps every output in the
@@ -116,10 +118,12 @@ def dense_map(
         model: a classifier (converted first, keeping its weights) or a converted model:
             a ``torch.nn.Module``, a ``keras.Model``, an ``onnx.ModelProto`` or a path to a
             ``.keras``/``.onnx`` file. Keras and ONNX models run in their own framework
-            (float32, CPU).
+            (float32, CPU). An unconverted PyTorch model or a model file is converted once
+            and remembered (see :func:`remembered`).
         image: a model-ready float ``(C, H, W)`` tensor or array, or an image: a path (PNG,
-            JPEG, ``.npy``, ``.zarr``, TIFF read lazily), a PIL image, or a uint8 ``(H, W, C)``
-            numpy/zarr/dask array, scaled to [0, 1] and normalized with ``mean``/``std``.
+            JPEG, ``.npy``, ``.zarr``, TIFF read lazily, a whole-slide image, a GeoTIFF), a
+            PIL image, or a uint8/uint16 ``(H, W, C)`` numpy/zarr/dask array, scaled to [0, 1]
+            and normalized with ``mean``/``std``.
         input_size, pool, output_stride: passed to ``convolutionalize`` (see there) when the
             model is converted here; a converted model's stride must match ``output_stride``.
         tile: input pixels between tile starts (whole strides); each tile also reads a halo.
@@ -128,7 +132,11 @@ def dense_map(
             None``, e.g. squeeze-excitation) tiles change the map; a :class:`TilingWarning`
             says so.
         out: a ``.zarr`` path: the map is written there tile by tile and the zarr array
-            returned; an interrupted run restarted with the same arguments resumes.
+            returned; an interrupted run restarted with the same arguments resumes. A
+            ``.ome.zarr`` path: the same, as an OME-Zarr multiscale image (:mod:`.omezarr`),
+            its pyramid and metadata written once complete. A ``.tif`` path: the map (in
+            memory) written as a GeoTIFF in the input's coordinate system (:mod:`.geotiff`)
+            and returned. OME-Zarr and GeoTIFF hold one map: not with ``scales``.
         precision: ``"fp32"`` (exact) or ``"bf16"`` (PyTorch: bfloat16 autocast, channels-last).
         batch_size: tiles of equal shape run together (default 1).
         mean, std: normalization for images (default: the model's own, else ImageNet).
@@ -151,6 +159,15 @@ def dense_map(
             With ``out``, each
             scale's map is a store inside the zarr group ``out``, named by the scale's index
             in ``scales`` (``out/0``, ``out/1``, ...). ``None`` (default): the image as it is.
+        mpp: read a slide file (``.svs``, ``.ndpi``, pyramidal/OME-TIFF, ...; :mod:`.slides`)
+            at this many microns per pixel: the coarsest level at least as fine, resized the
+            rest of the way (as ``scales`` resizes). Default: a slide's level 0.
+        mask: ``"auto"`` (tissue by colour saturation on a low-resolution view), a 2-D array
+            over the whole image (nonzero = foreground, any resolution of the image's aspect
+            ratio) or a ``.npy``/image file of one (:mod:`.masks`): cells whose window
+            touches no foreground are NaN, tiles without foreground cells are not computed
+            (flagged skipped in a zarr ``out``).
+        bands: the 1-based bands of a raster file (a GeoTIFF) to read, in this order.
 
     Returns:
         A float32 numpy array; the zarr array with ``out``; a dask array for a dask input.
@@ -158,13 +175,17 @@ def dense_map(
         ``output=key`` gives, from one set of passes. With ``scales``: a list of
         :class:`~convolutionalize.inference.ScaledMap`, one per scale kept, in the
         order given, each holding such a map (``.map``), its geometry in the original image's
-        pixels (``.geometry``, ``.box(i, j)``), its scale and the resized size.
+        pixels (``.geometry``, ``.box(i, j)``), its scale and the resized size. With ``mpp``:
+        one such :class:`~convolutionalize.inference.ScaledMap` (a list with ``scales``),
+        its geometry in the slide's level-0 pixels and ``.mpp`` its resolution.
 
     Raises:
         ValueError: a bad option or image (the message names the value and the fix), an
             ``output`` the model does not have (the message lists those it has), bad
             ``scales`` (empty, zero, negative) or scales that all make the image smaller
-            than the window.
+            than the window; a slide no installed reader opens (naming the extra), ``mpp``
+            finer than level 0 or for a slide without resolution metadata; a mask of the
+            wrong shape; bands a raster does not have.
         TypeError: an ``output`` that is neither an index nor a name.
         NotConvolutionalizable: the model cannot be converted and ``fallback="error"``.
     """
