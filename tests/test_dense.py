@@ -534,3 +534,12 @@ def test_small_tiles_say_how_much_their_halos_cost(padded: nn.Module, image: tor
     with caplog.at_level("WARNING", logger="convolutionalize"):
         dense_map(padded, image, tile=4)
     assert re.search(r"exact tiling reads \d+\.\dx the image's pixels", caplog.text)
+
+
+def test_out_that_is_a_plain_file_is_a_value_error(padded: nn.Module, image: torch.Tensor,
+                                                    tmp_path: Path) -> None:
+    taken = tmp_path / "map.zarr"
+    taken.write_text("not a store")
+    with pytest.raises(ValueError, match="is not a dense-map zarr store"):
+        dense_map(padded, image, tile=12, out=taken)
+    assert taken.read_text() == "not a store"

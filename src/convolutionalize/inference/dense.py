@@ -204,10 +204,11 @@ def dense_map(
         from .geotiff import require_rasterio, write_geotiff
 
         require_rasterio()
-
         result = map_pyramid(fcn, frame, options, None, None, scheduler, progress, foreground, labels)[0]
-        write_geotiff(out, result.map, frame.map_transform(result.geometry), frame.crs, labels,  # type: ignore[arg-type]
-                      progress=progress)
+        if hasattr(result.map, "compute"):  # a dask input's lazy map: computed once, not per block
+            result = dataclasses.replace(result, map=result.map.compute())
+        write_geotiff(out, result.map, frame.map_transform(result.geometry), frame.crs,  # type: ignore[arg-type]
+                      labels, progress=progress)
         return result if mpp is not None else result.map
     if chosen is None and mpp is None:
         return map_image(fcn, frame.source, options, out, scheduler, progress, foreground,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import KEY_ATTR, ZarrSink
+from .store import KEY_ATTR, ZarrSink, add_flags, reopen
 from .tiling import TileGrid
 
 __all__ = ["OmeZarrSink", "Physical", "is_ome_zarr", "open_ome_zarr_sink"]
@@ -184,23 +184,11 @@ def open_ome_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int]
     if len(names) != shape[0]:
         raise ValueError(f"{len(names)} labels for {shape[0]} classes; pass one label per class")
     path = str(Path(path))
-    text = json.dumps(key, sort_keys=True)
-    if Path(path).exists():
-        try:
-            group = zarr.open_group(path, mode="r+")
-            found = group.attrs.get(KEY_ATTR)
-            sink = _sink(path, group, physical, names)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{path} exists and is not a dense-map OME-Zarr store; remove it or pass "
-                             "another out") from exc
-        if found != text:
-            raise ValueError(f"{path} holds a map made with different arguments (model, image, "
-                             "tile, precision, output or mask); remove it or pass another out")
-        return sink
+    found = reopen(path, key, "dense-map OME-Zarr", lambda group: _sink(path, group, physical, names))
+    if found is not None:
+        return found
     group = zarr.open_group(path, mode="w", zarr_format=3)
     _level(group, "0", shape, (shape[0], *grid.cells_per_tile))
-    flags = group.create_group(FLAGS)
-    for name in ("done", "skipped"):
-        flags.create_array(name, shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
-    group.attrs[KEY_ATTR] = text
+    add_flags(group.create_group(FLAGS), grid)
+    group.attrs[KEY_ATTR] = json.dumps(key, sort_keys=True)
     return _sink(path, group, physical, names)

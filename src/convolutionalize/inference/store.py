@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from .tiling import Tile, TileGrid
 
-__all__ = ["MapSink", "ZarrSink", "open_zarr_sink", "pyramid_paths"]
+__all__ = ["MapSink", "ZarrSink", "add_flags", "open_zarr_sink", "pyramid_paths", "reopen"]
 
 KEY_ATTR = "convolutionalize.key"
 SCALES_ATTR = "convolutionalize.scales"
+S = TypeVar("S")
 
 
 class MapSink:
@@ -107,25 +109,44 @@ def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], gr
     import zarr
 
     path = str(Path(path))
-    text = json.dumps(key, sort_keys=True)
-    if Path(path).exists():
-        try:
-            group = zarr.open_group(path, mode="r+")
-            found = group.attrs.get(KEY_ATTR)
-        except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"{path} exists and is not a dense-map zarr store; remove it or pass "
-                             "another out") from exc
-        if found != text:
-            raise ValueError(f"{path} holds a map made with different arguments (model, image, "
-                             "tile, precision, output or mask); remove it or pass another out")
-        return _sink(path, group)
+    found = reopen(path, key, "dense-map zarr", lambda group: _sink(path, group))
+    if found is not None:
+        return found
     group = zarr.open_group(path, mode="w")
     chunks = (shape[0], *grid.cells_per_tile)
     group.create_array("map", shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan)
+    add_flags(group, grid)
+    group.attrs[KEY_ATTR] = json.dumps(key, sort_keys=True)
+    return _sink(path, group)
+
+
+def reopen(path: str, key: dict[str, Any], what: str, make: Callable[[Any], S]) -> S | None:
+    """``make(group)``, the sink of the store at ``path`` made with ``key``; ``None`` where
+    nothing is at ``path``.
+
+    Raises:
+        ValueError: ``path`` holds a map made with another key, or data that is not a ``what``
+            store.
+    """
+    import zarr
+
+    if not Path(path).exists():
+        return None
+    try:
+        group = zarr.open_group(path, mode="r+")
+        found, sink = group.attrs.get(KEY_ATTR), make(group)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"{path} exists and is not a {what} store; remove it or pass another out") from exc
+    if found != json.dumps(key, sort_keys=True):
+        raise ValueError(f"{path} holds a map made with different arguments (model, image, tile, "
+                         "precision, output or mask); remove it or pass another out")
+    return sink
+
+
+def add_flags(group: Any, grid: TileGrid) -> None:
+    """The per-tile ``done`` and ``skipped`` flags, in ``group``."""
     for flags in ("done", "skipped"):
         group.create_array(flags, shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
-    group.attrs[KEY_ATTR] = text
-    return _sink(path, group)
 
 
 def pyramid_paths(path: str | os.PathLike[str], scales: tuple[float, ...]) -> list[str]:
@@ -140,7 +161,7 @@ def pyramid_paths(path: str | os.PathLike[str], scales: tuple[float, ...]) -> li
     if root.exists():
         try:
             found = zarr.open_group(str(root), mode="r").attrs.get(SCALES_ATTR)
-        except (FileNotFoundError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"{root} exists and is not a zarr store of dense maps; remove it or "
                              "pass another out") from exc
         if found != list(scales):
