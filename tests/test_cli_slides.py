@@ -144,3 +144,11 @@ def test_heatmap_and_detect_of_several_images(torch_file: Path, tmp_path: Path) 
         == 0
     assert sorted(p.name for p in (tmp_path / "found").iterdir()) == ["p0.json", "p1.json"]
     assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["p0.png", "p1.png"]
+
+
+def test_a_folder_of_one_image_still_writes_into_a_folder(model_file: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "one"
+    folder.mkdir()
+    Image.fromarray(tissue_page(64, 80)).save(folder / "only.png")
+    assert main(["predict", str(model_file), str(folder), "-o", str(tmp_path / "maps"), "--no-progress"]) == 0
+    assert [p.name for p in (tmp_path / "maps").iterdir()] == ["only.npy"]

@@ -76,8 +76,7 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def predict(args: argparse.Namespace) -> int:
     """Run ``predict``; errors (ValueError, TypeError, OSError) propagate to ``cli.main``."""
-    images = find_images(args.images)
-    jobs = output_paths(images, args.output, args.format)
+    jobs = image_jobs(args.images, args.output, args.format)
     for _, output in jobs:
         if _suffix(output).endswith(".zarr") and output.exists():
             raise ValueError(f"output {output} exists; remove it or pass another -o")
@@ -141,28 +140,29 @@ def find_images(given: list[Path]) -> list[Path]:
     return found
 
 
-def output_paths(images: list[Path], output: Path, fmt: str,
-                 suffixes: tuple[str, ...] = SUFFIXES) -> list[tuple[Path, Path]]:
-    """Each image's output file. One image: ``output`` itself, unless it is a folder (an
-    existing one, or a path ending in ``/``); it must then end in one of ``suffixes`` (any
-    suffix where ``suffixes`` is empty). Several: ``output/<image stem>.<fmt>``, in a folder
-    that :func:`make_folders` makes once the work starts.
+def image_jobs(given: list[Path], output: Path, fmt: str,
+               suffixes: tuple[str, ...] = SUFFIXES) -> list[tuple[Path, Path]]:
+    """Each image ``given`` names (:func:`find_images`) and its output file. One image file:
+    ``output`` itself, unless it is an existing folder; it must then end in one of
+    ``suffixes`` (any suffix where ``suffixes`` is empty). Several, a folder or a glob:
+    ``output/<image stem>.<fmt>``, in a folder that :func:`make_folders` makes once the work
+    starts.
 
     Raises:
-        ValueError: an output file that cannot be one, or two images of one name.
+        ValueError: as :func:`find_images`; an output file that cannot be one, or two images
+            of one name.
     """
-    folder = output.is_dir() or str(output).endswith(os.sep)
-    if len(images) == 1 and not folder:
+    images = find_images(given)
+    several = len(given) > 1 or any((entry.is_dir() and _suffix(entry) != ".zarr")
+                                    or glob.has_magic(str(entry)) for entry in given)
+    if not several and not output.is_dir():
         if suffixes and _suffix(output) not in suffixes:
             raise ValueError(f"output {output} must end in {', '.join(suffixes[:-1])} or {suffixes[-1]} "
                              "(or be a folder)")
         return [(images[0], output)]
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"{len(images)} images make {len(images)} outputs: -o must be a folder, not "
-                         f"the file {output}")
-    if _suffix(output) in suffixes:
-        raise ValueError(f"{len(images)} images make {len(images)} outputs: -o must be a folder, not "
-                         f"{output}")
+    if (output.exists() and not output.is_dir()) or _suffix(output) in suffixes:
+        raise ValueError(f"{' '.join(map(str, given))} may name several images, one output each: -o must "
+                         f"be a folder, not {output}")
     stems = [image.name[:-len(_suffix(image))] or image.name for image in images]
     if len(set(stems)) < len(stems):
         raise ValueError("two images share a name; their outputs would overwrite each other: pass them "

@@ -33,7 +33,7 @@ from ..detect import class_probabilities, detect, detection_maps
 from ..frameworks.torch.layers import ConvolutionalizedModule
 from ..models import default_input_size, load_model
 from .options import EXIT_OK, add_model_output, int_at_least, model_output
-from .predict import find_images, make_folders, output_paths
+from .predict import image_jobs, make_folders
 
 SLIDE_WIDTH = 1200  # a slide's heatmap picture, in pixels
 
@@ -134,7 +134,7 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _heatmap_command(args: argparse.Namespace) -> int:
-    jobs = output_paths(find_images(args.images), args.output, "png", ())
+    jobs = image_jobs(args.images, args.output, "png", ())
     _check_outputs(jobs)
     loaded = _load(args)
     make_folders(jobs)
@@ -177,8 +177,8 @@ def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> I
 def _detect_command(args: argparse.Namespace) -> int:
     from ..render import class_name, draw_detections
 
-    jobs = output_paths(find_images(args.images), args.output, "json", ())
-    drawn = [] if args.draw is None else output_paths([image for image, _ in jobs], args.draw, "png", ())
+    jobs = image_jobs(args.images, args.output, "json", ())
+    drawn = [] if args.draw is None else image_jobs(args.images, args.draw, "png", ())
     drawings = [out for _, out in drawn] if drawn else [None] * len(jobs)
     _check_outputs(jobs + drawn)
     loaded = _load(args)
