@@ -276,3 +276,28 @@ def test_masked_cells_are_those_whose_window_misses_the_foreground_whatever_the_
             expected[i, j] = mask.array[y0 // 4:-(-y1 // 4), x0 // 4:-(-x1 // 4)].any()
     np.testing.assert_array_equal(~np.isnan(whole).any(axis=0), expected)
     assert 0.2 < expected.mean() < 0.9
+
+
+def test_a_tile_half_on_tissue_computes_only_its_foreground_cells_box(
+        fcn: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    from convolutionalize.inference.images import ImageSource
+
+    page = tissue_page()
+    mask = np.zeros((512, 640), bool)
+    mask[:100, :] = True  # the top rows only: each tile of the first row is cut to them
+    read: list[int] = []
+    original = ImageSource.read
+
+    def counting(self: ImageSource, y0: int, y1: int, x0: int, x1: int) -> torch.Tensor:
+        read.append((y1 - y0) * (x1 - x0))
+        return original(self, y0, y1, x0, x1)
+
+    monkeypatch.setattr(ImageSource, "read", counting)
+    masked = dense_map(fcn, page, tile=256, mask=mask)
+    full_reads = sum(read)
+    read.clear()
+    whole = dense_map(fcn, page, tile=256)
+    assert full_reads < 0.25 * sum(read)  # the first row of tiles, and of it the top ~130 rows
+    kept = ~np.isnan(masked).all(axis=0)
+    np.testing.assert_array_equal(masked[:, kept], whole[:, kept])
+    assert kept[:10].all() and not kept[20:].any()

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -44,7 +43,7 @@ from ..errors import NotConvolutionalizable
 from ..geometry import Geometry, PoolMode, check_pool
 from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model, weights_state
 from .images import Frame, ImageSource, open_frame
-from .masks import Mask, blank
+from .masks import Mask, Work, plan_work
 from .omezarr import Physical, open_ome_zarr_sink
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
@@ -279,11 +278,12 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     ``where`` says and names the channels ``labels``. Warnings go to the frame ``stacklevel``
     counts from here (``warnings.warn``'s count)."""
     shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1)
-    keep = None if mask is None else mask.cells(fcn.geometry, (source.height, source.width), shape[1:])
+    size = (source.height, source.width)
+    keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
+    works, skipped = plan_work(grid.tiles, keep, fcn.geometry, size)
     if keep is not None:
-        skipped = sum(not keep[_block(t)].any() for t in grid.tiles)
         logger.info("mask: %.0f %% of the cells are foreground; %d of %d tiles hold none and are skipped",
-                    100 * keep.mean(), skipped, len(grid.tiles))
+                    100 * keep.mean(), len(skipped), len(grid.tiles))
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     key = _resume_key(fcn, source, grid, options, mask)
     if out is None:
@@ -296,10 +296,10 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if _use_dask(source, scheduler):
         from .distributed import run_dask
 
-        result = run_dask(grid, source, runner, sink, shape, scheduler, progress, keep)
+        result = run_dask(grid, works, skipped, source, runner, sink, shape, scheduler, progress)
     else:
         local = sink if sink is not None else MapSink(shape)
-        run_tiles(grid.tiles, source, runner, local, options.batch_size, progress, keep)
+        run_tiles(works, skipped, source, runner, local, options.batch_size, progress)
         local.finish()
         result = local.result()
     if options.output == ALL:
@@ -475,47 +475,35 @@ def plan_map(fcn: DenseModel, source: ImageSource, options: Options,
     return shape, grid
 
 
-def run_tiles(tiles: Sequence[Tile], source: ImageSource, runner: Runner,
-              sink: MapSink | ZarrSink, batch_size: int, progress: bool,
-              keep: np.ndarray | None = None) -> None:
-    """Run unfinished tiles in order, ``batch_size`` equal-shape tiles per forward pass. With
-    ``keep`` (a foreground mask's cells): its False cells are NaN, and tiles with none True are
-    not computed (the sink marks them skipped)."""
+def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSource, runner: Runner,
+              sink: MapSink | ZarrSink, batch_size: int, progress: bool) -> None:
+    """Run the unfinished tiles' work in order, ``batch_size`` equal-shape reads per forward
+    pass; mark the ``skipped`` tiles (no foreground) skipped."""
     from tqdm.auto import tqdm
 
-    computed = []
-    for t in tiles:
-        if keep is None or keep[_block(t)].any():
-            computed.append(t)
-        elif not sink.is_done(t):
+    for t in skipped:
+        if not sink.is_done(t):
             sink.skip(t)
-    pending = [t for t in computed if not sink.is_done(t)]
-    if len(pending) < len(computed):
-        logger.info("resuming: %d of %d tiles already done", len(computed) - len(pending), len(computed))
-    with tqdm(total=len(computed), initial=len(computed) - len(pending), disable=not progress,
+    pending = [w for w in works if not sink.is_done(w.tile)]
+    if len(pending) < len(works):
+        logger.info("resuming: %d of %d tiles already done", len(works) - len(pending), len(works))
+    with tqdm(total=len(works), initial=len(works) - len(pending), disable=not progress,
               unit="tile", desc="dense map") as bar:
         for group in _batches(pending, batch_size):
-            blocks = [source.read(*t.read) for t in group]
+            blocks = [source.read(*w.part.read) for w in group]
             scores = runner(blocks[0][None] if len(blocks) == 1 else torch.stack(blocks))
-            for t, cells in zip(group, scores):
-                owned = cells[(slice(None), *t.crop())]
-                sink.write(t, owned if keep is None else blank(owned, keep[_block(t)]))
+            for w, out in zip(group, scores):
+                sink.write(w.tile, w.cells(out))
             bar.update(len(group))
 
 
-def _block(tile: Tile) -> tuple[slice, slice]:
-    """The map cells ``tile`` owns, as slices."""
-    r0, r1, c0, c1 = tile.cells
-    return slice(r0, r1), slice(c0, c1)
-
-
-def _batches(tiles: Sequence[Tile], size: int) -> Iterator[list[Tile]]:
-    group: list[Tile] = []
-    for t in tiles:
-        if group and (len(group) == size or t.shape != group[0].shape):
+def _batches(works: Sequence[Work], size: int) -> Iterator[list[Work]]:
+    group: list[Work] = []
+    for w in works:
+        if group and (len(group) == size or w.part.shape != group[0].part.shape):
             yield group
             group = []
-        group.append(t)
+        group.append(w)
     if group:
         yield group
 

@@ -25,7 +25,7 @@ import torch
 
 from ._runner import Runner
 from .images import ImageSource
-from .masks import blank
+from .masks import Work
 from .store import ZarrSink
 from .tiling import Tile, TileGrid
 
@@ -36,11 +36,10 @@ logger = logging.getLogger(__name__)
 LOCAL_SCHEDULERS = ("threads", "processes", "synchronous", "sync", "single-threaded")
 
 
-def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink | None,
-             shape: tuple[int, int, int], scheduler: Any, progress: bool,
-             keep: np.ndarray | None = None) -> Any:
-    """Run the tiles as dask tasks; with ``keep`` (a foreground mask's cells) its False cells
-    are NaN and tiles with none True are not computed (flagged skipped in the sink).
+def run_dask(grid: TileGrid, works: list[Work], skipped: list[Tile], source: ImageSource, runner: Runner,
+             sink: ZarrSink | None, shape: tuple[int, int, int], scheduler: Any, progress: bool) -> Any:
+    """Run the tiles' ``works`` as dask tasks; the ``skipped`` tiles (no foreground) are NaN
+    (flagged skipped in the sink).
 
     Returns:
         With ``sink``: the zarr array, once every tile is written. Without: a dask array for
@@ -53,19 +52,16 @@ def run_dask(grid: TileGrid, source: ImageSource, runner: Runner, sink: ZarrSink
                                        dask_key_name=f"convolutionalize-model-{id(runner):x}")
     reader = source.reader()
     lazy = None if source.is_dask else dask.delayed(source, traverse=False)
+    for tile in skipped:
+        if sink is not None and not sink.is_done(tile):
+            sink.skip(tile)
     tasks, computed = [], []
-    for tile in grid.tiles:
-        if sink is not None and sink.is_done(tile):
+    for work in works:
+        if sink is not None and sink.is_done(work.tile):
             continue
-        r0, r1, c0, c1 = tile.cells
-        kept = None if keep is None else keep[r0:r1, c0:c1]
-        if kept is not None and not kept.any():
-            if sink is not None:
-                sink.skip(tile)
-            continue
-        block = source.block(*tile.read) if source.is_dask else lazy
-        tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, tile, sink, kept))
-        computed.append(tile)
+        block = source.block(*work.part.read) if source.is_dask else lazy
+        tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, work, sink))
+        computed.append(work.tile)
     if sink is None and source.is_dask and scheduler is None:  # lazy: a dask array of the map
         blocks: list[list[Any]] = [[_skipped(tile, shape) for tile in row] for row in _rows(grid)]
         for tile, task in zip(computed, tasks):
@@ -102,19 +98,16 @@ def _load_runner(blob: bytes) -> Runner:
     return pickle.loads(blob)
 
 
-def _run_tile(runner: Runner, reader: ImageSource, block: Any, tile: Tile,
-              sink: ZarrSink | None, keep: np.ndarray | None = None) -> np.ndarray | None:
-    """One tile: read, score, crop to the owned cells (NaN where ``keep`` is False); write them
-    to ``sink`` if given."""
-    if isinstance(block, ImageSource):
-        pixels = block.read(*tile.read)
-    else:
-        pixels = reader.prepare(block, tile.read)
+def _run_tile(runner: Runner, reader: ImageSource, block: Any, work: Work,
+              sink: ZarrSink | None) -> np.ndarray | None:
+    """One tile: read and score its part, keep the owned cells; write them to ``sink`` if given."""
+    read = work.part.read
+    pixels = block.read(*read) if isinstance(block, ImageSource) else reader.prepare(block, read)
     with _threads(1):
-        cells = blank(runner(pixels[None])[0][(slice(None), *tile.crop())], keep)
+        cells = work.cells(runner(pixels[None])[0])
     if sink is None:
         return cells
-    sink.write(tile, cells)
+    sink.write(work.tile, cells)
     return None
 
 

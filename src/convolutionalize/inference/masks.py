@@ -5,7 +5,8 @@ image's aspect ratio: mask pixel ``(r, c)`` of an ``h x w`` mask covers image ro
 ``[r H / h, (r + 1) H / h)`` and the same for columns, on whatever level, resize or scale the
 image is mapped at. A cell whose window touches no foreground mask pixel is NaN in the map
 (whatever the tiling: tiled == whole holds with a mask too), and ``dense_map`` computes a
-tile only when one of the cells it owns is not: the others are skipped.
+tile only when one of the cells it owns is not (the others are skipped), and then only the
+bounding box of those cells.
 
 ``mask="auto"`` thresholds the colour saturation of a low-resolution view (a slide's
 coarsest level; an image read every ``k``-th pixel, at most ``AUTO_SIDE`` pixels a side)
@@ -20,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,10 @@ from typing import Any
 import numpy as np
 
 from ..geometry import Geometry
+from .tiling import Tile, shrink
 
-__all__ = ["AUTO_SIDE", "SATURATION_CAP", "Mask", "auto_mask", "blank", "check_mask", "low_resolution"]
+__all__ = ["AUTO_SIDE", "SATURATION_CAP", "Mask", "Work", "auto_mask", "blank", "check_mask",
+           "low_resolution", "plan_work"]
 
 AUTO_SIDE = 2048
 SATURATION_CAP = 0.08
@@ -66,6 +70,48 @@ class Mask:
         count = (table[np.ix_(r1, c1)] - table[np.ix_(r0, c1)] - table[np.ix_(r1, c0)]
                  + table[np.ix_(r0, c0)])
         return count > 0
+
+
+@dataclass(frozen=True)
+class Work:
+    """How one tile is computed: ``part`` (the tile itself, or under a mask the smaller tile
+    of its foreground cells' bounding box) is read and run; :meth:`cells` turns its output
+    into the cells ``tile`` owns, NaN where ``keep`` (the owned cells' block of
+    :meth:`Mask.cells`) is False."""
+
+    tile: Tile
+    part: Tile
+    keep: np.ndarray | None = None
+
+    def cells(self, scores: np.ndarray) -> np.ndarray:
+        """The owned cells from ``scores``, ``part``'s ``(classes, rows, cols)`` output."""
+        cells = scores[(slice(None), *self.part.crop())]
+        if self.part.cells != self.tile.cells:
+            (r0, r1, c0, c1), (p0, p1, q0, q1) = self.tile.cells, self.part.cells
+            owned = np.full((cells.shape[0], r1 - r0, c1 - c0), np.nan, np.float32)
+            owned[:, p0 - r0:p1 - r0, q0 - c0:q1 - c0] = cells
+            cells = owned
+        return blank(cells, self.keep)
+
+
+def plan_work(tiles: Sequence[Tile], keep: np.ndarray | None, geometry: Geometry,
+              size: tuple[int, int]) -> tuple[list[Work], list[Tile]]:
+    """The work of the tiles with foreground cells (each shrunk to their bounding box, which
+    its smaller read computes exactly as the whole tile would) and the tiles with none."""
+    if keep is None:
+        return [Work(t, t) for t in tiles], []
+    works, skipped = [], []
+    for t in tiles:
+        r0, r1, c0, c1 = t.cells
+        block = keep[r0:r1, c0:c1]
+        rows, cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
+        if not len(rows):
+            skipped.append(t)
+            continue
+        part = shrink(t, (r0 + int(rows[0]), r0 + int(rows[-1]) + 1),
+                      (c0 + int(cols[0]), c0 + int(cols[-1]) + 1), geometry, size)
+        works.append(Work(t, part, block))
+    return works, skipped
 
 
 def blank(cells: np.ndarray, keep: np.ndarray | None) -> np.ndarray:

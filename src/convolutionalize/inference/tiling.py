@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from ..geometry import Geometry
 
-__all__ = ["Tile", "TileGrid", "halo_of", "plan_tiles"]
+__all__ = ["Tile", "TileGrid", "halo_of", "plan_tiles", "shrink"]
 
 
 @dataclass(frozen=True)
@@ -101,8 +101,23 @@ def plan_tiles(
 def _axis(i: int, per_tile: int, cells: int, size: int, geometry: Geometry,
           halo: tuple[int, int], axis: int) -> tuple[int, int, int, int, int]:
     """Along one axis: (read start, read end, first owned cell, end owned cell, first tile cell)."""
+    return _span(i * per_tile, min((i + 1) * per_tile, cells), size, geometry, halo, axis)
+
+
+def _span(c0: int, c1: int, size: int, geometry: Geometry, halo: tuple[int, int],
+          axis: int) -> tuple[int, int, int, int, int]:
+    """What computes cells ``c0 .. c1 - 1`` along one axis, as :func:`_axis` returns it."""
     stride, offset, window = geometry.stride[axis], geometry.offset[axis], geometry.window[axis]
-    c0, c1 = i * per_tile, min((i + 1) * per_tile, cells)
     start = max(c0 * stride + offset - halo[0], 0) // stride * stride
     end = min((c1 - 1) * stride + offset + window + halo[1], size)
     return start, end, c0, c1, start // stride
+
+
+def shrink(tile: Tile, rows: tuple[int, int], cols: tuple[int, int], geometry: Geometry,
+           image_size: tuple[int, int]) -> Tile:
+    """``tile`` computing only its cells ``rows x cols`` (map cells, ends exclusive, inside the
+    tile's own): the smaller read that computes them as exactly as the whole tile does."""
+    halo, _ = halo_of(geometry)
+    ry = _span(rows[0], rows[1], image_size[0], geometry, halo[0], 0)
+    rx = _span(cols[0], cols[1], image_size[1], geometry, halo[1], 1)
+    return Tile(tile.index, (ry[0], ry[1], rx[0], rx[1]), (ry[2], ry[3], rx[2], rx[3]), (ry[4], rx[4]))
