@@ -297,7 +297,7 @@ def test_a_tile_half_on_tissue_computes_only_its_foreground_cells_box(
     full_reads = sum(read)
     read.clear()
     whole = dense_map(fcn, page, tile=256)
-    assert full_reads < 0.25 * sum(read)  # the first row of tiles, and of it the top ~130 rows
+    assert full_reads < 0.35 * sum(read)  # the first row of tiles (0.52 of all), and of it the top half
     kept = ~np.isnan(masked).all(axis=0)
     np.testing.assert_array_equal(masked[:, kept], whole[:, kept])
     assert kept[:10].all() and not kept[20:].any()

