@@ -173,9 +173,9 @@ def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Seq
         return Frame(source, size, size, None, lambda: low_resolution(raster), raster.transform, raster.crs)
     if not suffix or suffix not in SLIDE_SUFFIXES or (suffix in TIFF_SUFFIXES and mpp is None):
         if mpp is not None:
+            what = str(image) if isinstance(image, (str, os.PathLike)) else f"a {type(image).__name__}"
             raise ValueError(f"mpp= reads a slide file (one of {', '.join(SLIDE_SUFFIXES)}) at a "
-                             f"resolution; {type(image).__name__} {str(image)[:60]!r} is not one: leave "
-                             "mpp out, or resample the image yourself")
+                             f"resolution; {what} is not one: leave mpp out, or resample the image yourself")
         source = open_image(image, channels, mean, std, model)
         size = (source.height, source.width)
         return Frame(source, size, size, None, lambda: low_resolution(source.array))

@@ -61,10 +61,6 @@ class Slide:
         wide = [k for k, (_, w) in enumerate(self.sizes) if w >= width]
         return wide[-1] if wide else 0
 
-    def key(self) -> list[Any]:
-        """What a resumed map must have been made from: the file's name, size and levels."""
-        return [Path(self.path).name, os.path.getsize(self.path), [list(s) for s in self.sizes]]
-
 
 def open_slide(path: str | os.PathLike[str]) -> Slide:
     """Open a slide file with the first installed reader that reads it.
