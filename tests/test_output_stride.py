@@ -261,3 +261,21 @@ def test_runner_folds_batch_norms_of_an_output_stride_model() -> None:
     with torch.no_grad():
         expected = fcn(x).numpy()
     assert rel_error(torch.from_numpy(runner(x)), torch.from_numpy(expected)) <= 1e-5
+
+
+@pytest.mark.parametrize("stride", [16, 8])
+def test_ceil_mode_average_pool_downsample_interior_equals_shift_and_stitch(stride: int) -> None:
+    """timm's ResNet-D (``resnet26d``) downsamples its shortcuts with
+    ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)``: below its stride the pool's
+    last window hangs off the end and counts only the pixels inside, so the shortcut keeps
+    the main branch's size (this was refused with a shape mismatch before)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = _randomize_norms(timm.create_model("resnet26d", pretrained=False, num_classes=6))
+    base = convolutionalize(model, 64)
+    fcn = convolutionalize(model, 64, output_stride=stride)
+    pools = [m for m in fcn.modules() if type(m).__name__ == "DilatedAvgPool2d"]
+    assert pools and all(m.extra != (0, 0) for m in pools)
+    inside, border = _interior_and_border_errors(base, fcn, stride)
+    assert inside <= 1e-5
+    assert border > 1e-3

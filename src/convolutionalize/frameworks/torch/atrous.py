@@ -170,8 +170,15 @@ def _rewrite_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, unstri
         if stride != (1, 1):
             raise NotConvolutionalizable(f"output_stride: average pool '{node.target}' would need "
                                          "a stride and a dilation at once")
-        replacement = DilatedAvgPool2d(kernel, factor, _scale(_pair(module.padding), factor),  # type: ignore[arg-type]
-                                       bool(module.count_include_pad))
+        padding = _pair(module.padding)
+        extra = (0, 0)
+        if module.ceil_mode and unstride:  # its last window may hang off the end: keep them all
+            extra = tuple(f * (k - 1 - 2 * p) for f, k, p in zip(factor, kernel, padding))  # type: ignore[assignment]
+            if min(extra) < 0:
+                raise NotConvolutionalizable(f"output_stride: average pool '{node.target}' (ceil_mode, "
+                                             "padding over half its kernel) has no stride-1 form here")
+        replacement = DilatedAvgPool2d(kernel, factor, _scale(padding, factor),  # type: ignore[arg-type]
+                                       bool(module.count_include_pad), extra)
         parent, _, child = str(node.target).rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, child, replacement)
         return

@@ -60,15 +60,26 @@ class WindowPool(nn.Module):
 
 
 def dilated_avg_pool2d(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
-                       padding: tuple[int, int] = (0, 0), count_include_pad: bool = True) -> torch.Tensor:
+                       padding: tuple[int, int] = (0, 0), count_include_pad: bool = True,
+                       extra: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """A stride-1 average pool whose window taps are ``dilation`` apart (PyTorch's avg_pool2d
     has no dilation): the mean over rows, then over columns, each a depthwise convolution with
     weights 1/k (kh + kw taps per cell, not kh * kw: a 7x7 pool over 2048 channels costs 10 %
     of a stride-8 ResNet-50 pass done in one convolution), and, where the padding must not
-    count, divided by the share of real pixels each window holds."""
-    return _separable_mean(x, kernel, dilation, padding) if count_include_pad or padding == (0, 0) \
-        else _separable_mean(x, kernel, dilation, padding) / _separable_mean(
-            torch.ones_like(x[:1, :1]), kernel, dilation, padding)
+    count, divided by the share of real pixels each window holds. ``extra`` rows and columns
+    past the far edge are windows hanging off the end that count only the pixels inside (what
+    a ``ceil_mode`` pool's last window does), so that the output keeps the input's size."""
+    if extra == (0, 0) and (count_include_pad or padding == (0, 0)):
+        return _separable_mean(x, kernel, dilation, padding)
+    if extra == (0, 0):
+        inside = _separable_mean(torch.ones_like(x[:1, :1]), kernel, dilation, padding)
+        return _separable_mean(x, kernel, dilation, padding) / inside
+    (py, px), (ey, ex) = padding, extra
+    padded = F.pad(x, (px, px + ex, py, py + ey))
+    inside = F.pad(torch.ones_like(x[:1, :1]), (px, px, py, py), value=1.0 if count_include_pad else 0.0)
+    inside = F.pad(inside, (0, ex, 0, ey))
+    none = (0, 0)
+    return _separable_mean(padded, kernel, dilation, none) / _separable_mean(inside, kernel, dilation, none)
 
 
 def _separable_mean(x: torch.Tensor, kernel: tuple[int, int], dilation: tuple[int, int],
@@ -105,17 +116,18 @@ class DilatedAvgPool2d(nn.Module):
     """``nn.AvgPool2d`` at stride 1 with its taps ``dilation`` apart (see dilated_avg_pool2d)."""
 
     def __init__(self, kernel: tuple[int, int], dilation: tuple[int, int], padding: tuple[int, int],
-                 count_include_pad: bool) -> None:
+                 count_include_pad: bool, extra: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         self.kernel, self.dilation, self.padding = kernel, dilation, padding
-        self.count_include_pad = count_include_pad
+        self.count_include_pad, self.extra = count_include_pad, extra
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return dilated_avg_pool2d(x, self.kernel, self.dilation, self.padding, self.count_include_pad)
+        return dilated_avg_pool2d(x, self.kernel, self.dilation, self.padding, self.count_include_pad,
+                                  self.extra)
 
     def extra_repr(self) -> str:
         return (f"kernel={self.kernel}, dilation={self.dilation}, padding={self.padding}, "
-                f"count_include_pad={self.count_include_pad}")
+                f"count_include_pad={self.count_include_pad}, extra={self.extra}")
 
 
 def channel_layer_norm(
