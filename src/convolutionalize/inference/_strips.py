@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ._onednn import FusedConv
+
 __all__ = ["STRIP_ROWS", "StripNet", "StripPlan", "plan_strips"]
 
 STRIP_ROWS = 256  # input rows per strip (about): the stem's activations for 256 x W at a time
@@ -76,17 +78,16 @@ def plan_strips(net: nn.Module) -> StripPlan | None:
         if layer is None:
             break
         if layer != (1, 1, 0, 1):
-            k, s, p, d = layer
             layers.append(layer)
-            stride *= s
+            stride *= layer[1]
         count += node.op == "call_module"
         current = node
         if stride >= MIN_STRIDE:
             field, padding, step = 1, 0, 1
-            for k, s, p, d in layers:
-                field += (k - 1) * d * step
-                padding += p * step
-                step *= s
+            for kernel, step_of_layer, pad, dilation in layers:
+                field += (kernel - 1) * dilation * step
+                padding += pad * step
+                step *= step_of_layer
             return StripPlan(node.name, count, stride, padding, field, tuple(layers))
     return None
 
@@ -99,9 +100,9 @@ def _layer(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[int, int, int,
     if node.op != "call_module":
         return None
     module = modules[node.target]  # type: ignore[index]
-    conv = getattr(module, "conv", module) if type(module).__name__ == "FusedConv" else module
-    if type(module).__name__ == "FusedConv" and module.residual:  # type: ignore[union-attr]
+    if isinstance(module, FusedConv) and module.residual:
         return None
+    conv = module.conv if isinstance(module, FusedConv) else module
     if isinstance(conv, nn.Conv2d):
         if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
             return None
