@@ -29,6 +29,19 @@ def fingerprint(model: nn.Module) -> tuple[str, bool, str]:
     return repr(model), model.training, digest.hexdigest() + modes
 
 
+class RecordingArray:
+    """A lazy array stand-in (like zarr) that records every region read from it."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array, self.shape, self.dtype = array, array.shape, array.dtype
+        self.reads: list[tuple[int, int]] = []
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        block = self.array[index]
+        self.reads.append(block.shape[:2])
+        return block
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.detach().double(), expected.detach().double()
     return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))

@@ -33,7 +33,7 @@ from convolutionalize.inference.tiling import plan_tiles
 from convolutionalize.inference.windows import FallbackWarning
 
 from _tiny import TinyNet
-from conftest import fingerprint, rel
+from conftest import RecordingArray, fingerprint, rel
 
 RTOL = 1e-5
 
@@ -366,19 +366,6 @@ def test_every_image_kind_gives_the_same_map(padded: nn.Module, pixels: np.ndarr
     got = dense_map(padded, image, tile=12)
     got = got.compute() if kind == "dask" else got
     assert rel(np.asarray(got), expected) <= RTOL
-
-
-class RecordingArray:
-    """A lazy array stand-in (like zarr) that records every region read from it."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.shape, self.dtype = array, array.shape, array.dtype
-        self.reads: list[tuple[int, int]] = []
-
-    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        block = self.array[index]
-        self.reads.append(block.shape[:2])
-        return block
 
 
 def test_lazy_inputs_are_read_tile_by_tile(padded: nn.Module, pixels: np.ndarray) -> None:

@@ -25,7 +25,7 @@ from convolutionalize.inference import ScaleWarning
 from convolutionalize.inference.images import open_image
 from convolutionalize.inference.resize import ResizedSource, resize, resized
 
-from conftest import rel
+from conftest import RecordingArray, rel
 
 RTOL = 1e-5
 
@@ -130,19 +130,6 @@ def test_a_pyramid_is_the_same_tiled_lazy_or_as_dask_tasks(padded: nn.Module, pi
     for level, expected in zip(got, reference):
         computed = level.map.compute() if kind == "dask" else level.map
         assert rel(np.asarray(computed), expected.map) <= RTOL
-
-
-class RecordingArray:
-    """A lazy array stand-in (like zarr) that records every region read from it."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array, self.shape, self.dtype = array, array.shape, array.dtype
-        self.reads: list[tuple[int, int]] = []
-
-    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
-        block = self.array[index]
-        self.reads.append(block.shape[:2])
-        return block
 
 
 def test_a_lazy_image_is_resized_tile_by_tile_never_whole(padded: nn.Module, pixels: np.ndarray) -> None:
