@@ -46,9 +46,10 @@ from ..api import geometry_of, is_keras_model, is_onnx_model
 from ..geometry import Geometry
 from ..outputs import OutputKey, output_keys, select_output
 from ._onednn import fuse_convolutions
+from ._stream import NotStreamable, Stream, StreamPlan, assemble, plan_stream
 from ._strips import StripNet, plan_strips
 
-__all__ = ["ALL", "DenseModel", "FrameworkRunner", "OutputChoice", "Precision", "Runner",
+__all__ = ["ALL", "Column", "DenseModel", "FrameworkRunner", "OutputChoice", "Precision", "Runner",
            "TileRunner", "dense_model", "runner_for"]
 
 logger = logging.getLogger(__name__)
@@ -72,12 +73,14 @@ class TileRunner:
         self.model = model.to(memory_format=torch.channels_last)
         if fuse and device.type == "cpu" and isinstance(getattr(model, "net", None), fx.GraphModule):
             fuse_convolutions(model.net)
-        plan = plan_strips(getattr(model, "net", None)) if strips else None
-        if plan is not None:  # large tiles run their stem in strips (same numbers, less memory)
-            model.net = StripNet(model.net, plan)
+        self.body = getattr(model, "net", None)  # the traced body, unwrapped (what columns stream)
+        self.stem = plan_strips(self.body)
+        if strips and self.stem is not None:  # large tiles run their stem in strips (same numbers, less memory)
+            model.net = StripNet(model.net, self.stem)
         self.precision = precision
         self.device = device
         self.output = output
+        self._streams: dict[str, StreamPlan | None] = {}  # shared by for_output's copies
 
     def for_output(self, output: OutputChoice) -> TileRunner:
         """This runner scoring ``output`` instead: the prepared model is shared, not copied."""
@@ -86,17 +89,51 @@ class TileRunner:
         return runner
 
     def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), self._autocast():
+            return self._maps(self.model(self._prepare(batch)))
+
+    def _prepare(self, batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         if self.precision == "bf16":  # then channels-last: 1.7x faster than both in one copy (measured)
             batch = batch.to(torch.bfloat16)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), self._autocast():
-            out = self.model(batch)
+        return batch.contiguous(memory_format=torch.channels_last)
+
+    def _maps(self, out: Any) -> np.ndarray:
         if self.output == ALL:
             maps = torch.cat([_as_map(select_output(out, key)) for key in output_keys(out)], 1)
         else:
             maps = _as_map(select_output(out, self.output))
         return maps.float().cpu().numpy()
+
+    def stream_plan(self) -> StreamPlan | None:
+        """How the body streams down a column (:mod:`._stream`), planned and checked once;
+        ``None`` where it cannot (its tiles are then computed one by one)."""
+        if "plan" not in self._streams:
+            model, plan = self.model, None
+            try:
+                with torch.inference_mode(), self._autocast():
+                    plan = plan_stream(self.body, model.plan.in_channels, model.geometry.input_size,  # type: ignore[union-attr]
+                                       getattr(model, "out_spec", None))
+            except NotStreamable as exc:
+                logger.info("tiles are computed one by one, not streamed: %s", exc)
+            except Exception as exc:  # a body the analysis cannot run: tiles, as correct
+                logger.info("tiles are computed one by one, not streamed (%s: %s)", type(exc).__name__, exc)
+            self._streams["plan"] = plan
+        return self._streams["plan"]
+
+    def column(self, gather_rows: int) -> Column:
+        """A fresh stream down one column of tiles; the stem's output (the first quarter-
+        resolution tensor) is passed on in blocks of ``gather_rows`` input rows."""
+        plan = self.stream_plan()
+        assert plan is not None, "stream_plan() said this body does not stream"
+        gather = {}
+        if self.stem is not None:
+            cut = next(n for n in plan.nodes if n.name == self.stem.cut)
+            gather[cut] = max(gather_rows // self.stem.stride, 1)
+        return Column(self, plan, plan.stream(gather))
+
+    def __getstate__(self) -> dict[str, Any]:  # stream plans hold graph nodes: planned again where used
+        return {**self.__dict__, "_streams": {}}
 
     @contextlib.contextmanager
     def _autocast(self) -> Iterator[None]:
@@ -105,6 +142,21 @@ class TileRunner:
             return
         with torch.autocast(self.device.type, dtype=torch.bfloat16):
             yield
+
+
+class Column:
+    """One column's stream: :meth:`push` the next rows of the image, get the map's next rows."""
+
+    def __init__(self, runner: TileRunner, plan: StreamPlan, stream: Stream) -> None:
+        self.runner, self.plan, self.stream = runner, plan, stream
+
+    def push(self, block: torch.Tensor, last: bool = False) -> np.ndarray | None:
+        """``block`` (``(C, rows, W)``, the next rows) in; the map rows now complete out
+        (``(classes, rows, cols)``), or ``None``; ``last`` ends the column."""
+        runner = self.runner
+        with torch.inference_mode(), runner._autocast():
+            leaves = self.stream.push(runner._prepare(block[None]), last)
+            return None if leaves is None else runner._maps(assemble(self.plan, leaves))[0]
 
 
 def _as_map(out: torch.Tensor) -> torch.Tensor:

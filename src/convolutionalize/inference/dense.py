@@ -35,15 +35,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..api import check_output_stride, convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
 from ..geometry import Geometry, PoolMode, check_pool
-from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, dense_model, weights_state
+from ._runner import ALL, DenseModel, OutputChoice, Precision, Runner, TileRunner, dense_model, weights_state
 from .images import Frame, ImageSource, open_frame
-from .masks import Mask, Work, plan_work
+from .masks import Mask, Work, blank, plan_work
 from .omezarr import Physical, open_ome_zarr_sink
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
@@ -65,6 +66,13 @@ Fallback = Literal["error", "windows"]
 # the halo they save.
 MEMORY_BUDGET = 1 << 30
 TILE_BUDGET = 300 << 20
+# Streamed columns (._stream): a column is as wide as TILE_BUDGET lets GATHER_ROWS rows after the
+# stem be; the input is read READ_ROWS rows at a time (at least) and pushed PUSH_ROWS at a time;
+# a tile's map holds at most MAP_TILE_BYTES.
+GATHER_ROWS = 1024
+READ_ROWS = 1024
+PUSH_ROWS = 256
+MAP_TILE_BYTES = 32 << 20
 READ_WARNING = 4.0  # say so when the tiles' halos make a map read this many times the image
 
 
@@ -279,12 +287,16 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     counts from here (``warnings.warn``'s count)."""
     shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1)
     size = (source.height, source.width)
+    runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
+    dask = _use_dask(source, scheduler)
+    columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is None)
+    if columns is not None:
+        grid = columns.grid
     keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
     works, skipped = plan_work(grid.tiles, keep, fcn.geometry, size)
     if keep is not None:
         logger.info("mask: %.0f %% of the cells are foreground; %d of %d tiles hold none and are skipped",
                     100 * keep.mean(), len(skipped), len(grid.tiles))
-    runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     key = _resume_key(fcn, source, grid, options, mask)
     if out is None:
         sink = None
@@ -293,13 +305,16 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
                                   labels)
     else:
         sink = open_zarr_sink(out, shape, grid, key)
-    if _use_dask(source, scheduler):
+    if dask:
         from .distributed import run_dask
 
         result = run_dask(grid, works, skipped, source, runner, sink, shape, scheduler, progress)
     else:
         local = sink if sink is not None else MapSink(shape)
-        run_tiles(works, skipped, source, runner, local, options.batch_size, progress)
+        if columns is not None:
+            run_columns(works, skipped, source, runner, local, columns, progress)  # type: ignore[arg-type]
+        else:
+            run_tiles(works, skipped, source, runner, local, options.batch_size, progress)
         local.finish()
         result = local.result()
     if options.output == ALL:
@@ -495,6 +510,107 @@ def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSourc
             for w, out in zip(group, scores):
                 sink.write(w.tile, w.cells(out))
             bar.update(len(group))
+
+
+@dataclass(frozen=True)
+class Columns:
+    """How a tiled map streams down its columns of tiles (:mod:`._stream`): the tiles, the
+    input rows read at a time, pushed at a time, and gathered after the stem."""
+
+    grid: TileGrid
+    read_rows: int
+    push_rows: int
+    gather_rows: int
+
+
+def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: Options,
+                 grid: TileGrid, regrid: bool) -> Columns | None:
+    """Streaming for a tiled map whose body streams (one tile at a time, no dask); with
+    ``regrid`` and no tile size given, the tiles become a few columns wide (as wide as the
+    memory budget lets a column be) and as tall as ``MAP_TILE_BYTES`` of map lets them."""
+    if (len(grid.tiles) < 2 or options.batch_size != 1 or not isinstance(runner, TileRunner)
+            or os.environ.get("CONVOLUTIONALIZE_STREAMS", "1") == "0" or runner.stream_plan() is None):
+        return None
+    geometry, (height, width) = fcn.geometry, (source.height, source.width)
+    per_pixel = fcn.bytes_per_pixel(geometry.input_size)
+    (sy, sx), (halo_y, halo_x) = geometry.stride, grid.halo
+    if regrid and options.tile is None:
+        widest = max(int(TILE_BUDGET / (per_pixel * GATHER_ROWS)) - sum(halo_x), 4 * sx)
+        columns = math.ceil(width / widest)
+        tile_w = math.ceil(width / columns / sx) * sx
+        classes = fcn.map_shape(geometry.input_size)[0]
+        rows = max(MAP_TILE_BYTES // (4 * classes * (tile_w // sx + 1)), 1)
+        tile_h = min(rows * sy, math.ceil(height / sy) * sy)
+        count = math.ceil(height / tile_h)
+        tile_h = math.ceil(height / count / sy) * sy  # as many tiles, all alike
+        grid = plan_tiles(geometry, (height, width), fcn.map_shape((height, width))[1:], (tile_h, tile_w))
+    read_w = max(t.shape[1] for t in grid.tiles)
+    gather = max(int(TILE_BUDGET / (per_pixel * read_w)) // sy * sy, 4 * sy)
+    push = min(gather, PUSH_ROWS)
+    logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered", grid.grid[1],
+                grid.grid[0], read_w, push, gather)
+    return Columns(grid, max(gather, READ_ROWS), push, gather)
+
+
+def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSource, runner: TileRunner,
+                sink: MapSink | ZarrSink, columns: Columns, progress: bool) -> None:
+    """:func:`run_tiles` as streams: each run of unfinished tiles down a column is one
+    stream (:meth:`TileRunner.column`), read from its first tile's top (halo included) to
+    its last tile's bottom; each tile is written once the stream has passed its cells."""
+    from tqdm.auto import tqdm
+
+    for t in skipped:
+        if not sink.is_done(t):
+            sink.skip(t)
+    pending = [w for w in works if not sink.is_done(w.tile)]
+    if len(pending) < len(works):
+        logger.info("resuming: %d of %d tiles already done", len(works) - len(pending), len(works))
+    with tqdm(total=len(works), initial=len(works) - len(pending), disable=not progress,
+              unit="tile", desc="dense map") as bar:
+        for run in _column_runs(pending):
+            _stream_run(run, source, runner, sink, columns, bar)
+
+
+def _column_runs(works: Sequence[Work]) -> Iterator[list[Work]]:
+    """The works by column, top to bottom, cut where a tile between is done or skipped."""
+    by_column: dict[int, list[Work]] = {}
+    for w in works:
+        by_column.setdefault(w.tile.index[1], []).append(w)
+    for column in sorted(by_column):
+        run: list[Work] = []
+        for w in sorted(by_column[column], key=lambda w: w.tile.index[0]):
+            if run and w.tile.index[0] != run[-1].tile.index[0] + 1:
+                yield run
+                run = []
+            run.append(w)
+        yield run
+
+
+def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner, sink: MapSink | ZarrSink,
+                columns: Columns, bar: Any) -> None:
+    first = run[0].tile
+    top, end, x0, x1 = first.read[0], run[-1].tile.read[1], first.read[2], first.read[3]
+    pushes = (push for y in range(top, end, columns.read_rows)
+              for push in source.read_rows(y, min(y + columns.read_rows, end), x0, x1, columns.push_rows))
+    column = runner.column(columns.gather_rows)
+    base, col0 = first.first_cell  # the map cell of the stream's first output row and column
+    parts: list[np.ndarray] = []
+    received = base
+    for w in run:
+        r0, r1, c0, c1 = w.tile.cells
+        while received < r1:
+            _, y1, chunk = next(pushes, (0, 0, None))
+            if chunk is None:  # a bug, not an input error
+                raise RuntimeError(f"the stream ended at map row {received}, before tile {w.tile.index}'s "
+                                   f"last row {r1 - 1}")
+            out = column.push(chunk, last=y1 == end)
+            if out is not None:
+                parts.append(out)
+                received += out.shape[1]
+        rows = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
+        sink.write(w.tile, blank(rows[:, r0 - base:r1 - base, c0 - col0:c1 - col0], w.keep))
+        parts, base = [rows[:, r1 - base:]], r1
+        bar.update(1)
 
 
 def _batches(works: Sequence[Work], size: int) -> Iterator[list[Work]]:

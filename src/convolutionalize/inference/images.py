@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,16 @@ class ImageSource:
     def block(self, y0: int, y1: int, x0: int, x1: int) -> Any:
         """What :meth:`read` slices out of ``array`` for that rectangle (lazy for dask)."""
         return self.array[y0:y1, x0:x1] if self.is_image else self.array[:, y0:y1, x0:x1]
+
+    def read_rows(self, y0: int, y1: int, x0: int, x1: int,
+                  step: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """:meth:`read` of ``[y0, y1) x [x0, x1)`` in ``step`` rows at a time, ``(a, b, tensor)``
+        each, the array read once."""
+        block = self.block(y0, y1, x0, x1)
+        for a in range(y0, y1, step):
+            b = min(a + step, y1)
+            rows = slice(a - y0, b - y0)
+            yield a, b, self.prepare(block[rows] if self.is_image else block[:, rows], (a, b, x0, x1))
 
     def reader(self) -> ImageSource:
         """This source without its array: what turns blocks into tensors on a dask worker."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import KEY_ATTR, ZarrSink, add_flags, reopen
+from .store import KEY_ATTR, ZarrSink, add_flags, map_compressors, reopen
 from .tiling import TileGrid
 
 __all__ = ["OmeZarrSink", "Physical", "is_ome_zarr", "open_ome_zarr_sink"]
@@ -127,7 +127,7 @@ def _sink(path: str, group: Any, physical: Physical, labels: tuple[str, ...]) ->
 
 def _level(group: Any, name: str, shape: tuple[int, ...], chunks: tuple[int, ...]) -> Any:
     return group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
-                              dimension_names=_AXES, overwrite=True)
+                              dimension_names=_AXES, overwrite=True, compressors=map_compressors())
 
 
 def _halve(level: Any, chunks: tuple[int, ...]) -> Any:

@@ -73,7 +73,7 @@ def plan_tiles(
     geometry: Geometry,
     image_size: tuple[int, int],
     map_size: tuple[int, int],
-    tile: int,
+    tile: int | tuple[int, int],
 ) -> TileGrid:
     """Tiles of ``tile`` input pixels a side (rounded down to whole strides, at least one).
 
@@ -81,10 +81,11 @@ def plan_tiles(
         geometry: the converted model's geometry.
         image_size: ``(H, W)`` of the input.
         map_size: ``(rows, cols)`` of the whole-image map (``fcn.output_size``).
-        tile: input pixels between the starts of neighbouring tiles.
+        tile: input pixels between the starts of neighbouring tiles (or ``(rows, cols)`` of them).
     """
     halo, _ = halo_of(geometry)
-    per_tile = tuple(max(tile // s, 1) for s in geometry.stride)
+    sides = (tile, tile) if isinstance(tile, int) else tile
+    per_tile = tuple(max(side // s, 1) for side, s in zip(sides, geometry.stride))
     grid = tuple(math.ceil(n / p) for n, p in zip(map_size, per_tile))
     axes = [
         [_axis(i, per_tile[a], map_size[a], image_size[a], geometry, halo[a], a) for i in range(grid[a])]
