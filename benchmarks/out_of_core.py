@@ -1,16 +1,19 @@
-"""Benchmark: peak memory and throughput of a zarr image streamed to a zarr map, tile by tile.
+"""Benchmark: peak memory and throughput of a zarr image streamed to a zarr map.
 
 Writes a ``SIZE x SIZE x 3`` uint8 zarr image (random pixels, chunk by chunk), then in a fresh
-subprocess runs ``dense_map(fcn, image, out=map.zarr)`` at the default (memory-budget) tile size,
-``fcn`` being ``shufflenet_v2_x0_5`` converted before the timer, and reports that process's peak
-RSS (``resource.getrusage``) and its per-pixel throughput, against an in-memory numpy run of the
-same converted model on a ``REFERENCE``-square image in another subprocess. Each run is in its
-own process, so neither inherits the other's caches or memory. Conversion is out of both
-timers; the in-memory run is timed on its second call (oneDNN's per-shape setup and the
-runner's preparation not counted), the streamed run on its first (its tiles mostly share one
-shape and pay that setup once: it is in the streamed timer only). Run with
-``.venv/bin/python benchmarks/out_of_core.py [--size 16384] [--reference 2048] [--precision fp32]
-[--budget-mib N] [--no-strips]``.
+subprocess runs ``dense_map(fcn, image, out=map.zarr)`` at the default settings (the columns of
+tiles streamed, :mod:`convolutionalize.inference._stream`), ``fcn`` being ``shufflenet_v2_x0_5``
+converted before the timer, and reports that process's peak RSS (``resource.getrusage``) and its
+per-pixel throughput, against an in-memory numpy run of the same converted model on a
+``REFERENCE``-square image in another subprocess. Each run is in its own process, so neither
+inherits the other's caches or memory. One-time costs are out of both timers: conversion, and
+the runner's preparation (in-memory: timed on later calls, the median of five runs in a process before the streamed
+run and five in one after it; streamed: the
+runner and its stream plan made first). oneDNN's per-shape setup is in the streamed timer only
+(its pieces come in a few shapes, each set up once). Reading the image and writing the map are
+in the streamed timer (that is the work). Run with ``.venv/bin/python benchmarks/out_of_core.py
+[--size 16384] [--reference 2048] [--precision fp32] [--budget-mib N] [--no-streams]
+[--no-strips]``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 MODEL = "shufflenet_v2_x0_5"
 CHUNK = 1024
+REFERENCE_ROUNDS = 5  # the in-memory pass takes 0.2 s: five runs before the stream, five after
 
 
 def make_image(path: Path, size: int) -> None:
@@ -51,6 +55,7 @@ def child(mode: str, image: str, out: str, precision: str, size: int, budget: in
 
     from convolutionalize import convolutionalize, dense_map
     from convolutionalize.inference import dense
+    from convolutionalize.inference._runner import runner_for
 
     if budget:
         dense.TILE_BUDGET = budget
@@ -60,15 +65,21 @@ def child(mode: str, image: str, out: str, precision: str, size: int, budget: in
     if mode == "stream":
         source = zarr.open_array(image, mode="r")
         pixels = source.shape[0] * source.shape[1]
+        runner_for(fcn, precision, torch.device("cpu")).stream_plan()  # one-time: out of the timer
         start = time.perf_counter()
         dense_map(fcn, source, out=out, precision=precision)
+        seconds = time.perf_counter() - start
     else:
         array = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
         pixels = size * size
         dense_map(fcn, array, precision=precision)  # warm-up at this very shape
-        start = time.perf_counter()
-        dense_map(fcn, array, precision=precision)
-    seconds = time.perf_counter() - start
+        runs = []
+        for _ in range(REFERENCE_ROUNDS):
+            start = time.perf_counter()
+            dense_map(fcn, array, precision=precision)
+            runs.append(time.perf_counter() - start)
+        seconds = sorted(runs)[len(runs) // 2]
+        print(json.dumps({"runs": runs}))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     print(json.dumps({"seconds": seconds, "pixels": pixels, "peak_bytes": peak,
                       "threads": torch.get_num_threads()}))
@@ -77,7 +88,8 @@ def child(mode: str, image: str, out: str, precision: str, size: int, budget: in
 def run_child(*args: str) -> dict:
     result = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
                             capture_output=True, text=True)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
+    return {k: v for line in lines for k, v in line.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,12 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="where the zarr image and map go (default: a temp dir)")
     parser.add_argument("--budget-mib", type=int, default=0,
                         help="override the library's TILE_BUDGET (MiB) that sets the default tile")
+    parser.add_argument("--no-streams", action="store_true", help="compute the tiles one by one, each "
+                        "with its halo (CONVOLUTIONALIZE_STREAMS=0), as before streams, for comparison")
     parser.add_argument("--no-strips", action="store_true", help="run every tile's stem in one pass "
                         "(CONVOLUTIONALIZE_STRIPS=0), as before strips, for comparison")
     parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.no_strips:
         os.environ["CONVOLUTIONALIZE_STRIPS"] = "0"  # inherited by the children
+    if args.no_streams:
+        os.environ["CONVOLUTIONALIZE_STREAMS"] = "0"
     if args.child:
         mode, image, out, precision, size, budget = args.child
         child(mode, image, out, precision, int(size), int(budget))
@@ -104,9 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         make_image(image, args.size)
         print(f"wrote {args.size}x{args.size}x3 uint8 zarr in {time.perf_counter() - start:.0f} s")
+        os.sync()  # the image's writeback would otherwise run during the timed runs
         budget = str(args.budget_mib << 20)
-        memory = run_child("memory", "-", "-", args.precision, str(args.reference), budget)
+        reference = ("memory", "-", "-", args.precision, str(args.reference), budget)
+        before = run_child(*reference)
         stream = run_child("stream", str(image), str(out), args.precision, str(args.size), budget)
+        after = run_child(*reference)  # the machine drifts: the reference is taken on both sides
+        runs = sorted(before["runs"] + after["runs"])
+        memory = {**after, "seconds": runs[len(runs) // 2],
+                  "peak_bytes": max(before["peak_bytes"], after["peak_bytes"])}
+        print(f"in-memory runs before and after: {', '.join(f'{r:.3f}' for r in before['runs'])} | "
+              f"{', '.join(f'{r:.3f}' for r in after['runs'])} s")
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -300,6 +300,16 @@ class TorchModel(DenseModel):
         rest = sorted(counts[plan.modules:], reverse=True)[:2]
         return 4.0 * (sum(rest) + counts[plan.modules - 1] + self.channels * area) / area
 
+    def largest_per_pixel(self, size: tuple[int, int]) -> tuple[float, float]:
+        """Bytes per input pixel (float32) of the largest single activation at ``size`` in the
+        stem (:mod:`._strips`; the whole body where it has none) and after it."""
+        _, counts = self.shapes(size)
+        plan = plan_strips(getattr(self.model, "net", None))
+        cut = plan.modules if plan is not None and len(counts) > plan.modules else len(counts)
+        area = size[0] * size[1]
+        stem, rest = counts[:cut] or [8 * self.channels * area], counts[cut:] or counts[-1:] or [area]
+        return 4.0 * max(stem) / area, 4.0 * max(rest) / area
+
     def digest(self) -> str:
         digest = hashlib.sha1(repr(self.model).encode())
         for name, tensor in self.model.state_dict().items():

@@ -60,7 +60,6 @@ ROW_LOCAL_METHODS = {
     "add", "sub", "mul", "div", "relu", "sigmoid", "tanh", "clamp", "float", "to", "type_as",
     "softmax", "log_softmax", "unsqueeze", "squeeze", "mean", "sum", "amax", "neg",
 }
-MERGE = 1 << 20  # elements: a spatial layer's output pieces are joined up to this size
 MIN_RUN = 4  # output rows a view-only run must have; shorter ones join the seams
 CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # of the output's largest magnitude
 
@@ -111,6 +110,17 @@ class StreamPlan:
     aligned: dict[fx.Node, list[fx.Node]]  # row-local nodes with several streamed tensor inputs
     last_use: dict[fx.Node, int]
     out_spec: Any = None
+    steps: list[tuple[fx.Node, str, list[fx.Node], list[fx.Node]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Each node's kind, streamed inputs and the streamed values freed after it (what
+        :meth:`Stream.push` walks, worked out once)."""
+        for index, node in enumerate(self.nodes):
+            kind = ("input" if node.op == "placeholder" else "output" if node.op == "output"
+                    else "constant" if node not in self.streamed else "spatial" if node in self.spatial
+                    else "aligned" if node in self.aligned else "local")
+            inputs = [n for n in node.all_input_nodes if n in self.streamed]
+            self.steps.append((node, kind, inputs, [n for n in inputs if self.last_use.get(n) == index]))
 
     def stream(self, gather: dict[fx.Node, int] | None = None) -> Stream:
         return Stream(self, gather)
@@ -444,30 +454,31 @@ class Stream:
         per output map, in the output's order), ``None`` when none are ready yet. The last
         push (``last=True``) adds the bottom padding and returns every row left."""
         plan, env = self.plan, {}
-        for index, node in enumerate(plan.nodes):
-            if node.op == "placeholder":
+        for node, kind, inputs, frees in plan.steps:
+            if kind == "input":
                 env[node] = _Pieces([x] if x.shape[-2] else [])
-            elif node.op == "output":
+            elif kind == "output":
                 pieces = self._aligned(node, env, _streamed_leaves(plan), lambda *v: v)
                 if not pieces:
                     return None
                 return tuple(torch.cat([p[i] for p in pieces], -2) if len(pieces) > 1 else pieces[0][i]
                              for i in range(len(pieces[0])))
-            elif node not in plan.streamed:
+            elif kind == "constant":
                 if node not in self.constants:
                     self.constants[node] = self._call(node, env)
                 env[node] = self.constants[node]
-            elif node in plan.spatial:
+            elif kind == "spatial":
                 env[node] = self._spatial(node, env, last)
-            elif node in plan.aligned:
+            elif kind == "aligned":
                 env[node] = self._aligned(node, env, plan.aligned[node], None)
+            elif all(env[n] for n in inputs):
+                env[node] = self._per_piece(node, env, inputs)
             else:
-                env[node] = self._per_piece(node, env)
+                env[node] = _Pieces()  # nothing new reached this node
             if node in self.gather:
                 env[node] = self._gathered(node, env[node], last)
-            for n in node.all_input_nodes:
-                if plan.last_use.get(n) == index and n in plan.streamed:
-                    del env[n]  # free each chunk once its last user has run
+            for n in frees:
+                del env[n]  # free each chunk once its last user has run
         raise AssertionError("the graph has no output")  # pragma: no cover
 
     def _gathered(self, node: fx.Node, pieces: _Pieces, last: bool) -> _Pieces:
@@ -479,9 +490,8 @@ class Stream:
         held.drop(held.end)
         return out
 
-    def _per_piece(self, node: fx.Node, env: dict[fx.Node, Any]) -> _Pieces:
+    def _per_piece(self, node: fx.Node, env: dict[fx.Node, Any], streams: list[fx.Node]) -> _Pieces:
         """A row-local node of one stream: run on each piece."""
-        streams = [n for n in node.all_input_nodes if n in self.plan.streamed]
         counts = {len(env[n]) for n in streams}
         if len(counts) != 1:
             raise RuntimeError(f"{node.name}: its inputs arrive in different pieces")
@@ -559,8 +569,6 @@ class Stream:
             return _Pieces()
         reads = [_Reads(held, layer.stride, -layer.padding, layer.reach()), *(_Reads(h) for h in extra_held)]
         out = _Pieces(layer.run(*(r.rows(ga, gb) for r in reads)) for ga, gb in _groups(o0, o1, reads))
-        if len(out) > 1 and sum(p.numel() for p in out) <= MERGE:
-            out = _Pieces([torch.cat(out, -2)])
         held.drop(o1 * layer.stride - layer.padding)
         for h in extra_held:
             h.drop(o1)
