@@ -467,6 +467,8 @@ class Stream:
                 if node not in self.constants:
                     self.constants[node] = self._call(node, env)
                 env[node] = self.constants[node]
+            elif not last and not any(env[n] for n in inputs):
+                env[node] = _Pieces()  # nothing new reached this node: nothing new leaves it
             elif kind == "spatial":
                 env[node] = self._spatial(node, env, last)
             elif kind == "aligned":
@@ -474,7 +476,7 @@ class Stream:
             elif all(env[n] for n in inputs):
                 env[node] = self._per_piece(node, env, inputs)
             else:
-                env[node] = _Pieces()  # nothing new reached this node
+                env[node] = _Pieces()
             if node in self.gather:
                 env[node] = self._gathered(node, env[node], last)
             for n in frees:
