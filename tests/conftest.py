@@ -81,6 +81,15 @@ def seeded() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["streams", "tiles"])
+def tile_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a tiled map runs in one process: columns of tiles streamed (the default), or
+    each tile with its halo (``CONVOLUTIONALIZE_STREAMS=0``)."""
+    if request.param == "tiles":
+        monkeypatch.setenv("CONVOLUTIONALIZE_STREAMS", "0")
+    return str(request.param)
+
+
 def cells_and_crops(model: nn.Module, fcn: nn.Module,
                      image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every cell of ``fcn``'s window map (cells x classes) and ``model`` on each cell's box."""

@@ -541,7 +541,8 @@ def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: 
     stem, rest = fcn.largest_per_pixel(geometry.input_size)
     (sy, sx), (_, halo_x) = geometry.stride, grid.halo
     if regrid and options.tile is None:
-        widest = max(int(PIECE_BYTES / (rest * MIN_GATHER)) - sum(halo_x), 4 * sx)
+        read = int(PIECE_BYTES / (rest * MIN_GATHER))  # the widest read; a column owns less
+        widest = max(read - sum(halo_x) - geometry.window[1] + sx, 4 * sx)
         columns = math.ceil(width / widest)
         tile_w = math.ceil(width / columns / sx) * sx
         classes = fcn.map_shape(geometry.input_size)[0]
@@ -593,28 +594,30 @@ def _column_runs(works: Sequence[Work]) -> Iterator[list[Work]]:
 
 def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner, sink: MapSink | ZarrSink,
                 columns: Columns, bar: Any) -> None:
-    first = run[0].tile
-    top, end, x0, x1 = first.read[0], run[-1].tile.read[1], first.read[2], first.read[3]
+    """One stream down ``run`` (consecutive tiles of one column), reading what their works
+    read: from the first one's top to the last one's bottom, over all of their columns (a
+    mask's cut works read less; every cell a work owns is computed as exactly as it would)."""
+    top, end = run[0].part.read[0], run[-1].part.read[1]
+    x0, x1 = min(w.part.read[2] for w in run), max(w.part.read[3] for w in run)
     pushes = (push for y in range(top, end, columns.read_rows)
               for push in source.read_rows(y, min(y + columns.read_rows, end), x0, x1, columns.push_rows))
     column = runner.column(columns.gather_rows)
-    base, col0 = first.first_cell  # the map cell of the stream's first output row and column
-    parts: list[np.ndarray] = []
-    received = base
+    base, col0 = run[0].part.first_cell[0], min(w.part.first_cell[1] for w in run)  # of the stream's cell (0, 0)
+    parts: list[np.ndarray] = []  # the map rows from ``base`` on that the stream has given
+    received, over = 0, False
     for w in run:
-        r0, r1, c0, c1 = w.tile.cells
-        while received < r1:
-            _, y1, chunk = next(pushes, (0, 0, None))
-            if chunk is None:  # a bug, not an input error
-                raise RuntimeError(f"the stream ended at map row {received}, before tile {w.tile.index}'s "
-                                   f"last row {r1 - 1}")
-            out = column.push(chunk, last=y1 == end)
+        while not over and base + received < w.tile.cells[1]:
+            _, y1, chunk = next(pushes)
+            over = y1 == end
+            out = column.push(chunk, last=over)
             if out is not None:
                 parts.append(out)
                 received += out.shape[1]
-        rows = np.concatenate(parts, 1) if len(parts) > 1 else parts[0]
-        sink.write(w.tile, blank(rows[:, r0 - base:r1 - base, c0 - col0:c1 - col0], w.keep))
-        parts, base = [rows[:, r1 - base:]], r1
+        rows = (np.concatenate(parts, 1) if len(parts) > 1 else parts[0]) if parts else None
+        sink.write(w.tile, w.cells_from(rows, base, col0))
+        cut = max(w.tile.cells[1] - base, 0)
+        parts = [] if rows is None or cut >= rows.shape[1] else [rows[:, cut:]]
+        base, received = base + cut, received - cut
         bar.update(1)
 
 

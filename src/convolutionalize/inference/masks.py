@@ -94,6 +94,27 @@ class Work:
         return blank(cells, self.keep)
 
 
+    def cells_from(self, block: np.ndarray | None, row: int, col: int) -> np.ndarray:
+        """The owned cells from ``block`` (``(classes, rows, cols)`` of map cells from cell
+        ``(row, col)`` on, a stream's output), NaN where ``keep`` is False.
+
+        Raises:
+            RuntimeError: ``block`` lacks a cell the tile must compute (a bug, not bad input).
+        """
+        r0, r1, c0, c1 = self.tile.cells
+        a0, b0 = max(r0, row), max(c0, col)
+        a1, b1 = (a0, b0) if block is None else (min(r1, row + block.shape[1]), min(c1, col + block.shape[2]))
+        lacking = np.ones((r1 - r0, c1 - c0), bool)
+        lacking[a0 - r0:max(a1 - r0, 0), b0 - c0:max(b1 - c0, 0)] = False
+        if (lacking & (True if self.keep is None else self.keep)).any() or block is None:
+            raise RuntimeError(f"the stream did not reach all the cells tile {self.tile.index} computes")
+        if not lacking.any():
+            return blank(block[:, r0 - row:r1 - row, c0 - col:c1 - col], self.keep)
+        cells = np.full((block.shape[0], r1 - r0, c1 - c0), np.nan, np.float32)
+        cells[:, a0 - r0:a1 - r0, b0 - c0:b1 - c0] = block[:, a0 - row:a1 - row, b0 - col:b1 - col]
+        return blank(cells, self.keep)
+
+
 def plan_work(tiles: Sequence[Tile], keep: np.ndarray | None, geometry: Geometry,
               size: tuple[int, int]) -> tuple[list[Work], list[Tile]]:
     """The work of the tiles with foreground cells (each shrunk to their bounding box, which
