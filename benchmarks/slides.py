@@ -115,7 +115,8 @@ def main() -> int:
     slide = workdir / "slide.ome.tif"
     try:
         start = time.perf_counter()
-        make_slide(slide, args.size)
+        if not slide.exists():  # a --workdir of an earlier run keeps its slide
+            make_slide(slide, args.size)
         share = tissue_share()
         print(f"wrote a {args.size}x{args.size} slide ({slide.stat().st_size / 2**20:.0f} MiB, JPEG tiles, "
               f"{100 * share:.0f} % tissue) in {time.perf_counter() - start:.0f} s")

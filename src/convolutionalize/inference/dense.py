@@ -3,9 +3,12 @@
 The model is convolutionalized (unless it already is), the image is wrapped as a lazy source
 (:mod:`.images`), and the map is computed in one pass or in exact tiles (:mod:`.tiling`) that
 each read a halo covering their cells' receptive field, so the stitched map equals the
-whole-image map. Tiles run in this process (batched, optionally in bfloat16) or as dask tasks
-(:mod:`.distributed`); the map is returned as numpy, written tile by tile to a resumable zarr
-store (:mod:`.store`), or returned as a dask array for a dask input.
+whole-image map. In this process, a PyTorch body that can (:mod:`._stream`) runs each column
+of tiles as one stream from top to bottom, each layer carrying the rows the next rows share,
+so only the columns' left and right halos are computed twice; other tiles run one by one
+(batched, optionally in bfloat16), or as dask tasks (:mod:`.distributed`). The map is
+returned as numpy, written tile by tile to a resumable zarr store (:mod:`.store`), or
+returned as a dask array for a dask input.
 
 ``scales=`` maps an image pyramid: the image resized to each scale, tile by tile
 (:mod:`.resize`), each map returned with its geometry in the original image's pixels
@@ -59,12 +62,11 @@ logger = logging.getLogger(__name__)
 Fallback = Literal["error", "windows"]
 # Activation bytes (estimated: ``DenseModel.bytes_per_pixel``, not counting a stem that runs in
 # strips, see ._strips) of one forward pass. An image that fits MEMORY_BUDGET runs in one pass:
-# no halo is computed twice. A larger one runs in tiles that fit TILE_BUDGET: streaming
-# shufflenet_v2_x0_5 over a 16384^2 zarr image (benchmarks/out_of_core.py) took 28.2 s at 1.46 GiB
-# peak RSS with 300 MiB tiles and 28.2 s at 1.70 GiB with 384 MiB (its stem in strips; 33.7 s at
-# 1.40 GiB before, with 384 MiB): peak RSS grows by about 2x the tile budget over the ~0.85 GiB
-# that torch and the model take, and larger tiles are slower per pixel (cache), which cancels
-# the halo they save.
+# no halo is computed twice. A larger one runs in tiles: streamed columns where the body streams
+# (below), else tiles that fit TILE_BUDGET (shufflenet_v2_x0_5 over a 16384^2 zarr image,
+# benchmarks/out_of_core.py --no-streams: 28.2 s at 1.46 GiB with 300 MiB tiles, 28.2 s at 1.70
+# GiB with 384 MiB; peak RSS grows by about 2x the tile budget over the ~0.85 GiB that torch and
+# the model take).
 MEMORY_BUDGET = 1 << 30
 TILE_BUDGET = 300 << 20
 # Streamed columns (._stream) run on pieces of at most PIECE_BYTES per activation: glibc serves
@@ -297,6 +299,8 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is None)
     if columns is not None:
         grid = columns.grid
+    if len(grid.tiles) > 1:
+        warn_reads(grid, size, fcn.geometry.stride[1], columns is not None)
     keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
     works, skipped = plan_work(grid.tiles, keep, fcn.geometry, size)
     if keep is not None:
@@ -486,13 +490,27 @@ def plan_map(fcn: DenseModel, source: ImageSource, options: Options,
             TilingWarning, stacklevel=stacklevel)
     logger.info("dense map %s from %dx%d input in %d tiles of %s cells", shape, height, width,
                 len(grid.tiles), grid.cells_per_tile)
-    read = sum(t.shape[0] * t.shape[1] for t in grid.tiles) / (height * width)
-    if read > READ_WARNING:
-        (top, bottom), (left, right) = grid.halo
-        logger.warning("exact tiling reads %.1fx the image's pixels (tiles of %d px; halos of %d + %d "
-                       "rows and %d + %d columns): a larger tile (more memory) computes less", read,
-                       tile, top, bottom, left, right)
     return shape, grid
+
+
+def warn_reads(grid: TileGrid, size: tuple[int, int], stride: int, streamed: bool) -> None:
+    """Say so when the halos make a tiled map read (and compute) ``READ_WARNING`` times the
+    image's pixels or more: each tile's halo, or a streamed column's left and right ones."""
+    if streamed:
+        spans: dict[int, list[int]] = {}
+        for t in grid.tiles:
+            y0, y1, x0, x1 = t.read
+            span = spans.setdefault(t.index[1], [y0, y1, x1 - x0])
+            span[0], span[1] = min(span[0], y0), max(span[1], y1)
+        read = sum((y1 - y0) * w for y0, y1, w in spans.values())
+    else:
+        read = sum(t.shape[0] * t.shape[1] for t in grid.tiles)
+    if read > READ_WARNING * size[0] * size[1]:
+        (top, bottom), (left, right) = grid.halo
+        halos = f"{left} + {right} columns" if streamed else f"{top} + {bottom} rows and {left} + {right} columns"
+        logger.warning("exact tiling reads %.1fx the image's pixels (%s %d px wide; halos of %s): a larger "
+                       "tile (more memory) computes less", read / (size[0] * size[1]),
+                       "streamed columns" if streamed else "tiles", grid.cells_per_tile[1] * stride, halos)
 
 
 def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSource, runner: Runner,
