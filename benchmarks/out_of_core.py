@@ -7,8 +7,8 @@ converted before the timer, and reports that process's peak RSS (``resource.getr
 per-pixel throughput, against an in-memory numpy run of the same converted model on a
 ``REFERENCE``-square image in another subprocess. Each run is in its own process, so neither
 inherits the other's caches or memory. One-time costs are out of both timers: conversion, and
-the runner's preparation (in-memory: timed on later calls, the median of five runs in a process before the streamed
-run and five in one after it; streamed: the
+the runner's preparation (in-memory: timed on later calls, the median of five runs in a
+process before the streamed run and five in one after it; streamed: the
 runner and its stream plan made first). oneDNN's per-shape setup is in the streamed timer only
 (its pieces come in a few shapes, each set up once). Reading the image and writing the map are
 in the streamed timer (that is the work). Run with ``.venv/bin/python benchmarks/out_of_core.py

@@ -186,7 +186,8 @@ def test_automatic_tiles_follow_the_memory_budget(padded: nn.Module, image: torc
     calls: list[int] = []
     tiles, pushes = TileRunner.__call__, _runner.Column.push
     monkeypatch.setattr(TileRunner, "__call__", lambda self, b: calls.append(len(b)) or tiles(self, b))
-    monkeypatch.setattr(_runner.Column, "push", lambda self, b, last=False: calls.append(1) or pushes(self, b, last))
+    monkeypatch.setattr(_runner.Column, "push",
+                        lambda self, b, last=False: calls.append(1) or pushes(self, b, last))
     monkeypatch.setattr(dense_module, "MEMORY_BUDGET", 200_000)
     monkeypatch.setattr(dense_module, "TILE_BUDGET", 100_000)
     monkeypatch.setattr(dense_module, "PIECE_BYTES", 40_000)

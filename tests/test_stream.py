@@ -38,7 +38,7 @@ def streamed(runner: TileRunner, image: torch.Tensor, chunks: list[int], gather:
 MODELS = {
     "shufflenet": lambda: torchvision.models.shufflenet_v2_x0_5(),  # channel shuffle, splits, concatenations
     "resnet": lambda: torchvision.models.resnet18(),  # residual adds fused into the convolutions
-    "googlenet": lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False),  # ceil-mode pools
+    "googlenet": lambda: torchvision.models.googlenet(aux_logits=False, init_weights=False),  # ceil pools
     "densenet": lambda: torchvision.models.DenseNet(8, (2, 2, 2, 2), 16),  # average-pooled transitions
     "mobilenet": lambda: torchvision.models.mobilenet_v2(width_mult=0.5),  # ReLU6, residual adds without ReLU
     "squeezenet": lambda: torchvision.models.squeezenet1_1(),  # ceil-mode pools, no global pool
@@ -151,8 +151,8 @@ def test_dense_map_streams_columns_and_equals_the_whole_image(small_budgets: Non
         whole = dense_map(fcn, image)
     pushes: list[tuple[int, int]] = []
     original = _runner.Column.push
-    monkeypatch.setattr(_runner.Column, "push",
-                        lambda self, b, last=False: pushes.append(tuple(b.shape[1:])) or original(self, b, last))
+    monkeypatch.setattr(_runner.Column, "push", lambda self, b, last=False:
+                        pushes.append(tuple(b.shape[1:])) or original(self, b, last))
     got = dense_map(fcn, image)
     assert rel(got, whole) <= 1e-6
     widths = {w for _, w in pushes}
@@ -179,7 +179,8 @@ def test_a_body_that_does_not_stream_is_tiled_as_before(monkeypatch: pytest.Monk
     assert rel(dense_map(fcn, image, tile=64), fcn(image[None]).detach().numpy()[0]) <= 1e-5
 
 
-def test_streams_are_off_with_the_environment_switch(small_budgets: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_streams_are_off_with_the_environment_switch(small_budgets: None,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     fcn = convolutionalize(torchvision.models.shufflenet_v2_x0_5().eval(), 224)
     image = np.random.default_rng(5).integers(0, 256, (500, 400, 3), dtype=np.uint8)

@@ -15,7 +15,9 @@ oneDNN's fused op with packed weights, ReLUs and residual adds as post-ops (:mod
 ``CONVOLUTIONALIZE_FUSION=0`` in the environment turns that off). It moves a batch to the
 device and returns float32 numpy. For ``precision="bf16"`` the weights are also stored in
 bfloat16 and the model runs under bfloat16 autocast, which uses AMX on CPUs that have it (and
-bf16 tensor cores on CUDA).
+bf16 tensor cores on CUDA). :meth:`TileRunner.column` streams one column of tiles through the
+same prepared body, top to bottom (:mod:`._stream`), where :meth:`TileRunner.stream_plan` says
+the body can be streamed.
 
 A model with several outputs (a tuple, dict, dataclass or ``ModelOutput`` of maps) is scored
 on the one its ``output`` names (:func:`~convolutionalize.outputs.select_output`); ``"all"``
@@ -75,7 +77,7 @@ class TileRunner:
             fuse_convolutions(model.net)
         self.body = getattr(model, "net", None)  # the traced body, unwrapped (what columns stream)
         self.stem = plan_strips(self.body)
-        if strips and self.stem is not None:  # large tiles run their stem in strips (same numbers, less memory)
+        if strips and self.stem is not None:  # large tiles run the stem in strips (same numbers, less memory)
             model.net = StripNet(model.net, self.stem)
         self.precision = precision
         self.device = device
@@ -291,24 +293,28 @@ class TorchModel(DenseModel):
     def bytes_per_pixel(self, size: tuple[int, int]) -> float:
         """As :meth:`DenseModel.bytes_per_pixel`; where the runner runs the stem in strips
         (:mod:`._strips`), the stem's activations other than its output are not counted."""
-        _, counts = self.shapes(size)
-        plan = plan_strips(getattr(self.model, "net", None))
-        off = os.environ.get("CONVOLUTIONALIZE_STRIPS", "1") == "0"
-        if plan is None or off or len(counts) <= plan.modules:
+        counts, cut = self._stem_split(size)
+        if cut is None or os.environ.get("CONVOLUTIONALIZE_STRIPS", "1") == "0":
             return super().bytes_per_pixel(size)
         area = size[0] * size[1]
-        rest = sorted(counts[plan.modules:], reverse=True)[:2]
-        return 4.0 * (sum(rest) + counts[plan.modules - 1] + self.channels * area) / area
+        rest = sorted(counts[cut:], reverse=True)[:2]
+        return 4.0 * (sum(rest) + counts[cut - 1] + self.channels * area) / area
 
     def largest_per_pixel(self, size: tuple[int, int]) -> tuple[float, float]:
         """Bytes per input pixel (float32) of the largest single activation at ``size`` in the
         stem (:mod:`._strips`; the whole body where it has none) and after it."""
-        _, counts = self.shapes(size)
-        plan = plan_strips(getattr(self.model, "net", None))
-        cut = plan.modules if plan is not None and len(counts) > plan.modules else len(counts)
+        counts, cut = self._stem_split(size)
+        cut = len(counts) if cut is None else cut
         area = size[0] * size[1]
         stem, rest = counts[:cut] or [8 * self.channels * area], counts[cut:] or counts[-1:] or [area]
         return 4.0 * max(stem) / area, 4.0 * max(rest) / area
+
+    def _stem_split(self, size: tuple[int, int]) -> tuple[list[int], int | None]:
+        """The leaf modules' element counts at ``size``, and how many of them the stem holds
+        (``None`` where there is no stem, or nothing after it)."""
+        _, counts = self.shapes(size)
+        plan = plan_strips(getattr(self.model, "net", None))
+        return counts, (plan.modules if plan is not None and len(counts) > plan.modules else None)
 
     def digest(self) -> str:
         digest = hashlib.sha1(repr(self.model).encode())

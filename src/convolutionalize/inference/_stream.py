@@ -24,6 +24,7 @@ size) is not streamed, and its tiles are computed as before.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import operator
@@ -198,7 +199,8 @@ def _streamed_leaves(plan: StreamPlan) -> list[fx.Node]:
 
 
 def _changes_rows(module: nn.Module) -> bool:
-    return isinstance(module, (FusedConv, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, WindowPool, DilatedAvgPool2d))
+    return isinstance(module, (FusedConv, nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, WindowPool,
+                               DilatedAvgPool2d))
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -231,7 +233,8 @@ def _spatial(node: fx.Node, modules: dict[str, nn.Module]) -> Spatial:
         return Spatial(conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0], 0.0,
                        _rowwise_conv(conv))
     if isinstance(module, nn.MaxPool2d):
-        (kh, kw), (ph, pw), (dh, dw) = (_pair(v) for v in (module.kernel_size, module.padding, module.dilation))
+        (kh, kw), (ph, pw), (dh, dw) = (_pair(v) for v in
+                                        (module.kernel_size, module.padding, module.dilation))
         sh, sw = _pair(module.stride or module.kernel_size)
         ceil = module.ceil_mode
 
@@ -331,7 +334,8 @@ def _check_chunked(plan: StreamPlan, channels: int, height: int, width: int, dty
     for i, leaf in enumerate(_streamed_leaves(plan)):
         got, want = torch.cat([p[i] for p in parts if p is not None], -2).float(), whole[leaf].float()
         scale = float(want.abs().max()) or 1.0
-        if got.shape != want.shape or float((got - want).abs().max()) > CHECK_TOLERANCE.get(dtype, 3e-2) * scale:
+        tolerance = CHECK_TOLERANCE.get(dtype, 3e-2) * scale
+        if got.shape != want.shape or float((got - want).abs().max()) > tolerance:
             raise NotStreamable("the streamed map differs from the one pass")
 
 
@@ -425,7 +429,7 @@ def _groups(o0: int, o1: int, reads: list[_Reads]) -> list[tuple[int, int]]:
                 cuts.update((a, b))
         clean.append(runs)
     points, groups, seam = sorted(cuts), [], None
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         inside = all(any(x <= a and b <= y for x, y in runs) for runs in clean)
         if inside and b - a >= MIN_RUN:
             if seam is not None:
@@ -536,7 +540,8 @@ class Stream:
         out = _Pieces()
         for ga, gb in _groups(a, b, reads):
             rows = [r.rows(ga, gb) for r in reads]
-            out.append(combine(*rows) if combine is not None else self._call(node, env, dict(zip(inputs, rows))))
+            out.append(combine(*rows) if combine is not None
+                       else self._call(node, env, dict(zip(inputs, rows, strict=True))))
         for h in held:
             h.drop(b)
         self.produced[node] = b

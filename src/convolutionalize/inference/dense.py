@@ -45,10 +45,19 @@ from torch import nn
 from ..api import check_output_stride, convolutionalize, geometry_of, is_keras_model, is_onnx_model
 from ..errors import NotConvolutionalizable
 from ..geometry import Geometry, PoolMode, check_pool
-from ._runner import (ALL, DenseModel, OutputChoice, Precision, Runner, TileRunner, TorchModel, dense_model,
-                      weights_state)
+from ._runner import (
+    ALL,
+    DenseModel,
+    OutputChoice,
+    Precision,
+    Runner,
+    TileRunner,
+    TorchModel,
+    dense_model,
+    weights_state,
+)
 from .images import Frame, ImageSource, open_frame
-from .masks import Mask, Work, blank, plan_work
+from .masks import Mask, Work, plan_work
 from .omezarr import Physical, open_ome_zarr_sink
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
@@ -507,7 +516,8 @@ def warn_reads(grid: TileGrid, size: tuple[int, int], stride: int, streamed: boo
         read = sum(t.shape[0] * t.shape[1] for t in grid.tiles)
     if read > READ_WARNING * size[0] * size[1]:
         (top, bottom), (left, right) = grid.halo
-        halos = f"{left} + {right} columns" if streamed else f"{top} + {bottom} rows and {left} + {right} columns"
+        halos = f"{left} + {right} columns" if streamed else \
+            f"{top} + {bottom} rows and {left} + {right} columns"
         logger.warning("exact tiling reads %.1fx the image's pixels (%s %d px wide; halos of %s): a larger "
                        "tile (more memory) computes less", read / (size[0] * size[1]),
                        "streamed columns" if streamed else "tiles", grid.cells_per_tile[1] * stride, halos)
@@ -517,16 +527,8 @@ def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSourc
               sink: MapSink | ZarrSink, batch_size: int, progress: bool) -> None:
     """Run the unfinished tiles' work in order, ``batch_size`` equal-shape reads per forward
     pass; mark the ``skipped`` tiles (no foreground) skipped."""
-    from tqdm.auto import tqdm
-
-    for t in skipped:
-        if not sink.is_done(t):
-            sink.skip(t)
-    pending = [w for w in works if not sink.is_done(w.tile)]
-    if len(pending) < len(works):
-        logger.info("resuming: %d of %d tiles already done", len(works) - len(pending), len(works))
-    with tqdm(total=len(works), initial=len(works) - len(pending), disable=not progress,
-              unit="tile", desc="dense map") as bar:
+    pending = _unfinished(works, skipped, sink)
+    with _progress(len(works), len(works) - len(pending), progress) as bar:
         for group in _batches(pending, batch_size):
             blocks = [source.read(*w.part.read) for w in group]
             scores = runner(blocks[0][None] if len(blocks) == 1 else torch.stack(blocks))
@@ -536,7 +538,7 @@ def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSourc
 
 
 @dataclass(frozen=True)
-class Columns:
+class ColumnPlan:
     """How a tiled map streams down its columns of tiles (:mod:`._stream`): the tiles, the
     input rows read at a time, pushed at a time, and gathered after the stem."""
 
@@ -547,7 +549,7 @@ class Columns:
 
 
 def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: Options,
-                 grid: TileGrid, regrid: bool) -> Columns | None:
+                 grid: TileGrid, regrid: bool) -> ColumnPlan | None:
     """Streaming for a tiled map whose body streams (one tile at a time, no dask); with
     ``regrid`` and no tile size given, the tiles become columns as wide as lets ``MIN_GATHER``
     rows after the stem fit ``PIECE_BYTES``, as tall as ``MAP_TILE_BYTES`` of map lets them."""
@@ -573,24 +575,16 @@ def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: 
     push = min(max(int(PIECE_BYTES / (stem * read_w)) // 8 * 8, 8), gather)
     logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered after the stem",
                 grid.grid[1], grid.grid[0], read_w, push, gather)
-    return Columns(grid, max(gather, READ_ROWS), push, gather)
+    return ColumnPlan(grid, max(gather, READ_ROWS), push, gather)
 
 
 def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSource, runner: TileRunner,
-                sink: MapSink | ZarrSink, columns: Columns, progress: bool) -> None:
+                sink: MapSink | ZarrSink, columns: ColumnPlan, progress: bool) -> None:
     """:func:`run_tiles` as streams: each run of unfinished tiles down a column is one
     stream (:meth:`TileRunner.column`), read from its first tile's top (halo included) to
     its last tile's bottom; each tile is written once the stream has passed its cells."""
-    from tqdm.auto import tqdm
-
-    for t in skipped:
-        if not sink.is_done(t):
-            sink.skip(t)
-    pending = [w for w in works if not sink.is_done(w.tile)]
-    if len(pending) < len(works):
-        logger.info("resuming: %d of %d tiles already done", len(works) - len(pending), len(works))
-    with tqdm(total=len(works), initial=len(works) - len(pending), disable=not progress,
-              unit="tile", desc="dense map") as bar:
+    pending = _unfinished(works, skipped, sink)
+    with _progress(len(works), len(works) - len(pending), progress) as bar:
         for run in _column_runs(pending):
             _stream_run(run, source, runner, sink, columns, bar)
 
@@ -611,7 +605,7 @@ def _column_runs(works: Sequence[Work]) -> Iterator[list[Work]]:
 
 
 def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner, sink: MapSink | ZarrSink,
-                columns: Columns, bar: Any) -> None:
+                columns: ColumnPlan, bar: Any) -> None:
     """One stream down ``run`` (consecutive tiles of one column), reading what their works
     read: from the first one's top to the last one's bottom, over all of their columns (a
     mask's cut works read less; every cell a work owns is computed as exactly as it would)."""
@@ -620,7 +614,7 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner, sink: 
     pushes = (push for y in range(top, end, columns.read_rows)
               for push in source.read_rows(y, min(y + columns.read_rows, end), x0, x1, columns.push_rows))
     column = runner.column(columns.gather_rows)
-    base, col0 = run[0].part.first_cell[0], min(w.part.first_cell[1] for w in run)  # of the stream's cell (0, 0)
+    base, col0 = run[0].part.first_cell[0], min(w.part.first_cell[1] for w in run)  # the stream's cell (0, 0)
     parts: list[np.ndarray] = []  # the map rows from ``base`` on that the stream has given
     received, over = 0, False
     for w in run:
@@ -637,6 +631,23 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner, sink: 
         parts = [] if rows is None or cut >= rows.shape[1] else [rows[:, cut:]]
         base, received = base + cut, received - cut
         bar.update(1)
+
+
+def _unfinished(works: Sequence[Work], skipped: Sequence[Tile], sink: MapSink | ZarrSink) -> list[Work]:
+    """Mark the ``skipped`` tiles skipped; the works not done yet (a resumed run's rest)."""
+    for t in skipped:
+        if not sink.is_done(t):
+            sink.skip(t)
+    pending = [w for w in works if not sink.is_done(w.tile)]
+    if len(pending) < len(works):
+        logger.info("resuming: %d of %d tiles already done", len(works) - len(pending), len(works))
+    return pending
+
+
+def _progress(total: int, done: int, shown: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=done, disable=not shown, unit="tile", desc="dense map")
 
 
 def _batches(works: Sequence[Work], size: int) -> Iterator[list[Work]]:
