@@ -119,7 +119,7 @@ class Squeeze(nn.Module):
 ])
 def test_a_body_a_stream_cannot_reproduce_is_refused(middle: nn.Module, reason: str) -> None:
     with pytest.raises(NotStreamable, match=reason):
-        plan_stream(fx.symbolic_trace(Body(middle).eval()), 3, (16, 16))
+        plan_stream(fx.symbolic_trace(Body(middle).eval()), 3, (16, 16), 1)
 
 
 def test_kept_rows_do_not_hold_the_whole_piece() -> None:

@@ -114,7 +114,8 @@ class TileRunner:
             model, plan = self.model, None
             try:
                 with torch.inference_mode(), self._autocast():
-                    plan = plan_stream(self.body, model.plan.in_channels, model.geometry.input_size,  # type: ignore[union-attr]
+                    plan = plan_stream(self.body, model.plan.in_channels,  # type: ignore[union-attr]
+                                       model.geometry.input_size, max(model.geometry.stride),  # type: ignore[union-attr]
                                        getattr(model, "out_spec", None))
             except NotStreamable as exc:
                 logger.info("tiles are computed one by one, not streamed: %s", exc)

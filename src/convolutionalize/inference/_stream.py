@@ -100,8 +100,9 @@ class Spatial:
 
 @dataclass
 class StreamPlan:
-    """How to stream a body: per node, its row axis (negative, or ``None`` for a value that
-    does not depend on the input), whether it streams, and the spatial layers' geometry."""
+    """How to stream a body: which nodes depend on the input (stream), each one's row axis
+    (negative; 0 for a value that is not a tensor, a size), the spatial layers' geometry, the
+    nodes that align several streams, and where each value is used last."""
 
     net: fx.GraphModule
     nodes: list[fx.Node]
@@ -127,10 +128,11 @@ class StreamPlan:
         return Stream(self, gather)
 
 
-def plan_stream(net: nn.Module, channels: int, size: tuple[int, int], out_spec: Any = None) -> StreamPlan:
-    """The plan for streaming ``net`` (a converted model's traced body, whose output
-    ``out_spec`` rebuilds), checked on inputs of ``channels`` and about ``size`` (the native
-    input size) as the module docstring says.
+def plan_stream(net: nn.Module, channels: int, size: tuple[int, int], stride: int,
+                out_spec: Any = None) -> StreamPlan:
+    """The plan for streaming ``net`` (a converted model's traced body of output stride
+    ``stride``, whose output ``out_spec`` rebuilds), checked on inputs of ``channels`` and
+    about ``size`` (the native input size) as the module docstring says.
 
     Raises:
         NotStreamable: the body does something a stream cannot reproduce (the message says what).
@@ -155,7 +157,6 @@ def plan_stream(net: nn.Module, channels: int, size: tuple[int, int], out_spec: 
     param = next(iter(net.parameters()), None)
     dtype = torch.float32 if param is None or not param.is_floating_point() else param.dtype
     device = torch.device("cpu") if param is None else param.device
-    stride = max(1, math.prod(s.stride for s in spatial.values()))
     heights = (height + stride + 3, height + 2 * stride + 5)
     runs = [_values(net, torch.randn(1, channels, h, width + stride + 5, device=device, dtype=dtype))
             for h in heights]
