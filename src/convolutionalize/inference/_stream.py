@@ -9,7 +9,8 @@ of them, with its zero padding (``-inf`` for max pools) added above the first ro
 the last), each add or concatenation keeps the rows one branch has produced and the other
 has not yet, and every other layer works on whatever rows reach it. Each row of every layer
 is computed once; only the columns' halos (left and right) are computed twice, and a chunk
-holds a few hundred rows at a time, whatever the tile's size.
+holds a few dozen to a few hundred rows at a time (as many as ``dense`` lets fit its piece
+size), whatever the tile's size.
 
 :func:`plan_stream` decides whether a body can run so, from what it does rather than what it
 is called: two symbolic-free runs at different heights tell each tensor's row axis and
@@ -38,15 +39,16 @@ from torch import fx, nn
 from torch.utils._pytree import tree_unflatten
 
 from ..frameworks.torch.layers import ChannelLayerNorm, DilatedAvgPool2d, WindowPool, dilated_avg_pool2d
+from . import _strips
 from ._onednn import FusedConv
 
 __all__ = ["Stream", "StreamPlan", "plan_stream"]
 
 logger = logging.getLogger(__name__)
 
-POINTWISE_MODULES = (nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU,
-                     nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.PReLU,
-                     nn.Identity, nn.Dropout, nn.Dropout2d, nn.LayerNorm, ChannelLayerNorm, nn.Linear,
+# the strips' pointwise layers, and layers that mix channels or columns (never rows) at each row
+POINTWISE_MODULES = (*_strips.POINTWISE_MODULES, nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Mish, nn.ELU,
+                     nn.PReLU, nn.Dropout, nn.Dropout2d, nn.LayerNorm, ChannelLayerNorm, nn.Linear,
                      nn.Softmax, nn.LogSoftmax)
 ROW_LOCAL_FUNCTIONS = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
@@ -113,10 +115,12 @@ class StreamPlan:
     last_use: dict[fx.Node, int]
     out_spec: Any = None
     steps: list[tuple[fx.Node, str, list[fx.Node], list[fx.Node]]] = field(default_factory=list)
+    leaves: list[fx.Node] = field(default_factory=list)  # the output's maps, as Stream.push returns them
 
     def __post_init__(self) -> None:
         """Each node's kind, streamed inputs and the streamed values freed after it (what
-        :meth:`Stream.push` walks, worked out once)."""
+        :meth:`Stream.push` walks, worked out once), and the output's nodes."""
+        self.leaves = [n for n in self.nodes[-1].all_input_nodes if n in self.streamed]
         for index, node in enumerate(self.nodes):
             kind = ("input" if node.op == "placeholder" else "output" if node.op == "output"
                     else "constant" if node not in self.streamed else "spatial" if node in self.spatial
@@ -192,11 +196,6 @@ def plan_stream(net: nn.Module, channels: int, size: tuple[int, int], stride: in
     plan = StreamPlan(net, nodes, streamed, axis, spatial, aligned, last_use, out_spec)
     _check_chunked(plan, channels, heights[1] + 2 * stride + 2, width + 3, dtype, device)
     return plan
-
-
-def _streamed_leaves(plan: StreamPlan) -> list[fx.Node]:
-    """The output's streamed nodes, in the order :meth:`Stream.push` returns their rows."""
-    return [n for n in plan.nodes[-1].all_input_nodes if n in plan.streamed]
 
 
 def _changes_rows(module: nn.Module) -> bool:
@@ -323,8 +322,7 @@ def _check_chunked(plan: StreamPlan, channels: int, height: int, width: int, dty
                    device: torch.device) -> None:
     """Stream a random input in odd-sized chunks and compare with the one pass."""
     x = torch.randn(1, channels, height, width, device=device, dtype=dtype)
-    if x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
     whole = _values(plan.net, x)
     with torch.inference_mode():
         stream, parts, start = plan.stream(), [], 0
@@ -332,7 +330,7 @@ def _check_chunked(plan: StreamPlan, channels: int, height: int, width: int, dty
             parts.append(stream.push(x[:, :, start:start + rows]))
             start += rows
         parts.append(stream.push(x[:, :, start:], last=True))
-    for i, leaf in enumerate(_streamed_leaves(plan)):
+    for i, leaf in enumerate(plan.leaves):
         got, want = torch.cat([p[i] for p in parts if p is not None], -2).float(), whole[leaf].float()
         scale = float(want.abs().max()) or 1.0
         tolerance = CHECK_TOLERANCE.get(dtype, 3e-2) * scale
@@ -463,7 +461,7 @@ class Stream:
             if kind == "input":
                 env[node] = _Pieces([x] if x.shape[-2] else [])
             elif kind == "output":
-                pieces = self._aligned(node, env, _streamed_leaves(plan), lambda *v: v)
+                pieces = self._aligned(node, env, plan.leaves, lambda *v: v)
                 if not pieces:
                     return None
                 return tuple(torch.cat([p[i] for p in pieces], -2) if len(pieces) > 1 else pieces[0][i]
@@ -595,6 +593,6 @@ def _fill_rows(like: torch.Tensor | None, rows: int, fill: float) -> torch.Tenso
 
 def assemble(plan: StreamPlan, leaves: tuple[torch.Tensor, ...]) -> Any:
     """The model's output built from the output leaves' rows (its tuple, dict or ModelOutput)."""
-    by_node = dict(zip(_streamed_leaves(plan), leaves))
+    by_node = dict(zip(plan.leaves, leaves))
     out = fx.node.map_arg(plan.nodes[-1].args[0], lambda n: by_node[n])
     return out if plan.out_spec is None else tree_unflatten(list(out), plan.out_spec)
