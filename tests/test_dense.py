@@ -537,3 +537,24 @@ def test_out_that_is_a_plain_file_is_a_value_error(padded: nn.Module, image: tor
     with pytest.raises(ValueError, match="is not a dense-map zarr store"):
         dense_map(padded, image, tile=12, out=taken)
     assert taken.read_text() == "not a store"
+
+
+class EvenSides(nn.Module):
+    """DLA's shortcut: a strided convolution added to a 2x2 max pool, which only agree in size
+    on even sides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 3, 3, 2, 1), nn.MaxPool2d(2, 2)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x) + self.pool(x))
+
+
+def test_a_size_the_network_rejects_is_a_value_error_naming_one_it_takes() -> None:
+    torch.manual_seed(0)
+    fcn = convolutionalize(EvenSides().eval(), 16)
+    assert dense_map(fcn, torch.randn(3, 40, 62)).shape[1:] == (13, 24)
+    with pytest.raises(ValueError, match=r"does not run on a 41x63 input .*multiples of its stride 2x2, e\.g\. 40x62"):
+        dense_map(fcn, torch.randn(3, 41, 63))

@@ -232,9 +232,22 @@ class DenseModel:
     def shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
         """The output shape (without batch; ``(classes, rows, cols)`` or ``(classes,)``) of a
         ``size`` input, and the element counts of the intermediate tensors, without computing.
-        Remembered per size (see :func:`dense_model`)."""
+        Remembered per size (see :func:`dense_model`).
+
+        Raises:
+            ValueError: the network does not run at ``size`` (DLA's shortcuts, for one, need
+                sides that halve evenly down to its stride).
+        """
         if size not in self._shapes:
-            self._shapes[size] = self.infer_shapes(size)
+            try:
+                self._shapes[size] = self.infer_shapes(size)
+            except RuntimeError as exc:  # the network's own shape check, deep inside it
+                stride = self.geometry.stride
+                fits = "x".join(str(max(n // s * s, w)) for n, s, w in zip(size, stride, self.geometry.window))
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ValueError(f"the converted model does not run on a {size[0]}x{size[1]} input ({reason}); "
+                                 f"crop or pad the image to sides that are multiples of its stride "
+                                 f"{stride[0]}x{stride[1]}, e.g. {fits}") from exc
         return self._shapes[size]
 
     def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:

@@ -227,6 +227,12 @@ def activation_shapes(model: nn.Module, channels: int, size: tuple[int, int],
             hook.remove()
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
-        x = mode.from_tensor(torch.empty(1, channels, *size))
-        return tuple(select_output(model(x), output).shape[1:]), []
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)  # a size the network rejects is raised to the caller, not logged
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.no_grad():
+            x = mode.from_tensor(torch.empty(1, channels, *size))
+            return tuple(select_output(model(x), output).shape[1:]), []
+    finally:
+        fake_log.setLevel(level)
