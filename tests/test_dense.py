@@ -556,5 +556,6 @@ def test_a_size_the_network_rejects_is_a_value_error_naming_one_it_takes() -> No
     torch.manual_seed(0)
     fcn = convolutionalize(EvenSides().eval(), 16)
     assert dense_map(fcn, torch.randn(3, 40, 62)).shape[1:] == (13, 24)
-    with pytest.raises(ValueError, match=r"does not run on a 41x63 input .*multiples of its stride 2x2, e\.g\. 40x62"):
+    with pytest.raises(ValueError, match=r"does not run on a 41x63 input .*multiples of its stride 2x2, "
+                                         r"e\.g\. 40x62"):
         dense_map(fcn, torch.randn(3, 41, 63))

@@ -243,9 +243,11 @@ class DenseModel:
                 self._shapes[size] = self.infer_shapes(size)
             except RuntimeError as exc:  # the network's own shape check, deep inside it
                 stride = self.geometry.stride
-                fits = "x".join(str(max(n // s * s, w)) for n, s, w in zip(size, stride, self.geometry.window))
+                fits = "x".join(str(max(n // s * s, w))
+                                for n, s, w in zip(size, stride, self.geometry.window, strict=True))
                 reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ValueError(f"the converted model does not run on a {size[0]}x{size[1]} input ({reason}); "
+                raise ValueError(f"the converted model does not run on a {size[0]}x{size[1]} input "
+                                 f"({reason}); "
                                  f"crop or pad the image to sides that are multiples of its stride "
                                  f"{stride[0]}x{stride[1]}, e.g. {fits}") from exc
         return self._shapes[size]
