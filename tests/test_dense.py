@@ -541,14 +541,16 @@ def test_out_that_is_a_plain_file_is_a_value_error(padded: nn.Module, image: tor
 
 class EvenSides(nn.Module):
     """DLA's shortcut: a strided convolution added to a 2x2 max pool, which only agree in size
-    on even sides."""
+    on even sides; after a 3x3 convolution, whose halo makes tiles' reads end on odd pixels."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.conv, self.pool = nn.Conv2d(3, 3, 3, 2, 1), nn.MaxPool2d(2, 2)
+        self.stem, self.conv = nn.Conv2d(3, 3, 3, 1, 1), nn.Conv2d(3, 3, 3, 2, 1)
+        self.pool = nn.MaxPool2d(2, 2)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
         return self.head(self.conv(x) + self.pool(x))
 
 
@@ -559,3 +561,17 @@ def test_a_size_the_network_rejects_is_a_value_error_naming_one_it_takes() -> No
     with pytest.raises(ValueError, match=r"does not run on a 41x63 input .*multiples of its stride 2x2, "
                                          r"e\.g\. 40x62"):
         dense_map(fcn, torch.randn(3, 41, 63))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_tiles_of_a_network_that_takes_even_sides_only_read_whole_strides(masked: bool) -> None:
+    torch.manual_seed(0)
+    fcn = convolutionalize(EvenSides().eval(), 16)
+    image = np.random.default_rng(0).integers(0, 256, (40, 62, 3), dtype=np.uint8)
+    mask = np.zeros((40, 62), bool)
+    mask[6:19, 29:47] = True
+    whole = dense_map(fcn, image, mask=mask if masked else None)
+    lazy = RecordingArray(image)
+    tiled = dense_map(fcn, lazy, tile=10, mask=mask if masked else None)
+    assert len(lazy.reads) > 2 and all(h % 2 == 0 and w % 2 == 0 for h, w in lazy.reads)
+    np.testing.assert_array_equal(tiled, whole)

@@ -34,7 +34,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -311,7 +311,14 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if len(grid.tiles) > 1:
         warn_reads(grid, size, fcn.geometry.stride[1], columns is not None)
     keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
-    works, skipped = plan_work(grid.tiles, keep, fcn.geometry, size)
+    works, skipped = plan_work(grid, keep, fcn.geometry, size)
+    if _rejected(fcn, works) is not None:  # the network runs only on sides of whole strides
+        grid = plan_tiles(fcn.geometry, size, shape[1:], tuple(  # type: ignore[arg-type]
+            n * s for n, s in zip(grid.cells_per_tile, fcn.geometry.stride)), fcn.geometry.stride)
+        columns = None if columns is None else replace(columns, grid=grid)
+        works, skipped = plan_work(grid, keep, fcn.geometry, size)
+        if (error := _rejected(fcn, works)) is not None:
+            raise error
     if keep is not None:
         logger.info("mask: %.0f %% of the cells are foreground; %d of %d tiles hold none and are skipped",
                     100 * keep.mean(), len(skipped), len(grid.tiles))
@@ -338,6 +345,17 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if options.output == ALL:
         return _split(result, fcn.parts((source.height, source.width)))
     return result
+
+
+def _rejected(fcn: DenseModel, works: Sequence[Work]) -> ValueError | None:
+    """Why the network does not run on one of the works' reads (each shape checked once,
+    without computing), or None when it runs on all of them."""
+    for shape in sorted({w.part.shape for w in works}):
+        try:
+            fcn.shapes(shape)
+        except ValueError as exc:
+            return exc
+    return None
 
 
 def check_options(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ..geometry import Geometry
-from .tiling import Tile, shrink
+from .tiling import Tile, TileGrid, shrink
 
 __all__ = ["AUTO_SIDE", "SATURATION_CAP", "Mask", "Work", "auto_mask", "blank", "check_mask",
            "low_resolution", "plan_work"]
@@ -115,14 +114,14 @@ class Work:
         return blank(cells, self.keep)
 
 
-def plan_work(tiles: Sequence[Tile], keep: np.ndarray | None, geometry: Geometry,
+def plan_work(grid: TileGrid, keep: np.ndarray | None, geometry: Geometry,
               size: tuple[int, int]) -> tuple[list[Work], list[Tile]]:
-    """The work of the tiles with foreground cells (each shrunk to their bounding box, which
-    its smaller read computes exactly as the whole tile would) and the tiles with none."""
+    """The work of the grid's tiles with foreground cells (each shrunk to their bounding box,
+    which its smaller read computes exactly as the whole tile would) and the tiles with none."""
     if keep is None:
-        return [Work(t, t) for t in tiles], []
+        return [Work(t, t) for t in grid.tiles], []
     works, skipped = [], []
-    for t in tiles:
+    for t in grid.tiles:
         r0, r1, c0, c1 = t.cells
         block = keep[r0:r1, c0:c1]
         rows, cols = np.flatnonzero(block.any(axis=1)), np.flatnonzero(block.any(axis=0))
@@ -130,7 +129,8 @@ def plan_work(tiles: Sequence[Tile], keep: np.ndarray | None, geometry: Geometry
             skipped.append(t)
             continue
         part = shrink(t, _quantized(r0, r1, r0 + int(rows[0]), r0 + int(rows[-1]) + 1),
-                      _quantized(c0, c1, c0 + int(cols[0]), c0 + int(cols[-1]) + 1), geometry, size)
+                      _quantized(c0, c1, c0 + int(cols[0]), c0 + int(cols[-1]) + 1), geometry, size,
+                      grid.align)
         works.append(Work(t, part, block))
     return works, skipped
 

@@ -49,6 +49,7 @@ class TileGrid:
     grid: tuple[int, int]
     cells_per_tile: tuple[int, int]
     halo: tuple[tuple[int, int], tuple[int, int]]  # (before, after) pixels per axis
+    align: tuple[int, int] = (1, 1)  # reads end on multiples of these (or at the image's end)
 
 
 def halo_of(geometry: Geometry) -> tuple[tuple[tuple[int, int], tuple[int, int]], bool]:
@@ -74,6 +75,7 @@ def plan_tiles(
     image_size: tuple[int, int],
     map_size: tuple[int, int],
     tile: int | tuple[int, int],
+    align: tuple[int, int] = (1, 1),
 ) -> TileGrid:
     """Tiles of ``tile`` input pixels a side (rounded down to whole strides, at least one).
 
@@ -82,13 +84,17 @@ def plan_tiles(
         image_size: ``(H, W)`` of the input.
         map_size: ``(rows, cols)`` of the whole-image map (``fcn.output_size``).
         tile: input pixels between the starts of neighbouring tiles (or ``(rows, cols)`` of them).
+        align: per axis, a multiple that every read's end is rounded up to (unless it ends at the
+            image's end): the stride for networks that run only on such sides (DLA's shortcuts
+            add a stride-2 convolution to a 2x2 max pool, which agree on even sides only).
     """
     halo, _ = halo_of(geometry)
     sides = (tile, tile) if isinstance(tile, int) else tile
     per_tile = tuple(max(side // s, 1) for side, s in zip(sides, geometry.stride))
     grid = tuple(math.ceil(n / p) for n, p in zip(map_size, per_tile))
     axes = [
-        [_axis(i, per_tile[a], map_size[a], image_size[a], geometry, halo[a], a) for i in range(grid[a])]
+        [_span(i * per_tile[a], min((i + 1) * per_tile[a], map_size[a]), image_size[a], geometry, halo[a],
+               align[a], a) for i in range(grid[a])]
         for a in (0, 1)
     ]
     tiles = tuple(
@@ -96,29 +102,24 @@ def plan_tiles(
         for ti, ry in enumerate(axes[0])
         for tj, rx in enumerate(axes[1])
     )
-    return TileGrid(tiles, (grid[0], grid[1]), (per_tile[0], per_tile[1]), halo)
+    return TileGrid(tiles, (grid[0], grid[1]), (per_tile[0], per_tile[1]), halo, align)
 
 
-def _axis(i: int, per_tile: int, cells: int, size: int, geometry: Geometry,
-          halo: tuple[int, int], axis: int) -> tuple[int, int, int, int, int]:
-    """Along one axis: (read start, read end, first owned cell, end owned cell, first tile cell)."""
-    return _span(i * per_tile, min((i + 1) * per_tile, cells), size, geometry, halo, axis)
-
-
-def _span(c0: int, c1: int, size: int, geometry: Geometry, halo: tuple[int, int],
+def _span(c0: int, c1: int, size: int, geometry: Geometry, halo: tuple[int, int], align: int,
           axis: int) -> tuple[int, int, int, int, int]:
-    """What computes cells ``c0 .. c1 - 1`` along one axis, as :func:`_axis` returns it."""
+    """What computes cells ``c0 .. c1 - 1`` along one axis: (read start, read end, first owned
+    cell, end owned cell, first tile cell)."""
     stride, offset, window = geometry.stride[axis], geometry.offset[axis], geometry.window[axis]
     start = max(c0 * stride + offset - halo[0], 0) // stride * stride
-    end = min((c1 - 1) * stride + offset + window + halo[1], size)
+    end = min(-(-((c1 - 1) * stride + offset + window + halo[1]) // align) * align, size)
     return start, end, c0, c1, start // stride
 
 
 def shrink(tile: Tile, rows: tuple[int, int], cols: tuple[int, int], geometry: Geometry,
-           image_size: tuple[int, int]) -> Tile:
+           image_size: tuple[int, int], align: tuple[int, int] = (1, 1)) -> Tile:
     """``tile`` computing only its cells ``rows x cols`` (map cells, ends exclusive, inside the
     tile's own): the smaller read that computes them as exactly as the whole tile does."""
     halo, _ = halo_of(geometry)
-    ry = _span(rows[0], rows[1], image_size[0], geometry, halo[0], 0)
-    rx = _span(cols[0], cols[1], image_size[1], geometry, halo[1], 1)
+    ry = _span(rows[0], rows[1], image_size[0], geometry, halo[0], align[0], 0)
+    rx = _span(cols[0], cols[1], image_size[1], geometry, halo[1], align[1], 1)
     return Tile(tile.index, (ry[0], ry[1], rx[0], rx[1]), (ry[2], ry[3], rx[2], rx[3]), (ry[4], rx[4]))
