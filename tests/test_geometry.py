@@ -234,3 +234,16 @@ def test_converted_receptive_field_matches_autograd_footprint() -> None:
     footprint = (int(ys.max() - ys.min()) + 1, int(xs.max() - xs.min()) + 1)
     assert (int(ys.min()), int(xs.min())) == (y0, x0)
     assert footprint == fcn.geometry.receptive_field
+
+
+def test_a_padded_network_between_whole_strides_has_a_trailing_cell_past_the_edge() -> None:
+    """What ``Geometry.cells`` and the README say: off ``native + k * stride`` a padded network
+    rounds up, and its last cell's window hangs less than a stride past the far edge."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 2, 1),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+    fcn = convolutionalize(net, 16)
+    assert fcn.output_size(16, 24)[1:] == (1, 3) == (1, fcn.geometry.cells(16, 24)[1])  # whole strides
+    assert fcn.output_size(16, 26)[1:] == (1, 4) and fcn.geometry.cells(16, 26) == (1, 3)
+    x1 = fcn.geometry.box(0, 3)[2]
+    assert 26 < x1 < 26 + fcn.geometry.stride[1]

@@ -118,6 +118,11 @@ class Geometry:
 
         Exact for sizes of the form ``input_size + k * stride`` (each layer then grows by
         whole cells); for other sizes a converted PyTorch model's ``output_size`` measures it.
+        There a zero-padded network (its strided layers round up) can give one more cell per
+        axis than this: its window reaches up to ``stride - 1`` pixels past the image's far
+        edge, where that cell sees the network's zero padding (ResNet-18 at 224x1100: 29
+        columns, not 28; the last window is x 896-1120). Crop or pad to ``input_size + k *
+        stride`` for every window inside the image.
         With ``pool="global"`` the model returns one prediction: ``(1, 1)``.
         """
         if self.pool == "global":
