@@ -19,7 +19,7 @@ import zarr
 from torch import nn
 
 from convolutionalize import convolutionalize, dense_map
-from convolutionalize.inference import slides
+from convolutionalize.inference import masks, slides
 from convolutionalize.inference.masks import auto_mask, check_mask
 from convolutionalize.inference.store import MapSink, ZarrSink
 from convolutionalize.inference.tiling import Tile
@@ -306,3 +306,15 @@ def test_a_tile_half_on_tissue_computes_only_its_foreground_cells_box(
     kept = ~np.isnan(masked).all(axis=0)
     np.testing.assert_array_equal(masked[:, kept], whole[:, kept])
     assert kept[:10].all() and not kept[20:].any()
+
+
+def test_a_pyramidal_tiffs_auto_mask_looks_at_its_coarsest_level(fcn: nn.Module, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not at all of level 0 (a 40k slide's JPEG tiles took 15 s to decode for the mask)."""
+    path = write_slide(tmp_path / "page.ome.tif", tissue_page())  # levels 512x640, 256x320, 128x160
+    seen: list[tuple[int, ...]] = []
+    original = masks.low_resolution
+    monkeypatch.setattr(masks, "low_resolution", lambda a: seen.append(a.shape) or original(a))
+    masked = dense_map(fcn, path, tile=64, mask="auto")
+    assert seen == [(128, 160, 3)]
+    assert 0.2 < np.isnan(masked).all(axis=0).mean() < 0.8

@@ -188,6 +188,8 @@ def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Seq
                              f"resolution; {what} is not one: leave mpp out, or resample the image yourself")
         source = open_image(image, channels, mean, std, model)
         size = (source.height, source.width)
+        if suffix in TIFF_SUFFIXES:  # a pyramid's coarsest level, as for slides (not all of level 0)
+            return Frame(source, size, size, None, lambda: low_resolution(_open_tiff(Path(image), -1)))
         return Frame(source, size, size, None, lambda: low_resolution(source.array))
     slide = open_slide(image)
     level, factor = (0, 1.0) if mpp is None else level_for(slide, mpp)
@@ -329,12 +331,13 @@ def _open_path(path: Path, channels: int) -> Any:
         raise ValueError(f"cannot read image {path}: {' '.join(str(exc).split())}") from exc
 
 
-def _open_tiff(path: Path) -> Any:
-    """Level 0 of a (pyramidal) TIFF as a lazy zarr array, read tile by tile."""
+def _open_tiff(path: Path, level: int = 0) -> Any:
+    """Level ``level`` (-1: the coarsest) of a (pyramidal) TIFF as a lazy zarr array, read tile
+    by tile."""
     import tifffile
     import zarr
 
-    store = tifffile.imread(path, aszarr=True, level=0)
+    store = tifffile.imread(path, aszarr=True, level=level)
     array = zarr.open(store, mode="r")
     if not hasattr(array, "shape"):  # a multiscale group: take the full-resolution level
         array = array["0"]
