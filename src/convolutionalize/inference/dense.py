@@ -33,7 +33,7 @@ import os
 import sys
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -61,7 +61,7 @@ from .masks import Mask, Work, plan_work
 from .omezarr import Physical, open_ome_zarr_sink
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
-from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths
+from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths, written_behind
 from .tiling import Tile, TileGrid, halo_of, plan_tiles
 
 __all__ = ["MEMORY_BUDGET", "TILE_BUDGET", "Fallback", "TilingWarning", "dense_map"]
@@ -546,12 +546,12 @@ def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSourc
     """Run the unfinished tiles' work in order, ``batch_size`` equal-shape reads per forward
     pass; mark the ``skipped`` tiles (no foreground) skipped."""
     pending = _unfinished(works, skipped, sink)
-    with _progress(len(works), len(works) - len(pending), progress) as bar:
+    with _progress(len(works), len(works) - len(pending), progress) as bar, written_behind(sink) as write:
         for group in _batches(pending, batch_size):
             blocks = [source.read(*w.part.read) for w in group]
             scores = runner(blocks[0][None] if len(blocks) == 1 else torch.stack(blocks))
             for w, out in zip(group, scores):
-                sink.write(w.tile, w.cells(out))
+                write(w.tile, w.cells(out))
             bar.update(len(group))
 
 
@@ -602,9 +602,9 @@ def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSou
     stream (:meth:`TileRunner.column`), read from its first tile's top (halo included) to
     its last tile's bottom; each tile is written once the stream has passed its cells."""
     pending = _unfinished(works, skipped, sink)
-    with _progress(len(works), len(works) - len(pending), progress) as bar:
+    with _progress(len(works), len(works) - len(pending), progress) as bar, written_behind(sink) as write:
         for run in _column_runs(pending):
-            _stream_run(run, source, runner, sink, columns, bar)
+            _stream_run(run, source, runner, write, columns, bar)
 
 
 def _column_runs(works: Sequence[Work]) -> Iterator[list[Work]]:
@@ -622,8 +622,8 @@ def _column_runs(works: Sequence[Work]) -> Iterator[list[Work]]:
         yield run
 
 
-def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner, sink: MapSink | ZarrSink,
-                columns: ColumnPlan, bar: Any) -> None:
+def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
+                write: Callable[[Tile, np.ndarray], None], columns: ColumnPlan, bar: Any) -> None:
     """One stream down ``run`` (consecutive tiles of one column), reading what their works
     read: from the first one's top to the last one's bottom, over all of their columns (a
     mask's cut works read less; every cell a work owns is computed as exactly as it would)."""
@@ -644,7 +644,7 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner, sink: 
                 parts.append(out)
                 received += out.shape[1]
         rows = (np.concatenate(parts, 1) if len(parts) > 1 else parts[0]) if parts else None
-        sink.write(w.tile, w.cells_from(rows, base, col0))
+        write(w.tile, w.cells_from(rows, base, col0))
         cut = max(w.tile.cells[1] - base, 0)
         parts = [] if rows is None or cut >= rows.shape[1] else [rows[:, cut:]]
         base, received = base + cut, received - cut

@@ -14,9 +14,12 @@ group, named by each scale's index (``0``, ``1``, ...); the group records the sc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,7 +28,8 @@ import numpy as np
 
 from .tiling import Tile, TileGrid
 
-__all__ = ["MapSink", "ZarrSink", "add_flags", "map_compressors", "open_zarr_sink", "pyramid_paths", "reopen"]
+__all__ = ["MapSink", "ZarrSink", "add_flags", "map_compressors", "open_zarr_sink", "pyramid_paths", "reopen",
+           "written_behind"]
 
 KEY_ATTR = "convolutionalize.key"
 SCALES_ATTR = "convolutionalize.scales"
@@ -87,6 +91,43 @@ class ZarrSink:
 
     def __reduce__(self) -> tuple[Any, ...]:  # workers reopen the store by path
         return (_reopen, (self.path,))
+
+
+@contextlib.contextmanager
+def written_behind(sink: MapSink | ZarrSink) -> Iterator[Callable[[Tile, np.ndarray], None]]:
+    """``sink.write`` for a loop that computes tiles: a zarr store's writes (encoding, and the
+    disk, which throttles a writer once the dirty page cache fills) run in a thread while the
+    next tile computes, one tile waiting at most. Every tile handed over is written (and
+    flagged) before the block ends; a failed write is raised in the caller's thread, at its
+    next write or at the end."""
+    if not isinstance(sink, ZarrSink):
+        yield sink.write
+        return
+    tiles: queue.Queue[tuple[Tile, np.ndarray] | None] = queue.Queue(maxsize=1)
+    failed: list[BaseException] = []
+
+    def drain() -> None:
+        while (item := tiles.get()) is not None:
+            if not failed:
+                try:
+                    sink.write(*item)
+                except BaseException as exc:  # raised again in the caller's thread
+                    failed.append(exc)
+
+    def write(tile: Tile, cells: np.ndarray) -> None:
+        if failed:
+            raise failed[0]
+        tiles.put((tile, cells))
+
+    thread = threading.Thread(target=drain, name="convolutionalize-writer", daemon=True)
+    thread.start()
+    try:
+        yield write
+    finally:
+        tiles.put(None)
+        thread.join()
+    if failed:
+        raise failed[0]
 
 
 def _reopen(path: str) -> ZarrSink:
