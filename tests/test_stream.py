@@ -3,6 +3,8 @@ its next rows need, so no vertical halo is computed twice; the maps equal the on
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,8 @@ from convolutionalize.inference import _runner
 from convolutionalize.inference import dense as dense_module
 from convolutionalize.inference._runner import TileRunner
 from convolutionalize.inference._stream import NotStreamable, _Rows, plan_stream
+from convolutionalize.inference.store import ZarrSink
+from convolutionalize.inference.tiling import Tile
 
 from conftest import rel
 
@@ -188,3 +192,49 @@ def test_streams_are_off_with_the_environment_switch(small_budgets: None,
     monkeypatch.setenv("CONVOLUTIONALIZE_STREAMS", "0")
     monkeypatch.setattr(_runner.Column, "push", lambda *_: pytest.fail("a column streamed"))
     assert rel(dense_map(fcn, image), streamed_map) <= 1e-6
+
+
+def test_a_masked_map_merges_neighbouring_columns_and_equals_the_whole_image(
+        small_budgets: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    fcn = convolutionalize(torchvision.models.shufflenet_v2_x0_5().eval(), 224)
+    image = np.random.default_rng(5).integers(0, 256, (900, 3000, 3), dtype=np.uint8)
+    mask = np.zeros((900, 3000), bool)
+    mask[100:700, 300:2400] = True  # a wide blob: runs in many columns, merged
+    mask[800:, 2800:] = True  # and a corner apart
+    with monkeypatch.context() as patch:
+        patch.setattr(dense_module, "MEMORY_BUDGET", 1 << 40)
+        whole = dense_map(fcn, image)
+    monkeypatch.setattr(dense_module, "MASK_BAND_BYTES", 1 << 20)  # several rows of tiles
+    runs: list[list] = []
+    original = dense_module._stream_run
+    monkeypatch.setattr(dense_module, "_stream_run", lambda run, *a: runs.append(run) or original(run, *a))
+    got = dense_map(fcn, image, mask=mask)
+    computed = ~np.isnan(got).all(axis=0)
+    assert 0.2 < computed.mean() < 0.9
+    assert rel(got[:, computed], whole[:, computed]) <= 1e-6
+    columns = [{w.tile.index[1] for w in run} for run in runs]
+    rows = [{w.tile.index[0] for w in run} for run in runs]
+    assert len(runs) >= 2 and max(len(c) for c in columns) > 1  # merged across columns
+    assert max(len(r) for r, c in zip(rows, columns) if len(c) > 1) > 1  # and down rows of tiles
+    owned = [w.tile.index for run in runs for w in run]
+    assert len(owned) == len(set(owned))  # each tile in one stream
+
+    written: list[Tile] = []  # stopped after five tiles, then resumed: done tiles inside a stream stay
+    write = ZarrSink.write
+
+    def stop_after_five(self: ZarrSink, tile: Tile, cells: np.ndarray) -> None:
+        if len(written) == 5:
+            raise KeyboardInterrupt
+        written.append(tile)
+        write(self, tile, cells)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ZarrSink, "write", stop_after_five)
+        with pytest.raises(KeyboardInterrupt):
+            dense_map(fcn, image, mask=mask, out=tmp_path / "map.zarr")
+    first = list(written)
+    monkeypatch.setattr(ZarrSink, "write", lambda self, t, c: written.append(t) or write(self, t, c))
+    resumed = dense_map(fcn, image, mask=mask, out=tmp_path / "map.zarr")
+    assert len(written) == len(owned) and not set(first) & set(written[5:])
+    np.testing.assert_array_equal(resumed[:], got)

@@ -27,6 +27,8 @@ same kind of grid with ``fallback="windows"`` (:mod:`.windows`).
 from __future__ import annotations
 
 import dataclasses
+import heapq
+import itertools
 import logging
 import math
 import os
@@ -89,6 +91,9 @@ PIECE_BYTES = 24 << 20
 MIN_GATHER = 192
 READ_ROWS = 1024
 MAP_TILE_BYTES = 16 << 20
+# A masked map's streams merge across columns; a row of its tiles across the widest of them
+# holds at most MASK_BAND_BYTES of map before it is written.
+MASK_BAND_BYTES = 48 << 20
 READ_WARNING = 4.0  # say so when the tiles' halos make a map read this many times the image
 
 
@@ -305,7 +310,7 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     size = (source.height, source.width)
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     dask = _use_dask(source, scheduler)
-    columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is None)
+    columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is not None)
     if columns is not None:
         grid = columns.grid
     if len(grid.tiles) > 1:
@@ -557,20 +562,32 @@ def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSourc
 
 @dataclass(frozen=True)
 class ColumnPlan:
-    """How a tiled map streams down its columns of tiles (:mod:`._stream`): the tiles, the
-    input rows read at a time, pushed at a time, and gathered after the stem."""
+    """How a tiled map streams down its columns of tiles (:mod:`._stream`): the tiles; the
+    bytes per input pixel of the stem's and the rest's largest activations, which size a
+    stream's pushes and gathers for its width (:meth:`rows`); and, for a masked map, how wide
+    a read neighbouring runs of tiles may merge into (0: each column streams alone)."""
 
     grid: TileGrid
-    read_rows: int
-    push_rows: int
-    gather_rows: int
+    stem: float
+    rest: float
+    stride: int
+    merge_width: int = 0
+
+    def rows(self, width: int) -> tuple[int, int, int]:
+        """Input rows read, pushed, and gathered after the stem at a time, for a stream
+        ``width`` pixels wide."""
+        gather = max(int(PIECE_BYTES / (self.rest * width)) // self.stride * self.stride, self.stride)
+        push = min(max(int(PIECE_BYTES / (self.stem * width)) // 8 * 8, 8), gather)
+        return max(gather, READ_ROWS), push, gather
 
 
 def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: Options,
-                 grid: TileGrid, regrid: bool) -> ColumnPlan | None:
-    """Streaming for a tiled map whose body streams (one tile at a time, no dask); with
-    ``regrid`` and no tile size given, the tiles become columns as wide as lets ``MIN_GATHER``
-    rows after the stem fit ``PIECE_BYTES``, as tall as ``MAP_TILE_BYTES`` of map lets them."""
+                 grid: TileGrid, masked: bool) -> ColumnPlan | None:
+    """Streaming for a tiled map whose body streams (one tile at a time, no dask). With no
+    tile size given, an unmasked map's tiles become columns as wide as lets ``MIN_GATHER``
+    rows after the stem fit ``PIECE_BYTES``, as tall as ``MAP_TILE_BYTES`` of map lets them; a
+    masked map keeps the budget's tile width, its tiles as short as lets a row of them across
+    that widest read hold ``MASK_BAND_BYTES`` of map, and its runs merge (:func:`_stream_runs`)."""
     if (len(grid.tiles) < 2 or options.batch_size != 1 or not isinstance(runner, TileRunner)
             or not isinstance(fcn, TorchModel) or os.environ.get("CONVOLUTIONALIZE_STREAMS", "1") == "0"
             or runner.stream_plan() is None):
@@ -578,22 +595,27 @@ def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: 
     geometry, (height, width) = fcn.geometry, (source.height, source.width)
     stem, rest = fcn.largest_per_pixel(geometry.input_size)
     (sy, sx), (_, halo_x) = geometry.stride, grid.halo
-    if regrid and options.tile is None:
-        read = int(PIECE_BYTES / (rest * MIN_GATHER))  # the widest read; a column owns less
-        widest = max(read - sum(halo_x) - geometry.window[1] + sx, 4 * sx)
-        columns = math.ceil(width / widest)
-        tile_w = math.ceil(width / columns / sx) * sx
+    read = int(PIECE_BYTES / (rest * MIN_GATHER))  # the widest read; a column owns less
+    merge = 0
+    if options.tile is None:
         classes = fcn.map_shape(geometry.input_size)[0]
-        rows = max(MAP_TILE_BYTES // (4 * classes * (tile_w // sx + 1)), 1)
+        if masked:
+            tile_w, merge = grid.cells_per_tile[1] * sx, read
+            rows = max(MASK_BAND_BYTES // (4 * classes * (read // sx + 1)), 1)
+        else:
+            widest = max(read - sum(halo_x) - geometry.window[1] + sx, 4 * sx)
+            tile_w = math.ceil(width / math.ceil(width / widest) / sx) * sx
+            rows = max(MAP_TILE_BYTES // (4 * classes * (tile_w // sx + 1)), 1)
         tile_h = min(rows * sy, math.ceil(height / sy) * sy)
         tile_h = math.ceil(height / math.ceil(height / tile_h) / sy) * sy  # as many tiles, all alike
         grid = plan_tiles(geometry, (height, width), fcn.map_shape((height, width))[1:], (tile_h, tile_w))
+    plan = ColumnPlan(grid, stem, rest, sy, merge)
     read_w = max(t.shape[1] for t in grid.tiles)
-    gather = max(int(PIECE_BYTES / (rest * read_w)) // sy * sy, sy)
-    push = min(max(int(PIECE_BYTES / (stem * read_w)) // 8 * 8, 8), gather)
-    logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered after the stem",
-                grid.grid[1], grid.grid[0], read_w, push, gather)
-    return ColumnPlan(grid, max(gather, READ_ROWS), push, gather)
+    _, push, gather = plan.rows(read_w)
+    logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered after the stem%s",
+                grid.grid[1], grid.grid[0], read_w, push, gather,
+                f"; neighbouring runs merged up to {merge} px wide" if merge else "")
+    return plan
 
 
 def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSource, runner: TileRunner,
@@ -603,7 +625,7 @@ def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSou
     its last tile's bottom; each tile is written once the stream has passed its cells."""
     pending = _unfinished(works, skipped, sink)
     with _progress(len(works), len(works) - len(pending), progress) as bar, written_behind(sink) as write:
-        for run in _column_runs(pending):
+        for run in _stream_runs(pending, columns.merge_width):
             _stream_run(run, source, runner, write, columns, bar)
 
 
@@ -622,21 +644,90 @@ def _column_runs(works: Sequence[Work]) -> Iterator[list[Work]]:
         yield run
 
 
+def _stream_runs(works: Sequence[Work], merge_width: int) -> list[list[Work]]:
+    """The streams that compute ``works``: each column's runs of consecutive tiles
+    (:func:`_column_runs`); with ``merge_width``, runs in neighbouring columns merged, the
+    largest saving first, while one stream over their bounding rectangle reads fewer pixels
+    than theirs do (each column pays its halos), is at most ``merge_width`` wide, and holds no
+    other stream's tile (done and skipped tiles inside are computed, not written)."""
+    runs = dict(enumerate(_column_runs(works)))
+    if not merge_width:
+        return list(runs.values())
+    bounds = {k: _bounds(run) for k, run in runs.items()}
+    owner = {w.tile.index: k for k, run in runs.items() for w in run}
+    starts: dict[int, set[int]] = {}  # first tile column -> the runs starting there
+    ends: dict[int, set[int]] = {}  # tile column after the last -> the runs ending there
+    for k, b in bounds.items():
+        starts.setdefault(b[6], set()).add(k)
+        ends.setdefault(b[7], set()).add(k)
+    heap: list[tuple[int, int, int, tuple[int, ...]]] = []
+
+    def offer(k: int) -> None:
+        b = bounds[k]
+        for j in starts.get(b[7], set()) | ends.get(b[6], set()):
+            u = _union(b, bounds[j])
+            gain = _area(b) + _area(bounds[j]) - _area(u)
+            if gain > 0 and u[3] - u[2] <= merge_width and all(
+                    owner.get((r, c), k) in (k, j) for r in range(u[4], u[5]) for c in range(u[6], u[7])):
+                heapq.heappush(heap, (-gain, min(k, j), max(k, j), u))
+
+    for k in list(runs):
+        offer(k)
+    new = len(runs)
+    while heap:
+        _, a, b, u = heapq.heappop(heap)
+        if a not in runs or b not in runs:
+            continue
+        for k in (a, b):
+            starts[bounds[k][6]].discard(k)
+            ends[bounds[k][7]].discard(k)
+            del bounds[k]
+        runs[new] = sorted(runs.pop(a) + runs.pop(b), key=lambda w: w.tile.index)
+        bounds[new] = u
+        starts.setdefault(u[6], set()).add(new)
+        ends.setdefault(u[7], set()).add(new)
+        owner.update((w.tile.index, new) for w in runs[new])
+        offer(new)
+        new += 1
+    return sorted(runs.values(), key=lambda run: (run[0].tile.index[1], run[0].tile.index[0]))
+
+
+def _bounds(run: Sequence[Work]) -> tuple[int, ...]:
+    """The read rectangle of ``run`` (``y0, y1, x0, x1``) and its tile rows and columns
+    (``r0, r1, c0, c1``, ends exclusive)."""
+    return (min(w.part.read[0] for w in run), max(w.part.read[1] for w in run),
+            min(w.part.read[2] for w in run), max(w.part.read[3] for w in run),
+            min(w.tile.index[0] for w in run), max(w.tile.index[0] for w in run) + 1,
+            min(w.tile.index[1] for w in run), max(w.tile.index[1] for w in run) + 1)
+
+
+def _union(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(min(p, q) if k % 2 == 0 else max(p, q) for k, (p, q) in enumerate(zip(a, b)))
+
+
+def _area(b: tuple[int, ...]) -> int:
+    return (b[1] - b[0]) * (b[3] - b[2])
+
+
 def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
                 write: Callable[[Tile, np.ndarray], None], columns: ColumnPlan, bar: Any) -> None:
-    """One stream down ``run`` (consecutive tiles of one column), reading what their works
-    read: from the first one's top to the last one's bottom, over all of their columns (a
-    mask's cut works read less; every cell a work owns is computed as exactly as it would)."""
-    top, end = run[0].part.read[0], run[-1].part.read[1]
-    x0, x1 = min(w.part.read[2] for w in run), max(w.part.read[3] for w in run)
-    pushes = (push for y in range(top, end, columns.read_rows)
-              for push in source.read_rows(y, min(y + columns.read_rows, end), x0, x1, columns.push_rows))
-    column = runner.column(columns.gather_rows)
-    base, col0 = run[0].part.first_cell[0], min(w.part.first_cell[1] for w in run)  # the stream's cell (0, 0)
+    """One stream over ``run`` (tiles in consecutive rows, in one column or merged
+    neighbouring ones), reading what their works read: from the topmost one's top to the
+    lowest one's bottom, over all of their columns (a mask's cut works read less; every cell
+    a work owns is computed as exactly as it would be). Each row of tiles is written once the
+    stream has passed its cells."""
+    top, end, x0, x1 = _bounds(run)[:4]
+    read_rows, push_rows, gather_rows = columns.rows(x1 - x0)
+    pushes = (push for y in range(top, end, read_rows)
+              for push in source.read_rows(y, min(y + read_rows, end), x0, x1, push_rows))
+    column = runner.column(gather_rows)
+    base, col0 = (min(w.part.first_cell[a] for w in run) for a in (0, 1))  # the stream's cell (0, 0)
     parts: list[np.ndarray] = []  # the map rows from ``base`` on that the stream has given
     received, over = 0, False
-    for w in run:
-        while not over and base + received < w.tile.cells[1]:
+    for _, band in itertools.groupby(run, key=lambda w: w.tile.index[0]):
+        works = list(band)
+        stop = works[0].tile.cells[1]
+        while not over and base + received < stop:
             _, y1, chunk = next(pushes)
             over = y1 == end
             out = column.push(chunk, last=over)
@@ -644,11 +735,12 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
                 parts.append(out)
                 received += out.shape[1]
         rows = (np.concatenate(parts, 1) if len(parts) > 1 else parts[0]) if parts else None
-        write(w.tile, w.cells_from(rows, base, col0))
-        cut = max(w.tile.cells[1] - base, 0)
+        for w in works:
+            write(w.tile, w.cells_from(rows, base, col0))
+        cut = max(stop - base, 0)
         parts = [] if rows is None or cut >= rows.shape[1] else [rows[:, cut:]]
         base, received = base + cut, received - cut
-        bar.update(1)
+        bar.update(len(works))
 
 
 def _unfinished(works: Sequence[Work], skipped: Sequence[Tile], sink: MapSink | ZarrSink) -> list[Work]:
