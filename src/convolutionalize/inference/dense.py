@@ -745,10 +745,9 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
 
 def _unfinished(works: Sequence[Work], skipped: Sequence[Tile], sink: MapSink | ZarrSink) -> list[Work]:
     """Mark the ``skipped`` tiles skipped; the works not done yet (a resumed run's rest)."""
-    for t in skipped:
-        if not sink.is_done(t):
-            sink.skip(t)
-    pending = [w for w in works if not sink.is_done(w.tile)]
+    done = sink.done_tiles()
+    sink.skip_all([t for t in skipped if t.index not in done])
+    pending = [w for w in works if w.tile.index not in done]
     if len(pending) < len(works):
         logger.info("resuming: %d of %d tiles already done", len(works) - len(pending), len(works))
     return pending

@@ -52,12 +52,12 @@ def run_dask(grid: TileGrid, works: list[Work], skipped: list[Tile], source: Ima
                                        dask_key_name=f"convolutionalize-model-{id(runner):x}")
     reader = source.reader()
     lazy = None if source.is_dask else dask.delayed(source, traverse=False)
-    for tile in skipped:
-        if sink is not None and not sink.is_done(tile):
-            sink.skip(tile)
+    done = set() if sink is None else sink.done_tiles()
+    if sink is not None:
+        sink.skip_all([t for t in skipped if t.index not in done])
     tasks, computed = [], []
     for work in works:
-        if sink is not None and sink.is_done(work.tile):
+        if work.tile.index in done:
             continue
         block = source.block(*work.part.read) if source.is_dask else lazy
         tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, work, sink))

@@ -19,7 +19,7 @@ import json
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +44,13 @@ class MapSink:
 
     def is_done(self, tile: Tile) -> bool:
         return False
+
+    def done_tiles(self) -> set[tuple[int, int]]:
+        return set()
+
+    def skip_all(self, tiles: Sequence[Tile]) -> None:
+        for tile in tiles:
+            self.skip(tile)
 
     def write(self, tile: Tile, cells: np.ndarray) -> None:
         r0, r1, c0, c1 = tile.cells
@@ -72,6 +79,18 @@ class ZarrSink:
 
     def is_done(self, tile: Tile) -> bool:
         return bool(self.done[tile.index])
+
+    def done_tiles(self) -> set[tuple[int, int]]:
+        """The indexes of every tile done (its flags read in one call, not one call each)."""
+        return {(int(i), int(j)) for i, j in np.argwhere(np.asarray(self.done[...]))}
+
+    def skip_all(self, tiles: Sequence[Tile]) -> None:
+        """:meth:`skip` for many tiles, their flags written in one call per array (the
+        ``skipped`` flags first)."""
+        if tiles:
+            where = tuple(np.array([t.index[a] for t in tiles]) for a in (0, 1))
+            self.skipped.vindex[where] = True
+            self.done.vindex[where] = True
 
     def write(self, tile: Tile, cells: np.ndarray) -> None:
         r0, r1, c0, c1 = tile.cells
