@@ -238,3 +238,20 @@ def test_a_masked_map_merges_neighbouring_columns_and_equals_the_whole_image(
     resumed = dense_map(fcn, image, mask=mask, out=tmp_path / "map.zarr")
     assert len(written) == len(owned) and not set(first) & set(written[5:])
     np.testing.assert_array_equal(resumed[:], got)
+
+
+def test_a_streams_reads_after_its_first_start_on_whole_chunks() -> None:
+    """So that each of a slide's JPEG tiles (a zarr chunk) is decoded once per stream."""
+    assert dense_module._read_spans(700, 3000, 1000, 512) == [(700, 1024), (1024, 2048), (2048, 3000)]
+    assert dense_module._read_spans(0, 2500, 1024, 1) == [(0, 1024), (1024, 2048), (2048, 2500)]
+    assert dense_module._read_spans(10, 20, 1024, 1) == [(10, 20)]
+    import zarr
+
+    from convolutionalize.inference.images import open_image
+    from convolutionalize.inference.resize import resized
+
+    chunked = zarr.create_array(zarr.storage.MemoryStore(), shape=(300, 200, 3), chunks=(64, 50, 3),
+                                dtype="uint8")
+    assert open_image(chunked, 3, None, None).chunk_rows == 64
+    assert resized(open_image(chunked, 3, None, None), (150, 100)).chunk_rows == 1  # rows not the array's
+    assert open_image(np.zeros((300, 200, 3), np.uint8), 3, None, None).chunk_rows == 1

@@ -709,6 +709,14 @@ def _area(b: tuple[int, ...]) -> int:
     return (b[1] - b[0]) * (b[3] - b[2])
 
 
+def _read_spans(top: int, end: int, rows: int, chunk: int) -> list[tuple[int, int]]:
+    """Rows ``[top, end)`` in reads of ``rows`` (rounded up to whole ``chunk`` rows) that,
+    after the first, start on whole chunks: each chunk is decoded once."""
+    rows = -(-rows // chunk) * chunk
+    starts = [top, *range((top // rows + 1) * rows, end, rows)]
+    return list(zip(starts, [*starts[1:], end]))
+
+
 def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
                 write: Callable[[Tile, np.ndarray], None], columns: ColumnPlan, bar: Any) -> None:
     """One stream over ``run`` (tiles in consecutive rows, in one column or merged
@@ -718,8 +726,8 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
     stream has passed its cells."""
     top, end, x0, x1 = _bounds(run)[:4]
     read_rows, push_rows, gather_rows = columns.rows(x1 - x0)
-    pushes = (push for y in range(top, end, read_rows)
-              for push in source.read_rows(y, min(y + read_rows, end), x0, x1, push_rows))
+    pushes = (push for y, y1 in _read_spans(top, end, read_rows, source.chunk_rows)
+              for push in source.read_rows(y, y1, x0, x1, push_rows))
     column = runner.column(gather_rows)
     base, col0 = (min(w.part.first_cell[a] for w in run) for a in (0, 1))  # the stream's cell (0, 0)
     parts: list[np.ndarray] = []  # the map rows from ``base`` on that the stream has given

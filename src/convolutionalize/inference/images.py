@@ -58,6 +58,14 @@ class ImageSource:
         return int(self.array.shape[1 if self.is_image else 2])
 
     @property
+    def chunk_rows(self) -> int:
+        """The rows of the array's chunks (zarr's, a slide's JPEG tiles'), 1 for an array in
+        one piece: reads that start on them decode each chunk once."""
+        chunks = getattr(self.array, "chunks", None)
+        rows = chunks[0 if self.is_image else 1] if isinstance(chunks, tuple) and len(chunks) == 3 else 1
+        return rows if isinstance(rows, int) and rows > 0 else 1
+
+    @property
     def channels(self) -> int:
         return int(self.array.shape[2 if self.is_image else 0])
 

@@ -117,6 +117,10 @@ class ResizedSource(ImageSource):
     def key(self) -> list[Any]:
         return [*super().key(), "resized from", *self.original]
 
+    @property
+    def chunk_rows(self) -> int:
+        return 1  # its rows are not the array's
+
     def input_rect(self, y0: int, y1: int, x0: int, x1: int) -> tuple[int, int, int, int]:
         """The input rectangle that the resized rectangle ``[y0, y1) x [x0, x1)`` reads."""
         top, bottom = _span(self.original[0], self.size[0], y0, y1)
