@@ -742,13 +742,27 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
             if out is not None:
                 parts.append(out)
                 received += out.shape[1]
-        rows = (np.concatenate(parts, 1) if len(parts) > 1 else parts[0]) if parts else None
-        for w in works:
-            write(w.tile, w.cells_from(rows, base, col0))
+        for w in works:  # each tile's columns joined alone: a row of tiles is never copied whole
+            c0 = max(w.tile.cells[2], col0)  # a cut work's stream may start right of its tile
+            pieces = [p[:, :, c0 - col0:w.tile.cells[3] - col0] for p in parts]
+            block = (np.concatenate(pieces, 1) if len(pieces) > 1 else pieces[0]) if pieces else None
+            write(w.tile, w.cells_from(block, base, c0))
         cut = max(stop - base, 0)
-        parts = [] if rows is None or cut >= rows.shape[1] else [rows[:, cut:]]
+        parts = _rows_after(parts, cut)
         base, received = base + cut, received - cut
         bar.update(len(works))
+
+
+def _rows_after(parts: list[np.ndarray], cut: int) -> list[np.ndarray]:
+    """``parts`` (map rows, consecutive along axis 1) without their first ``cut`` rows."""
+    kept = []
+    for p in parts:
+        if cut >= p.shape[1]:
+            cut -= p.shape[1]
+            continue
+        kept.append(p[:, cut:] if cut else p)
+        cut = 0
+    return kept
 
 
 def _unfinished(works: Sequence[Work], skipped: Sequence[Tile], sink: MapSink | ZarrSink) -> list[Work]:
