@@ -620,9 +620,10 @@ def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: 
 
 def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSource, runner: TileRunner,
                 sink: MapSink | ZarrSink, columns: ColumnPlan, progress: bool) -> None:
-    """:func:`run_tiles` as streams: each run of unfinished tiles down a column is one
-    stream (:meth:`TileRunner.column`), read from its first tile's top (halo included) to
-    its last tile's bottom; each tile is written once the stream has passed its cells."""
+    """:func:`run_tiles` as streams (:meth:`TileRunner.column`): each run of unfinished tiles
+    down a column, or a merged block of such runs (:func:`_stream_runs`), is one stream, read
+    from its topmost tile's top (halo included) to its lowest tile's bottom; each tile is
+    written once the stream has passed its cells."""
     pending = _unfinished(works, skipped, sink)
     with _progress(len(works), len(works) - len(pending), progress) as bar, written_behind(sink) as write:
         for run in _stream_runs(pending, columns.merge_width):
