@@ -110,8 +110,9 @@ class ImageSource:
         tensor = torch.as_tensor(block)
         if not self.is_image:
             return tensor.to(torch.float32)
-        # one pass to contiguous float32 channels first (the rest then runs on contiguous memory,
-        # twice as fast as on the permuted view, with the same results bit for bit)
+        # one pass to contiguous float32 planes: the divisions then run faster than broadcast over
+        # channels-last memory (with the runner's channels-last copy, 9 against 11 ms per
+        # 128x16384 block), with the same results bit for bit
         planar = torch.empty((tensor.shape[2], tensor.shape[0], tensor.shape[1]), dtype=torch.float32)
         tensor = planar.copy_(tensor.permute(2, 0, 1)).div_(self.scale)
         mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
