@@ -126,7 +126,7 @@ def test_skipped_tile_is_nan_at_every_level(tmp_path: Path) -> None:
     sink = open_ome_zarr_sink(tmp_path / "map.ome.zarr", shape, grid, KEY, MICRONS)
     values, hole = _values(shape), grid.tiles[4]  # the middle tile, cells 45..90 a side
     _write(sink, [tile for tile in grid.tiles if tile is not hole], values)
-    sink.skip(hole)
+    sink.skip_all([hole])
     sink.finish()
     assert np.asarray(sink.skipped[...]).sum() == 1 and sink.skipped[1, 1]
     level0, level1 = (np.asarray(level) for level in _image(sink.path).data)
@@ -140,8 +140,7 @@ def test_skipped_tile_is_nan_at_every_level(tmp_path: Path) -> None:
 def test_all_skipped_map_gets_finite_display_windows(tmp_path: Path) -> None:
     shape, grid = (2, 130, 130), _grid(130, 130, (65, 65))
     sink = open_ome_zarr_sink(tmp_path / "map.ome.zarr", shape, grid, KEY, MICRONS)
-    for tile in grid.tiles:
-        sink.skip(tile)
+    sink.skip_all(grid.tiles)
     sink.finish()
     attrs = json.loads((Path(sink.path) / "zarr.json").read_text())["attributes"]
     windows = [channel["window"] for channel in attrs["ome"]["omero"]["channels"]]
@@ -158,8 +157,9 @@ def test_resume_keeps_done_tiles_and_finish_waits_for_all(tmp_path: Path) -> Non
         sink.finish()
     assert "ome" not in zarr.open_group(str(path), mode="r").attrs  # not an image yet
     resumed = open_ome_zarr_sink(path, shape, grid, dict(reversed(KEY.items())), MICRONS)
-    assert [resumed.is_done(tile) for tile in grid.tiles] == [tile in half for tile in grid.tiles]
-    _write(resumed, [tile for tile in grid.tiles if not resumed.is_done(tile)], values)
+    done = resumed.done_tiles()
+    assert [tile.index in done for tile in grid.tiles] == [tile in half for tile in grid.tiles]
+    _write(resumed, [tile for tile in grid.tiles if tile.index not in done], values)
     resumed.finish()
     np.testing.assert_array_equal(np.asarray(_image(str(path)).data[0]), values)
 
@@ -212,8 +212,8 @@ def test_pickled_sink_writes_to_the_same_store(tmp_path: Path) -> None:
     assert (copy.physical, copy.labels) == (MICRONS, ("a", "b"))
     values = _values(shape)
     _write(copy, grid.tiles[1:2], values)
-    copy.skip(grid.tiles[2])
-    assert [sink.is_done(tile) for tile in grid.tiles] == [False, True, True, False]
+    copy.skip_all([grid.tiles[2]])
+    assert [tile.index in sink.done_tiles() for tile in grid.tiles] == [False, True, True, False]
     assert sink.skipped[1, 0] and not sink.skipped[0, 1]
     np.testing.assert_array_equal(sink.result()[:, :50, 50:], values[:, :50, 50:])
 

@@ -42,24 +42,18 @@ class MapSink:
     def __init__(self, shape: tuple[int, int, int]) -> None:
         self.array = np.empty(shape, dtype=np.float32)
 
-    def is_done(self, tile: Tile) -> bool:
-        return False
-
     def done_tiles(self) -> set[tuple[int, int]]:
         return set()
 
     def skip_all(self, tiles: Sequence[Tile]) -> None:
+        """Tiles left out (no foreground): their cells are NaN."""
         for tile in tiles:
-            self.skip(tile)
+            r0, r1, c0, c1 = tile.cells
+            self.array[:, r0:r1, c0:c1] = np.nan
 
     def write(self, tile: Tile, cells: np.ndarray) -> None:
         r0, r1, c0, c1 = tile.cells
         self.array[:, r0:r1, c0:c1] = cells
-
-    def skip(self, tile: Tile) -> None:
-        """A tile left out (no foreground): its cells are NaN."""
-        r0, r1, c0, c1 = tile.cells
-        self.array[:, r0:r1, c0:c1] = np.nan
 
     def result(self) -> Any:
         return self.array
@@ -77,16 +71,13 @@ class ZarrSink:
     done: Any
     skipped: Any
 
-    def is_done(self, tile: Tile) -> bool:
-        return bool(self.done[tile.index])
-
     def done_tiles(self) -> set[tuple[int, int]]:
         """The indexes of every tile done (its flags read in one call, not one call each)."""
         return {(int(i), int(j)) for i, j in np.argwhere(np.asarray(self.done[...]))}
 
     def skip_all(self, tiles: Sequence[Tile]) -> None:
-        """:meth:`skip` for many tiles, their flags written in one call per array (the
-        ``skipped`` flags first)."""
+        """Tiles left out (no foreground): flagged, their cells keeping the fill value, NaN;
+        the flags written in one call per array (the ``skipped`` flags first)."""
         if tiles:
             where = tuple(np.array([t.index[a] for t in tiles]) for a in (0, 1))
             self.skipped.vindex[where] = True
@@ -95,11 +86,6 @@ class ZarrSink:
     def write(self, tile: Tile, cells: np.ndarray) -> None:
         r0, r1, c0, c1 = tile.cells
         self.map[:, r0:r1, c0:c1] = cells
-        self.done[tile.index] = True
-
-    def skip(self, tile: Tile) -> None:
-        """A tile left out (no foreground): flagged; its cells keep the fill value, NaN."""
-        self.skipped[tile.index] = True
         self.done[tile.index] = True
 
     def result(self) -> Any:
