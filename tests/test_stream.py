@@ -3,6 +3,7 @@ its next rows need, so no vertical halo is computed twice; the maps equal the on
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,51 @@ def test_dense_map_streams_columns_and_equals_the_whole_image(small_budgets: Non
     widths = {w for _, w in pushes}
     assert len(widths) > 1 and max(widths) < 2100  # several columns, each with its halo
     assert len(pushes) > 8 and max(h for h, _ in pushes) < 700
+
+
+def test_streams_run_side_by_side_and_equal_one_at_a_time(small_budgets: None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two workers: the caller's thread and one more, each on half of torch's threads; a lone
+    column is cut in two down its rows of tiles; the map equals one stream at a time, and
+    torch's thread count is given back."""
+    torch.manual_seed(0)
+    fcn = convolutionalize(torchvision.models.shufflenet_v2_x0_5().eval(), 224)
+    image = np.random.default_rng(6).integers(0, 256, (1500, 300, 3), dtype=np.uint8)  # one column
+    monkeypatch.setenv("CONVOLUTIONALIZE_STREAM_WORKERS", "1")
+    one_at_a_time = dense_map(fcn, image)
+    monkeypatch.setenv("CONVOLUTIONALIZE_STREAM_WORKERS", "2")
+    pushes: list[tuple[str, int, int]] = []
+    original = _runner.Column.push
+    monkeypatch.setattr(_runner.Column, "push", lambda self, b, last=False: pushes.append(
+        (threading.current_thread().name, torch.get_num_threads(), b.shape[2])) or original(self, b, last))
+    threads = torch.get_num_threads()
+    assert threads == 2  # conftest's
+    got = dense_map(fcn, image)
+    assert rel(got, one_at_a_time) <= 1e-6
+    assert len({name for name, _, _ in pushes}) == 2 and {n for _, n, _ in pushes} == {1}
+    assert {w for _, _, w in pushes} == {300}  # both halves of the one column
+    assert torch.get_num_threads() == threads
+    plan = dense_module.ColumnPlan(None, 40.0, 6.0, 32)  # type: ignore[arg-type]
+    assert dense_module.replace(plan, workers=2).rows(1000)[1:] == plan.rows(2000)[1:]  # half the bytes each
+
+
+def test_a_failing_stream_stops_the_others_and_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[str] = []
+
+    def job(run: list, stop: threading.Event) -> None:
+        if run == ["bad"]:
+            raise OSError("disk full")
+        assert stop.wait(30)  # a long stream, until the failure stops it
+        ran.append(run[0])
+
+    threads = torch.get_num_threads()
+    with pytest.raises(OSError, match="disk full"):
+        dense_module._side_by_side([["slow"], ["bad"], ["never"]], job, 2)  # type: ignore[list-item]
+    assert ran == ["slow"] and torch.get_num_threads() == threads
+    for bad in ("0", "two"):
+        monkeypatch.setenv("CONVOLUTIONALIZE_STREAM_WORKERS", bad)
+        with pytest.raises(ValueError, match="CONVOLUTIONALIZE_STREAM_WORKERS"):
+            dense_module.stream_workers()
 
 
 class Classifier(nn.Module):

@@ -26,6 +26,7 @@ same kind of grid with ``fallback="windows"`` (:mod:`.windows`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import heapq
 import itertools
@@ -33,6 +34,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -94,6 +96,13 @@ MAP_TILE_BYTES = 16 << 20
 # A masked map's streams merge across columns; a row of its tiles across the widest of them
 # holds at most MASK_BAND_BYTES of map before it is written.
 MASK_BAND_BYTES = 48 << 20
+# Streams run STREAM_WORKERS at a time, each in its own thread on an equal share of torch's
+# threads and an equal share of the byte budgets above (so the memory stays that of one
+# stream). A stream is many small operations (pieces, seams, Python between them) that two
+# threads each share poorly: on 2 cores, ShuffleNetV2 streamed in one thread ran at 0.86 of
+# the in-memory speed, in two threads at 0.65 (benchmarks/out_of_core.py's image). Measured on
+# 2 cores only; CONVOLUTIONALIZE_STREAM_WORKERS in the environment sets the number.
+STREAM_WORKERS = 2
 READ_WARNING = 4.0  # say so when the tiles' halos make a map read this many times the image
 
 
@@ -572,13 +581,28 @@ class ColumnPlan:
     rest: float
     stride: int
     merge_width: int = 0
+    workers: int = 1
 
     def rows(self, width: int) -> tuple[int, int, int]:
         """Input rows read, pushed, and gathered after the stem at a time, for a stream
         ``width`` pixels wide."""
-        gather = max(int(PIECE_BYTES / (self.rest * width)) // self.stride * self.stride, self.stride)
-        push = min(max(int(PIECE_BYTES / (self.stem * width)) // 8 * 8, 8), gather)
+        piece = PIECE_BYTES / self.workers
+        gather = max(int(piece / (self.rest * width)) // self.stride * self.stride, self.stride)
+        push = min(max(int(piece / (self.stem * width)) // 8 * 8, 8), gather)
         return max(gather, READ_ROWS), push, gather
+
+
+def stream_workers() -> int:
+    """How many streams run at once (``STREAM_WORKERS``, at most one per torch thread; one
+    where torch's threads are not OpenMP's, whose count each thread sets for itself)."""
+    given = os.environ.get("CONVOLUTIONALIZE_STREAM_WORKERS")
+    if given is not None:
+        if not given.isdigit() or int(given) < 1:
+            raise ValueError(f"CONVOLUTIONALIZE_STREAM_WORKERS must be a positive integer, not {given!r}")
+        return int(given)
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return 1
+    return max(min(STREAM_WORKERS, torch.get_num_threads()), 1)
 
 
 def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: Options,
@@ -595,25 +619,26 @@ def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: 
     geometry, (height, width) = fcn.geometry, (source.height, source.width)
     stem, rest = fcn.largest_per_pixel(geometry.input_size)
     (sy, sx), (_, halo_x) = geometry.stride, grid.halo
-    read = int(PIECE_BYTES / (rest * MIN_GATHER))  # the widest read; a column owns less
+    workers = stream_workers()
+    read = int(PIECE_BYTES / workers / (rest * MIN_GATHER))  # the widest read; a column owns less
     merge = 0
     if options.tile is None:
         classes = fcn.map_shape(geometry.input_size)[0]
         if masked:
             tile_w, merge = grid.cells_per_tile[1] * sx, read
-            rows = max(MASK_BAND_BYTES // (4 * classes * (read // sx + 1)), 1)
+            rows = max(MASK_BAND_BYTES // workers // (4 * classes * (read // sx + 1)), 1)
         else:
             widest = max(read - sum(halo_x) - geometry.window[1] + sx, 4 * sx)
             tile_w = math.ceil(width / math.ceil(width / widest) / sx) * sx
-            rows = max(MAP_TILE_BYTES // (4 * classes * (tile_w // sx + 1)), 1)
+            rows = max(MAP_TILE_BYTES // workers // (4 * classes * (tile_w // sx + 1)), 1)
         tile_h = min(rows * sy, math.ceil(height / sy) * sy)
         tile_h = math.ceil(height / math.ceil(height / tile_h) / sy) * sy  # as many tiles, all alike
         grid = plan_tiles(geometry, (height, width), fcn.map_shape((height, width))[1:], (tile_h, tile_w))
-    plan = ColumnPlan(grid, stem, rest, sy, merge)
+    plan = ColumnPlan(grid, stem, rest, sy, merge, workers)
     read_w = max(t.shape[1] for t in grid.tiles)
     _, push, gather = plan.rows(read_w)
-    logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered after the stem%s",
-                grid.grid[1], grid.grid[0], read_w, push, gather,
+    logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered after the stem, "
+                "%d streams at a time%s", grid.grid[1], grid.grid[0], read_w, push, gather, workers,
                 f"; neighbouring runs merged up to {merge} px wide" if merge else "")
     return plan
 
@@ -623,11 +648,71 @@ def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSou
     """:func:`run_tiles` as streams (:meth:`TileRunner.column`): each run of unfinished tiles
     down a column, or a merged block of such runs (:func:`_stream_runs`), is one stream, read
     from its topmost tile's top (halo included) to its lowest tile's bottom; each tile is
-    written once the stream has passed its cells."""
+    written once the stream has passed its cells. ``columns.workers`` streams run at once
+    (:func:`_side_by_side`), the largest first; a run is cut in two down its rows of tiles
+    while there are fewer runs than workers."""
     pending = _unfinished(works, skipped, sink)
+    runs = _shared_out(_stream_runs(pending, columns.merge_width), columns.workers)
+    shared = threading.Lock()  # the image's reader and the progress bar
     with _progress(len(works), len(works) - len(pending), progress) as bar, written_behind(sink) as write:
-        for run in _stream_runs(pending, columns.merge_width):
-            _stream_run(run, source, runner, write, columns, bar)
+        _side_by_side(runs, lambda run, stop: _stream_run(run, source, runner, write, columns, bar, stop,
+                                                          shared), columns.workers)
+
+
+def _shared_out(runs: list[list[Work]], workers: int) -> list[list[Work]]:
+    """``runs``, the largest first, the tallest cut in two between its rows of tiles while
+    there are fewer than ``workers`` (each half reads its own halo above)."""
+    runs = list(runs)
+    while len(runs) < workers:
+        tallest = max(runs, key=lambda run: len({w.tile.index[0] for w in run}), default=None)
+        rows = sorted({w.tile.index[0] for w in tallest}) if tallest else []
+        if len(rows) < 2:
+            break
+        middle = rows[len(rows) // 2]
+        runs.remove(tallest)
+        runs += [[w for w in tallest if w.tile.index[0] < middle],
+                 [w for w in tallest if w.tile.index[0] >= middle]]
+    return sorted(runs, key=lambda run: -_area(_bounds(run)))
+
+
+def _side_by_side(runs: Sequence[list[Work]], job: Callable[[list[Work], threading.Event], None],
+                  workers: int) -> None:
+    """``job(run, stop)`` for every run, ``workers`` at a time: the caller's thread and
+    ``workers - 1`` more, each on its share of torch's threads. A failure (or an interrupt)
+    sets ``stop``, which the others check at every push, and is raised once they have ended."""
+    todo, stop, failed = collections.deque(runs), threading.Event(), []
+    threads = torch.get_num_threads()
+
+    def work() -> None:
+        if workers > 1:
+            torch.set_num_threads(max(threads // workers, 1))  # OpenMP's count is per thread
+        while not stop.is_set():
+            try:
+                run = todo.popleft()
+            except IndexError:
+                return
+            try:
+                job(run, stop)
+            except BaseException as exc:
+                failed.append(exc)
+                stop.set()
+
+    helpers = [threading.Thread(target=work, name=f"convolutionalize-stream-{k}", daemon=True)
+               for k in range(1, workers)]
+    for helper in helpers:
+        helper.start()
+    try:
+        work()
+        for helper in helpers:
+            helper.join()
+    finally:
+        stop.set()
+        for helper in helpers:
+            helper.join()
+        if workers > 1:
+            torch.set_num_threads(threads)
+    if failed:
+        raise failed[0]
 
 
 def _column_runs(works: Sequence[Work]) -> Iterator[list[Work]]:
@@ -719,24 +804,28 @@ def _read_spans(top: int, end: int, rows: int, chunk: int) -> list[tuple[int, in
 
 
 def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
-                write: Callable[[Tile, np.ndarray], None], columns: ColumnPlan, bar: Any) -> None:
+                write: Callable[[Tile, np.ndarray], None], columns: ColumnPlan, bar: Any,
+                stop: threading.Event, shared: threading.Lock) -> None:
     """One stream over ``run`` (tiles in consecutive rows, in one column or merged
     neighbouring ones), reading what their works read: from the topmost one's top to the
     lowest one's bottom, over all of their columns (a mask's cut works read less; every cell
     a work owns is computed as exactly as it would be). Each row of tiles is written once the
-    stream has passed its cells."""
+    stream has passed its cells; it ends early, its cells unwritten, once ``stop`` is set.
+    The image is read and the bar moved holding ``shared``."""
     top, end, x0, x1 = _bounds(run)[:4]
     read_rows, push_rows, gather_rows = columns.rows(x1 - x0)
     pushes = (push for y, y1 in _read_spans(top, end, read_rows, source.chunk_rows)
-              for push in source.read_rows(y, y1, x0, x1, push_rows))
+              for push in source.read_rows(y, y1, x0, x1, push_rows, shared))
     column = runner.column(gather_rows)
     base, col0 = (min(w.part.first_cell[a] for w in run) for a in (0, 1))  # the stream's cell (0, 0)
     parts: list[np.ndarray] = []  # the map rows from ``base`` on that the stream has given
     received, over = 0, False
     for _, band in itertools.groupby(run, key=lambda w: w.tile.index[0]):
         works = list(band)
-        stop = works[0].tile.cells[1]
-        while not over and base + received < stop:
+        until = works[0].tile.cells[1]
+        while not over and base + received < until:
+            if stop.is_set():
+                return
             _, y1, chunk = next(pushes)
             over = y1 == end
             out = column.push(chunk, last=over)
@@ -748,10 +837,11 @@ def _stream_run(run: list[Work], source: ImageSource, runner: TileRunner,
             pieces = [p[:, :, c0 - col0:w.tile.cells[3] - col0] for p in parts]
             block = (np.concatenate(pieces, 1) if len(pieces) > 1 else pieces[0]) if pieces else None
             write(w.tile, w.cells_from(block, base, c0))
-        cut = max(stop - base, 0)
+        cut = max(until - base, 0)
         parts = _rows_after(parts, cut)
         base, received = base + cut, received - cut
-        bar.update(len(works))
+        with shared:
+            bar.update(len(works))
 
 
 def _rows_after(parts: list[np.ndarray], cut: int) -> list[np.ndarray]:

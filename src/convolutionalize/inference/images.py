@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,13 @@ class ImageSource:
         """What :meth:`read` slices out of ``array`` for that rectangle (lazy for dask)."""
         return self.array[y0:y1, x0:x1] if self.is_image else self.array[:, y0:y1, x0:x1]
 
-    def read_rows(self, y0: int, y1: int, x0: int, x1: int,
-                  step: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def read_rows(self, y0: int, y1: int, x0: int, x1: int, step: int,
+                  lock: AbstractContextManager[Any] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         """:meth:`read` of ``[y0, y1) x [x0, x1)`` in ``step`` rows at a time, ``(a, b, tensor)``
-        each, the array read once."""
-        block = self.block(y0, y1, x0, x1)
+        each, the array read once, holding ``lock`` while it reads (not while it prepares):
+        streams in threads share one reader, which need not be thread-safe."""
+        with lock or nullcontext():
+            block = self.block(y0, y1, x0, x1)
         for a in range(y0, y1, step):
             b = min(a + step, y1)
             rows = slice(a - y0, b - y0)

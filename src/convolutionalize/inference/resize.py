@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -137,11 +138,13 @@ class ResizedSource(ImageSource):
                             (top, left))
 
 
-    def read_rows(self, y0: int, y1: int, x0: int, x1: int,
-                  step: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    def read_rows(self, y0: int, y1: int, x0: int, x1: int, step: int,
+                  lock: AbstractContextManager[Any] | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
         for a in range(y0, y1, step):  # each step resamples the input rows it weighs
             b = min(a + step, y1)
-            yield a, b, self.read(a, b, x0, x1)
+            with lock or nullcontext():
+                block = self.block(a, b, x0, x1)
+            yield a, b, self.prepare(block, (a, b, x0, x1))
 
 
 def resized(source: ImageSource, size: tuple[int, int]) -> ImageSource:
