@@ -97,11 +97,13 @@ MAP_TILE_BYTES = 16 << 20
 # holds at most MASK_BAND_BYTES of map before it is written.
 MASK_BAND_BYTES = 48 << 20
 # Streams run STREAM_WORKERS at a time, each in its own thread on an equal share of torch's
-# threads and an equal share of the byte budgets above (so the memory stays that of one
-# stream). A stream is many small operations (pieces, seams, Python between them) that two
-# threads each share poorly: on 2 cores, ShuffleNetV2 streamed in one thread ran at 0.86 of
-# the in-memory speed, in two threads at 0.65 (benchmarks/out_of_core.py's image). Measured on
-# 2 cores only; CONVOLUTIONALIZE_STREAM_WORKERS in the environment sets the number.
+# threads and an equal share of the byte budgets above (so the memory stays about that of one
+# stream). A stream is many small operations (pieces, seams, Python between them) that leave
+# intra-op threads idle: profiled on benchmarks/out_of_core.py's image, ShuffleNetV2's stream
+# ran 1.4x faster on two threads than on one, the in-memory pass 1.8x. Two streams at once
+# measured 0.75, 0.84, 0.78 of the in-memory throughput against 0.70, 0.70 one at a time, at
+# the same peak memory. Measured on 2 cores only; CONVOLUTIONALIZE_STREAM_WORKERS in the
+# environment sets the number.
 STREAM_WORKERS = 2
 READ_WARNING = 4.0  # say so when the tiles' halos make a map read this many times the image
 
@@ -573,8 +575,9 @@ def run_tiles(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSourc
 class ColumnPlan:
     """How a tiled map streams down its columns of tiles (:mod:`._stream`): the tiles; the
     bytes per input pixel of the stem's and the rest's largest activations, which size a
-    stream's pushes and gathers for its width (:meth:`rows`); and, for a masked map, how wide
-    a read neighbouring runs of tiles may merge into (0: each column streams alone)."""
+    stream's pushes and gathers for its width (:meth:`rows`); for a masked map, how wide a
+    read neighbouring runs of tiles may merge into (0: each column streams alone); and how many
+    streams run at once (:func:`stream_workers`), each on its share of ``PIECE_BYTES``."""
 
     grid: TileGrid
     stem: float
@@ -652,14 +655,14 @@ def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSou
     (:func:`_side_by_side`), the largest first; a run is cut in two down its rows of tiles
     while there are fewer runs than workers."""
     pending = _unfinished(works, skipped, sink)
-    runs = _shared_out(_stream_runs(pending, columns.merge_width), columns.workers)
+    runs = _for_workers(_stream_runs(pending, columns.merge_width), columns.workers)
     shared = threading.Lock()  # the image's reader and the progress bar
     with _progress(len(works), len(works) - len(pending), progress) as bar, written_behind(sink) as write:
         _side_by_side(runs, lambda run, stop: _stream_run(run, source, runner, write, columns, bar, stop,
-                                                          shared), columns.workers)
+                                                          shared), min(columns.workers, len(runs)))
 
 
-def _shared_out(runs: list[list[Work]], workers: int) -> list[list[Work]]:
+def _for_workers(runs: list[list[Work]], workers: int) -> list[list[Work]]:
     """``runs``, the largest first, the tallest cut in two between its rows of tiles while
     there are fewer than ``workers`` (each half reads its own halo above)."""
     runs = list(runs)
