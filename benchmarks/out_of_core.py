@@ -87,6 +87,7 @@ def child(mode: str, image: str, out: str, precision: str, size: int, budget: in
 
 
 def run_child(*args: str) -> dict:
+    os.sync()  # the writeback of what earlier runs wrote would otherwise run during this one
     result = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
                             capture_output=True, text=True)
     lines = [json.loads(line) for line in result.stdout.strip().splitlines() if line.startswith("{")]
@@ -121,7 +122,6 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         make_image(image, args.size)
         print(f"wrote {args.size}x{args.size}x3 uint8 zarr in {time.perf_counter() - start:.0f} s")
-        os.sync()  # the image's writeback would otherwise run during the timed runs
         budget = str(args.budget_mib << 20)
         reference = ("memory", "-", "-", args.precision, str(args.reference), budget)
         before = run_child(*reference)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -95,6 +96,7 @@ def child(slide: str, out: str, masked: bool, mpp: float) -> None:
 
 
 def run_child(*args: str) -> dict:
+    os.sync()  # the writeback of what earlier runs wrote would otherwise run during this one
     result = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
                             capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
