@@ -20,7 +20,7 @@ from torch import nn
 
 from convolutionalize import convolutionalize, dense_map
 from convolutionalize.inference import masks, slides
-from convolutionalize.inference.masks import auto_mask, check_mask
+from convolutionalize.inference.masks import auto_mask, check_mask, hsv_saturation
 from convolutionalize.inference.store import MapSink, ZarrSink
 from convolutionalize.inference.tiling import Tile
 
@@ -178,6 +178,17 @@ def test_auto_mask_finds_the_tissue() -> None:
     truth[82:120, 105:153] = True
     assert mask.array[truth].mean() > 0.99
     assert mask.array[~truth].mean() < 0.05
+
+
+def test_hsv_saturation_is_skimages() -> None:
+    from skimage.color import rgb2hsv
+
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    pixels[:4], pixels[4:8] = 0, 90  # black (no saturation, no division) and grey
+    np.testing.assert_allclose(hsv_saturation(pixels), rgb2hsv(pixels)[..., 1], rtol=0, atol=1e-12)
+    as_float = pixels.astype(np.float32) / 255
+    np.testing.assert_allclose(hsv_saturation(as_float), rgb2hsv(as_float)[..., 1], rtol=0, atol=1e-6)
+    assert hsv_saturation(pixels)[:8].max() == 0.0
 
 
 def test_auto_mask_keeps_a_slide_covered_in_tissue() -> None:
