@@ -3,6 +3,7 @@ its next rows need, so no vertical halo is computed twice; the maps equal the on
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 
@@ -252,6 +253,7 @@ def test_a_masked_map_merges_neighbouring_columns_and_equals_the_whole_image(
         patch.setattr(dense_module, "MEMORY_BUDGET", 1 << 40)
         whole = dense_map(fcn, image)
     monkeypatch.setattr(dense_module, "MASK_BAND_BYTES", 1 << 20)  # several rows of tiles
+    monkeypatch.setattr(dense_module, "MASK_COST", 0.0)  # the mask's own streams, however little they save
     runs: list[list] = []
     original = dense_module._stream_run
     monkeypatch.setattr(dense_module, "_stream_run", lambda run, *a: runs.append(run) or original(run, *a))
@@ -284,6 +286,34 @@ def test_a_masked_map_merges_neighbouring_columns_and_equals_the_whole_image(
     resumed = dense_map(fcn, image, mask=mask, out=tmp_path / "map.zarr")
     assert len(written) == len(owned) and not set(first) & set(written[5:])
     np.testing.assert_array_equal(resumed[:], got)
+
+
+def test_a_mask_that_saves_little_streams_the_unmasked_columns(
+        small_budgets: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the masked streams would read nearly what the unmasked ones do, the unmasked
+    columns stream (cells without foreground still NaN); a mask that saves much keeps its own
+    (the merging test above)."""
+    torch.manual_seed(0)
+    fcn = convolutionalize(torchvision.models.shufflenet_v2_x0_5().eval(), 224)
+    image = np.random.default_rng(7).integers(0, 256, (700, 3000, 3), dtype=np.uint8)
+    mask = np.ones((700, 3000), bool)
+    mask[:, :600] = False
+    with monkeypatch.context() as patch:
+        patch.setattr(dense_module, "MEMORY_BUDGET", 1 << 40)
+        whole = dense_map(fcn, image)
+    widths: set[int] = set()
+    original = _runner.Column.push
+    monkeypatch.setattr(_runner.Column, "push", lambda self, b, last=False:
+                        widths.add(b.shape[2]) or original(self, b, last))
+    dense_map(fcn, image)
+    plain_widths, widths = widths, set()
+    with caplog.at_level(logging.INFO, logger="convolutionalize.inference.dense"):
+        got = dense_map(fcn, image, mask=mask)
+    assert "the unmasked streams read little more" in caplog.text
+    assert widths <= plain_widths  # the unmasked map's columns, cut to the foreground's works
+    computed = ~np.isnan(got).all(axis=0)
+    assert 0.8 < computed.mean() < 1.0  # the cells left of the foreground are NaN
+    assert rel(got[:, computed], whole[:, computed]) <= 1e-6
 
 
 def test_a_streams_reads_after_its_first_start_on_whole_chunks() -> None:

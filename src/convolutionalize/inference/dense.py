@@ -105,6 +105,11 @@ MASK_BAND_BYTES = 48 << 20
 # the same peak memory. Measured on 2 cores only; CONVOLUTIONALIZE_STREAM_WORKERS in the
 # environment sets the number.
 STREAM_WORKERS = 2
+# A masked map streams the unmasked map's columns (its cells without foreground still NaN)
+# unless its own streams read less than 1 / MASK_COST of their pixels: per pixel read, the
+# masked streams cost about a tenth more (benchmarks/slides.py: 56.2 s / 0.452 of the slide
+# against 117.3 s / 1.04), so a small slide's mask no longer costs more than it saves.
+MASK_COST = 1.1
 READ_WARNING = 4.0  # say so when the tiles' halos make a map read this many times the image
 
 
@@ -322,12 +327,20 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     dask = _use_dask(source, scheduler)
     columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is not None)
+    keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
+    works, skipped = plan_work(grid if columns is None else columns.grid, keep, fcn.geometry, size)
+    if columns is not None and columns.merge_width:  # a masked map's streams, unless the plain ones cost less
+        plain = plan_columns(fcn, runner, source, options, grid, False)
+        if plain is not None:
+            plain_works, plain_skipped = plan_work(plain.grid, keep, fcn.geometry, size)
+            if MASK_COST * _streamed(works, columns) >= _streamed(plain_works, plain):
+                logger.info("mask: the unmasked streams read little more than the masked ones would; "
+                            "streaming those (cells without foreground still NaN)")
+                columns, works, skipped = plain, plain_works, plain_skipped
     if columns is not None:
         grid = columns.grid
     if len(grid.tiles) > 1:
         warn_reads(grid, size, fcn.geometry.stride[1], columns is not None)
-    keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
-    works, skipped = plan_work(grid, keep, fcn.geometry, size)
     if _rejected(fcn, works) is not None:  # the network runs only on sides of whole strides
         grid = plan_tiles(fcn.geometry, size, shape[1:], tuple(  # type: ignore[arg-type]
             n * s for n, s in zip(grid.cells_per_tile, fcn.geometry.stride)), fcn.geometry.stride)
@@ -361,6 +374,11 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if options.output == ALL:
         return _split(result, fcn.parts((source.height, source.width)))
     return result
+
+
+def _streamed(works: Sequence[Work], columns: ColumnPlan) -> int:
+    """The pixels the streams over ``works`` read."""
+    return sum(_area(_bounds(run)) for run in _stream_runs(works, columns.merge_width))
 
 
 def _rejected(fcn: DenseModel, works: Sequence[Work]) -> ValueError | None:
