@@ -655,13 +655,7 @@ def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: 
         tile_h = min(rows * sy, math.ceil(height / sy) * sy)
         tile_h = math.ceil(height / math.ceil(height / tile_h) / sy) * sy  # as many tiles, all alike
         grid = plan_tiles(geometry, (height, width), fcn.map_shape((height, width))[1:], (tile_h, tile_w))
-    plan = ColumnPlan(grid, stem, rest, sy, merge, workers)
-    read_w = max(t.shape[1] for t in grid.tiles)
-    _, push, gather = plan.rows(read_w)
-    logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered after the stem, "
-                "%d streams at a time%s", grid.grid[1], grid.grid[0], read_w, push, gather, workers,
-                f"; neighbouring runs merged up to {merge} px wide" if merge else "")
-    return plan
+    return ColumnPlan(grid, stem, rest, sy, merge, workers)
 
 
 def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSource, runner: TileRunner,
@@ -672,6 +666,12 @@ def run_columns(works: Sequence[Work], skipped: Sequence[Tile], source: ImageSou
     written once the stream has passed its cells. ``columns.workers`` streams run at once
     (:func:`_side_by_side`), the largest first; a run is cut in two down its rows of tiles
     while there are fewer runs than workers."""
+    grid, merge = columns.grid, columns.merge_width
+    read_w = max(t.shape[1] for t in grid.tiles)
+    _, push, gather = columns.rows(read_w)
+    logger.info("streaming %d columns of %d tiles (%d px wide), %d rows pushed, %d gathered after the stem, "
+                "%d streams at a time%s", grid.grid[1], grid.grid[0], read_w, push, gather, columns.workers,
+                f"; neighbouring runs merged up to {merge} px wide" if merge else "")
     pending = _unfinished(works, skipped, sink)
     runs = _for_workers(_stream_runs(pending, columns.merge_width), columns.workers)
     shared = threading.Lock()  # the image's reader and the progress bar
