@@ -2,8 +2,9 @@
 
 A zarr output is a group holding ``map`` (``(classes, rows, cols)`` float32, one chunk per
 tile), ``done`` (one bool per tile, one chunk each, so that concurrent writers never
-touch the same chunk) and ``skipped`` (the same, for tiles a foreground mask left out: their
-cells stay NaN, the map's fill value). A tile's cells are written before its ``done`` flag,
+touch the same chunk) and ``skipped`` (one bool per tile, in one chunk, written before any
+tile: the tiles a foreground mask left out, whose cells stay NaN, the map's fill value, and
+which are flagged done as well). A tile's cells are written before its ``done`` flag,
 so a run that stops anywhere leaves only finished tiles flagged. The group's attributes record what the
 map was made from (``key``); a restart with the same arguments skips the flagged tiles, a
 restart with different ones is refused rather than mixing two maps.
@@ -199,9 +200,11 @@ def map_compressors() -> Any:
 
 
 def add_flags(group: Any, grid: TileGrid) -> None:
-    """The per-tile ``done`` and ``skipped`` flags, in ``group``."""
-    for flags in ("done", "skipped"):
-        group.create_array(flags, shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
+    """The per-tile ``done`` and ``skipped`` flags, in ``group``: ``done`` one chunk per tile
+    (tiles are flagged as they finish, by concurrent writers), ``skipped`` one chunk (written
+    once, before any tile: a chunk per tile cost 0.6 s for the 688 skipped tiles of a 40k slide)."""
+    group.create_array("done", shape=grid.grid, chunks=(1, 1), dtype="bool", fill_value=False)
+    group.create_array("skipped", shape=grid.grid, chunks=grid.grid, dtype="bool", fill_value=False)
 
 
 def pyramid_paths(path: str | os.PathLike[str], scales: tuple[float, ...]) -> list[str]:
