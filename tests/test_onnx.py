@@ -182,6 +182,14 @@ def tf2onnx_nhwc_reducemax_keepdims(b: Builder) -> str:
     return b.op("Gemm", [x, b.w(CLASSES, HIDDEN), b.w(CLASSES)], transB=1)
 
 
+def decomposed_hardswish_and_swish(b: Builder) -> str:  # opset <= 13 exports: x * HardSigmoid(x)
+    x = b.op("GlobalAveragePool", [b.feature])
+    x = b.op("Mul", [b.op("Sigmoid", [x]), x])  # a swish on the pooled map
+    x = b.op("Gemm", [b.op("Flatten", [x]), b.w(HIDDEN, C), b.w(HIDDEN)], transB=1)
+    x = b.op("Mul", [x, b.op("HardSigmoid", [x], alpha=1 / 6, beta=0.5)])
+    return b.op("Gemm", [x, b.w(CLASSES, HIDDEN), b.w(CLASSES)], transB=1)
+
+
 HEADS: dict[str, Callable[[Builder], str]] = {
     "gap_gemm": gap_gemm,
     "gmp_gemm_alpha_beta": gmp_gemm_alpha_beta,
@@ -196,12 +204,14 @@ HEADS: dict[str, Callable[[Builder], str]] = {
     "tf2onnx_nhwc_flatten": tf2onnx_nhwc_flatten,
     "tf2onnx_nhwc_reducemean": tf2onnx_nhwc_reducemean,
     "tf2onnx_nhwc_reducemax_keepdims": tf2onnx_nhwc_reducemax_keepdims,
+    "decomposed_hardswish_and_swish": decomposed_hardswish_and_swish,
 }
 OPSET = {"reducemean_attr_axes": 17, "layernorm_constant_operands": 20}
 GLOBAL_HEADS = {"gap_gemm", "gmp_gemm_alpha_beta", "reducemean_attr_axes",
                 "reducemean_input_axes_squeeze_matmul", "averagepool_reshape",
                 "layernorm_constant_operands", "convnext_pooled_layernorm",
-                "tf2onnx_nhwc_reducemean", "tf2onnx_nhwc_reducemax_keepdims"}
+                "tf2onnx_nhwc_reducemean", "tf2onnx_nhwc_reducemax_keepdims",
+                "decomposed_hardswish_and_swish"}
 
 
 def build(head: str, nhwc_input: bool = False) -> onnx.ModelProto:
@@ -256,7 +266,8 @@ def test_nhwc_input_graph_converts() -> None:
 
 @pytest.mark.parametrize("head", sorted(GLOBAL_HEADS - {"layernorm_constant_operands",
                                                          "convnext_pooled_layernorm",
-                                                         "tf2onnx_nhwc_reducemax_keepdims"}))
+                                                         "tf2onnx_nhwc_reducemax_keepdims",
+                                                         "decomposed_hardswish_and_swish"}))
 def test_pool_none_mean_is_the_logits(head: str) -> None:
     model = build(head)
     fcn = convolutionalize_onnx(model, None, "none")
@@ -483,4 +494,27 @@ def test_torchvision_zoo(name: str, exporter: str, tmp_path: Path) -> None:
     # squeezenet's ceil_mode pools give a 20x26 feature map at 320x416 (stride 16)
     assert out.shape == expected.shape == ((1, 1000, 7, 13) if name.startswith("squeeze")
                                            else (1, 1000, 4, 7))
+    assert rel_error(out, expected) < RTOL
+
+
+@pytest.mark.zoo
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_opset_13_export_of_hardswish_head(tmp_path: Path) -> None:
+    """Below opset 14 the exporter writes the classifier's Hardswish as x * HardSigmoid(x)."""
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    net = torchvision.models.mobilenet_v3_small(weights=None).eval()
+    path = tmp_path / "mobilenet_v3_small.onnx"
+    with contextlib.redirect_stdout(io.StringIO()):
+        torch.onnx.export(net, (torch.randn(1, 3, 224, 224),), str(path), opset_version=13, dynamo=False)
+    exported = onnx.load(path)
+    assert {"HardSigmoid", "Mul"} <= {n.op_type for n in exported.graph.node}
+    assert "HardSwish" not in {n.op_type for n in exported.graph.node}
+    fcn = convolutionalize(exported)
+    big = random_image((320, 416))
+    with torch.no_grad():
+        expected = convolutionalize(net, (224, 224))(torch.from_numpy(big)).numpy()
+    out = predict_nchw(fcn, big)
+    assert out.shape == expected.shape == (1, 1000, 4, 7)
     assert rel_error(out, expected) < RTOL

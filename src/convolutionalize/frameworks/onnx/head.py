@@ -134,10 +134,33 @@ def _walk(graph: Graph, name: str) -> tuple[list[onnx.NodeProto], str]:
             if (transpose := _to_nhwc(graph, node.input[0])) is not None:
                 chain.append(transpose)
             break
+        if len(ins) > 1 and node.op_type in BINARY and (branches := _one_source(graph, ins)) is not None:
+            nodes, name = branches
+            chain.extend(nodes)
+            continue
         if len(ins) != 1:
             return chain, f"node '{node.name}' ({node.op_type}) has {len(ins)} data inputs"
         name = ins[0]
     return chain, ""
+
+
+def _one_source(graph: Graph, names: list[str]) -> tuple[list[onnx.NodeProto], str] | None:
+    """Where the data inputs ``names`` of an elementwise node all come from one tensor through
+    single-input elementwise nodes (an exported ``x * HardSigmoid(x)``, ``x * Sigmoid(x)``):
+    those nodes, the output side first, and that tensor; else None. The node is then as
+    elementwise as they are: per feature, so per location once the head slides."""
+    paths = []
+    for name in names:
+        path = [name]
+        while ((node := graph.producer.get(path[-1])) is not None and node.op_type in ELEMENTWISE
+               and len(ins := graph.data_inputs(node)) == 1):
+            path.append(ins[0])
+        paths.append(path)
+    source = next((t for t in paths[0] if all(t in p for p in paths[1:])), None)
+    if source is None:
+        return None
+    nodes = {graph.producer[t].name: graph.producer[t] for p in paths for t in p[:p.index(source)]}
+    return sorted(nodes.values(), key=lambda n: -graph.order[n.name]), source
 
 
 def _cut(graph: Graph, chain: list[onnx.NodeProto], stop: str,
