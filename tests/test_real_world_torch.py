@@ -330,6 +330,54 @@ def test_permutation_form_cells_equal_true_crops(form: str, contiguous: bool, fl
     assert rel_error(dense, expected) < CROP_RTOL
 
 
+# --------------------------------------------------------------------------- pools read off the map
+
+POOL_FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # each a global pool of the map
+    "flatten(2).max(-1)[0]": lambda f: f.flatten(2).max(-1)[0],
+    "view(b, c, -1).max(2).values": lambda f: f.view(f.size(0), f.size(1), -1).max(2).values,
+    "avg_pool2d(x, x.shape[-2:])": lambda f: F.avg_pool2d(f, f.shape[-2:]).flatten(1),
+    "avg_pool2d(x, x.size()[2:])": lambda f: F.avg_pool2d(f, f.size()[2:]).view(f.size(0), -1),
+    "avg_pool2d(x, (x.size(2), x.size(3)))": lambda f: F.avg_pool2d(f, (f.size(2), f.size(3))).flatten(1),
+    "max_pool2d(x, kernel_size=x.shape[2:])": lambda f: F.max_pool2d(f, kernel_size=f.shape[2:]).flatten(1),
+}
+NOT_POOLS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {  # refused, by name
+    "logsumexp": (lambda f: torch.logsumexp(f.flatten(2), -1), "'logsumexp'.*neither a global average"),
+    "max's indices": (lambda f: f.flatten(2).max(-1)[1].float(), "neither a global average"),
+    "max over W, then over H": (lambda f: f.max(-1)[0].max(-1).values, "'max_1'.*neither a global"),
+}
+
+
+class PooledNet(nn.Module):
+    """A padding-free body (an 8x12 map at 20x28), ``pool`` of it, a Linear."""
+
+    def __init__(self, pool: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.pool, self.body, self.fc = pool, _valid_body(), nn.Linear(5, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.body(x)))
+
+
+@pytest.mark.parametrize("form", list(POOL_FORMS))
+def test_pool_form_cells_equal_true_crops(form: str) -> None:
+    model = _build(lambda: PooledNet(POOL_FORMS[form]))
+    fcn = convolutionalize(model, PERMUTED_NATIVE)
+    assert fcn.geometry.crop_equivalent
+    assert [s.op for s in fcn.plan.steps if s.op == "global_pool"] == ["global_pool"]
+    assert max(_native_errors(model, fcn, PERMUTED_NATIVE)) < CROP_RTOL
+    image = _image(PERMUTED_LARGER)
+    dense, expected = cells_and_crops(model, fcn, image)
+    assert dense.shape == (12, CLASSES)
+    assert rel_error(dense, expected) < CROP_RTOL
+
+
+@pytest.mark.parametrize("form", list(NOT_POOLS))
+def test_reduction_that_is_no_global_pool_is_refused_by_name(form: str) -> None:
+    pool, message = NOT_POOLS[form]
+    with pytest.raises(NotConvolutionalizable, match=message):
+        convolutionalize(_build(lambda: PooledNet(pool)), PERMUTED_NATIVE)
+
+
 @pytest.mark.parametrize(("form", "contiguous", "flatten"), FORMS, ids=FORM_IDS)
 def test_permutation_form_native_and_structure(form: str, contiguous: bool, flatten: str) -> None:
     model = _build(lambda: PermutedNet(form, contiguous, flatten))
@@ -439,6 +487,17 @@ class SqueezeExciteLinear(nn.Module):
         return x * (y.view(b, c, 1, 1) if self.back == "view" else y[..., None, None])
 
 
+class SqueezeExciteSizedPool(nn.Module):
+    """Squeeze-excitation whose pool is ``F.avg_pool2d(x, x.size()[2:])``, as older code writes it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.gate(F.avg_pool2d(x, x.size()[2:])))
+
+
 class EfficientChannelAttention(nn.Module):
     """ECA-Net: a Conv1d across the pooled channels, a sigmoid gate."""
 
@@ -529,6 +588,7 @@ class ContextNet(nn.Module):
 CONTEXT_BLOCKS = {  # block, padded, the node the global-context note names
     "se-linear-view": (lambda: SqueezeExciteLinear(8, "view"), False, "body_2_avg_pool"),
     "se-linear-none-none": (lambda: SqueezeExciteLinear(8, "none"), False, "body_2_avg_pool"),
+    "se-sized-pool": (lambda: SqueezeExciteSizedPool(8), False, "avg_pool2d"),
     "eca": (EfficientChannelAttention, False, "body_2_avg_pool"),
     "gcnet": (lambda: GlobalContextBlock(8), False, "matmul"),
     "selective-kernel": (lambda: SelectiveKernel(8), True, "mean"),

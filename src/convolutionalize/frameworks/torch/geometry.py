@@ -15,7 +15,7 @@ from __future__ import annotations
 from torch import fx, nn
 
 from ...geometry import BodyGeometry, Span, same_padding
-from .graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, op_name, shape_of, tensor_inputs
+from .graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, is_spatial_size_of, op_name, shape_of, tensor_inputs
 from .head import REDUCTIONS, Value
 
 __all__ = ["CONVS", "body_geometry", "body_spans", "window_args"]
@@ -119,6 +119,9 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
     module = modules.get(str(node.target)) if node.op == "call_module" else None
     value, src = values[node], values[ins[0]]
     in_shape, out_shape = shape_of(ins[0]), shape_of(node)
+    if name in ("avg_pool2d", "max_pool2d") and is_spatial_size_of(arg(node, 1, "kernel_size"), node.args[0]):
+        geo.global_context.append(node.name)  # F.avg_pool2d(x, x.shape[2:]) in a squeeze-excitation
+        return ys, xs
     if name in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
         kernel, stride, pad, dil, ceil, same = window_args(node, name, modules)
         if same and in_shape is not None and src.axes is not None:

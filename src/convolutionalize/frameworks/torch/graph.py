@@ -167,6 +167,35 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def is_spatial_size_of(value: Any, source: Any) -> bool:
+    """Whether ``value`` (a pool's ``kernel_size``) is read off the height and width of the
+    4-D tensor ``source`` as it runs: ``x.shape[-2:]``, ``x.size()[2:]``, ``(x.size(2),
+    x.size(3))``. Such a pool is global at every input size."""
+    def size_of_source(node: Any) -> bool:  # x.shape or x.size()
+        return isinstance(node, fx.Node) and node.args[:1] == (source,) and (
+            (node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+            or (node.op == "call_method" and node.target == "size" and len(node.args) == 1))
+
+    def axis_of_source(node: Any) -> int | None:  # x.size(2), x.shape[2]
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "call_method" and node.target == "size" and len(node.args) == 2 and (
+                node.args[0] is source and isinstance(node.args[1], int)):
+            return node.args[1] % 4
+        if node.op == "call_function" and node.target is operator.getitem and size_of_source(
+                node.args[0]) and isinstance(node.args[1], int):
+            return node.args[1] % 4
+        return None
+
+    if isinstance(value, (list, tuple)):
+        return len(value) == 2 and [axis_of_source(v) for v in value] == [2, 3]
+    if isinstance(value, fx.Node) and value.op == "call_function" and value.target is operator.getitem:
+        index = value.args[1]
+        return size_of_source(value.args[0]) and isinstance(index, slice) and index.step is None and (
+            index.start in (2, -2) and index.stop is None)
+    return False
+
+
 def normalize_dims(dims: Any, rank: int) -> tuple[int, ...] | None:
     """``dim`` arguments as a sorted tuple of non-negative ints, or None if not constant ints."""
     if isinstance(dims, int):

@@ -40,6 +40,7 @@ from .graph import (
     ELEMENTWISE_MODULES,
     arg,
     input_nodes,
+    is_spatial_size_of,
     normalize_dims,
     op_name,
     shape_of,
@@ -110,7 +111,8 @@ def _pool_of(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
         padding = _pair(getattr(modules.get(str(node.target)), "padding", 0)
                         if node.op == "call_module" else arg(node, 3, "padding", 0))
         flattened = all(op_name(u, modules) in FLATTENS | SHAPE_QUERIES for u in node.users)
-        covers = kernel is not None and kernel[0] >= spatial_in[0] and kernel[1] >= spatial_in[1]
+        covers = (kernel is not None and kernel[0] >= spatial_in[0] and kernel[1] >= spatial_in[1]) or (
+            node.op != "call_module" and is_spatial_size_of(arg(node, 1, "kernel_size"), node.args[0]))
         if covers and padding == (0, 0) and flattened:  # a larger kernel (ceil_mode) averages the same
             return Value("pooled", (2, 3), reduce=windowed[name])  # type: ignore[arg-type]
     return None
@@ -218,7 +220,8 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
         name = op_name(node, modules)
         out_shape = shape_of(node)
         if out_shape is None:  # tuples (chunk, split, pool with indices): like their input
-            values[node] = kinds[0]
+            values[node] = _merged_max(node, name, kinds) or _tuple_reduction(node, name, kinds[0], ins[0]) \
+                or kinds[0]
         elif any(v.kind == "merged" for v in kinds):
             values[node] = _from_merged(node, name, kinds, out_shape)
         elif any(v.kind == "seq" for v in kinds):
@@ -246,14 +249,44 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
 
 
 def _from_merged(node: fx.Node, name: str, kinds: list[Value], out_shape: tuple[int, ...]) -> Value:
-    """``x.flatten(2).mean(-1)`` is a global pool; anything else on merged axes is tokens."""
+    """``x.flatten(2).mean(-1)`` is a global pool, and so are the values of
+    ``x.flatten(2).max(-1)`` (:func:`_merged_max`); anything else on merged axes is tokens."""
     src = kinds[0]
     assert src.axes is not None
     if len(kinds) == 1 and name in GLOBAL_REDUCERS and len(out_shape) == 2:
         dims = normalize_dims(arg(node, 1, "dim"), len(out_shape) + 1)
         if dims == (src.axes[0],):
             return Value("vector", reduce=GLOBAL_REDUCERS[name])  # type: ignore[arg-type]
+    if src.reduce == "max" and len(out_shape) == 2 and (
+            (name == "getitem" and node.args[1] == 0) or (name == "getattr" and node.args[1] == "values")):
+        return Value("vector", reduce="max")  # the values, not the indices
     return Value("seq")
+
+
+def _tuple_reduction(node: fx.Node, name: str, src: Value, source: fx.Node) -> Value | None:
+    """``x.max(dim)`` / ``x.min(dim)`` of a map, a (values, indices) pair: what either holds
+    (:func:`_channel_reduction`; over a spatial axis, a summary of the map)."""
+    in_shape = shape_of(source)
+    if src.kind != "map" or name not in ("max", "min") or in_shape is None:
+        return None
+    dims = normalize_dims(arg(node, 1, "dim"), len(in_shape))
+    if dims is None or len(dims) != 1:
+        return None
+    kept = arg(node, 2, "keepdim", False)
+    out_shape = in_shape if kept else in_shape[:dims[0]] + in_shape[dims[0] + 1:]
+    return _channel_reduction(node, name, src, in_shape, out_shape)
+
+
+def _merged_max(node: fx.Node, name: str, kinds: list[Value]) -> Value | None:
+    """``x.flatten(2).max(-1)``: a (values, indices) pair over the merged spatial axis, marked
+    so that its values (:func:`_from_merged`) are a global max pool."""
+    src = kinds[0]
+    if len(kinds) != 1 or src.kind != "merged" or name != "max" or arg(node, 2, "keepdim", False):
+        return None
+    assert src.axes is not None
+    rank = src.axes[0] + 1
+    return Value("merged", src.axes, reduce="max") if normalize_dims(arg(node, 1, "dim"), rank) == (
+        src.axes[0],) else None
 
 
 def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int, ...],
@@ -368,12 +401,16 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
     src = ins[0]
     module = modules.get(str(node.target)) if node.op == "call_module" else None
     where = f"head node '{node.name}' ({name})"
-    if src.kind == "merged":
-        return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
-                        f"{fmap.size[0]}x{fmap.size[1]} (of the flattened map)", reduce=value.reduce)
     if value.kind == "merged":
         return HeadStep(node.name, "keep", f"{name} of the map's spatial axes (read by the global "
                         "pool; removed with it)")
+    if src.kind == "merged":
+        if value.reduce is None:
+            raise NotConvolutionalizable(f"{where} reduces the flattened spatial axes in a way that is "
+                                         "neither a global average nor a global max pool; it has no "
+                                         "exact sliding form")
+        return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
+                        f"{fmap.size[0]}x{fmap.size[1]} (of the flattened map)", reduce=value.reduce)
     if src.kind == "map" and src.pool_to is None:
         if value.pool_to is not None:
             return _adaptive_step(node, name, value, fmap)
