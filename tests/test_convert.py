@@ -1012,3 +1012,30 @@ def test_verify_reports_the_padded_crop_error(gap_model: nn.Module) -> None:
 def test_verify_rejects_bad_samples(flatten_model: nn.Module, samples: int) -> None:
     with pytest.raises(ValueError, match=rf"samples must be at least 1, got {samples}"):
         cz.verify(flatten_model, VALID, samples=samples)
+
+
+class MultiplesOnly(nn.Module):
+    """Runs only on inputs whose sides are multiples of 10 (as window-partitioning blocks do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4 * 14 * 14, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.shape[-2] % 10 == 0, "the height must be a multiple of 10")
+        return self.fc(self.conv(x).flatten(1))
+
+
+def test_a_model_that_runs_at_multiples_only_says_where_it_does_not_run() -> None:
+    torch.manual_seed(0)
+    model = MultiplesOnly().eval()
+    fcn = convolutionalize(model, 30)
+    check = fcn.self_check
+    assert check.size == (90, 120) and check.crop_error is not None and check.crop_error < CROP_RTOL
+    assert check.refused == ("at 34x36: the height must be a multiple of 10",)
+    assert "it does not run at 34x36: the height must be a multiple of 10" in check.describe()
+    with pytest.raises(ValueError, match=r"does not run at 36x36 \(the height must be a multiple of 10\).*"
+                                         r"self-check at 90x120"):
+        cz.verify(model, 30)  # the default image: native + 3 strides
+    assert cz.verify(model, 30, image_size=(40, 50)).passed

@@ -4,7 +4,9 @@ Two sizes are checked. At the native size the converted model must equal the ori
 (``native_error``). At a larger, non-square size (native + ``(2·sy, 3·sx)``: a transposed
 map cannot pass) every output map must have exactly the rows and columns the geometry
 predicts and, when the model is crop-equivalent, a few cells must equal the original run
-on their true crops (``crop_error``). Anything else raises ``NotConvolutionalizable``.
+on their true crops (``crop_error``). Anything else raises ``NotConvolutionalizable``. A
+model that runs only at multiples of some size is checked at the next size, and the check
+records where it did not run (``refused``).
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ class SelfCheck:
     size: tuple[int, int]  # the larger, non-square input that was checked
     cells: tuple[int, int]  # the map's rows and columns there (as the geometry predicts)
     crop_error: float | None  # max relative error of cells vs true crops (crop-equivalent only)
+    refused: tuple[str, ...] = ()  # the sizes checked first, where it did not run ("at HxW: why")
 
     def describe(self) -> str:
         h, w = self.size
         crops = ("cells not compared with crops (not crop-equivalent)" if self.crop_error is None
                  else f"cells vs true crops {self.crop_error:.1e}")
-        return f"self-check at {h}x{w}: map {self.cells[0]}x{self.cells[1]} as predicted, {crops}"
+        refused = f"; it does not run {'; '.join(self.refused)}" if self.refused else ""
+        return f"self-check at {h}x{w}: map {self.cells[0]}x{self.cells[1]} as predicted, {crops}{refused}"
 
 
 def check_sizes(geometry: Geometry) -> list[tuple[int, int]]:
@@ -90,7 +94,7 @@ def check_larger(geometry: Geometry, native_error: float | None,
                 f"the converted model's map at {size[0]}x{size[1]} differs from the original on "
                 f"the true crops of its cells (max relative error {error:.2e}); the head's "
                 "geometry or flatten order was misread")
-        return SelfCheck(native_error, size, cells, error)
+        return SelfCheck(native_error, size, cells, error, tuple(failures))
     raise NotConvolutionalizable("the converted model does not run at sizes larger than the "
                                  f"native one ({'; '.join(failures)}); it cannot slide")
 

@@ -122,7 +122,14 @@ def verify(
     geometry.cells(*image_size)  # raises a clear error for an image smaller than the window
     rng = np.random.default_rng(seed)
     image = rng.standard_normal((1, info.in_channels, *image_size), dtype=np.float32)
-    dense = runner(fcn)(image)
+    try:
+        dense = runner(fcn)(image)
+    except Exception as exc:  # the model's own limits (a block that needs multiples of a size)
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        checked = f"; {info.self_check}" if info.self_check else ""
+        raise ValueError(f"the converted model does not run at {image_size[0]}x{image_size[1]} "
+                         f"({reason}){checked}; pass another image_size") from exc
     rows, cols = dense.shape[-2:]
     cells = [(int(p) // cols, int(p) % cols) for p in rng.integers(0, rows * cols, samples)]
     errors = crop_errors(runner(model), dense, image, geometry, cells)

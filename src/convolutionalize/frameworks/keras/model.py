@@ -160,7 +160,7 @@ class _Probe:
                     f"the converted model's map at {size[0]}x{size[1]} differs from the original on "
                     f"the true crops of its cells (max relative error {crop_error:.2e}); the head's "
                     "geometry or flatten order was misread")
-            return SelfCheck(native_error, (size[0], size[1]), shape, crop_error)
+            return SelfCheck(native_error, (size[0], size[1]), shape, crop_error, tuple(failures))
         raise NotConvolutionalizable("the converted model does not run at sizes larger than the "
                                      f"native one ({'; '.join(failures)}); it cannot slide")
 
@@ -333,7 +333,7 @@ def _check_from_dict(data: dict[str, Any] | None) -> SelfCheck | None:
     if data is None:
         return None
     return SelfCheck(data["native_error"], tuple(data["size"]), tuple(data["cells"]),  # type: ignore[arg-type]
-                     data["crop_error"])
+                     data["crop_error"], tuple(data.get("refused", ())))
 
 
 def save_keras(fcn: keras.Model, path: str | os.PathLike[str]) -> Path:

@@ -258,7 +258,7 @@ def self_check_of(model: onnx.ModelProto) -> SelfCheck | None:
         return None
     data = json.loads(text)
     return SelfCheck(data["native_error"], tuple(data["size"]), tuple(data["cells"]),
-                     data["crop_error"])
+                     data["crop_error"], tuple(data.get("refused", ())))
 
 
 def _example(channels: int, size: tuple[int, int], batch: int = 1, seed: int = 0) -> np.ndarray:
@@ -337,7 +337,7 @@ class _Probe:
                     f"the converted map at {size[0]}x{size[1]} differs from the original on the "
                     f"true crops of its cells (max relative error {crop_error:.2e}); the head's "
                     "geometry or flatten order was misread")
-            return SelfCheck(native_error, size, cells, crop_error)
+            return SelfCheck(native_error, size, cells, crop_error, tuple(failures))
         raise NotConvolutionalizable(f"the rewritten graph does not run at sizes larger than the "
                                      f"native one ({'; '.join(failures)}); a body node is specific "
                                      "to the native size")
