@@ -43,6 +43,12 @@ CONVOLUTIONAL = [
                                 layer_type="x"), 64, id="regnet"),
     pytest.param("Bit", dict(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], num_groups=2),
                  64, id="bit"),
+    # TF "SAME" padding (the google/bit-* configs): F.pad by amounts computed from the input's size
+    pytest.param("Bit", dict(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], num_groups=2,
+                             global_padding="SAME"), 64, id="bit_same"),
+    pytest.param("Bit", dict(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], num_groups=2,
+                             layer_type="preactivation", embedding_dynamic_padding=True), 64,
+                 id="bit_dynamic_padding"),
     pytest.param("PoolFormer", dict(
         num_encoder_blocks=2, depths=[1, 1], hidden_sizes=[8, 16], patch_sizes=[7, 3], strides=[4, 2],
         padding=[2, 1], layer_scale_init_value=1.0), 64, id="poolformer"),

@@ -14,8 +14,18 @@ from __future__ import annotations
 
 from torch import fx, nn
 
+from ...errors import NotConvolutionalizable
 from ...geometry import BodyGeometry, Span, same_padding
-from .graph import ELEMENTWISE, ELEMENTWISE_MODULES, arg, is_spatial_size_of, op_name, shape_of, tensor_inputs
+from .graph import (
+    ELEMENTWISE,
+    ELEMENTWISE_MODULES,
+    arg,
+    int_at_native,
+    is_spatial_size_of,
+    op_name,
+    shape_of,
+    tensor_inputs,
+)
 from .head import REDUCTIONS, Value
 
 __all__ = ["CONVS", "body_geometry", "body_spans", "window_args"]
@@ -144,9 +154,13 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
             return _slice_span(ys, index[ay]), _slice_span(xs, index[ax])
         geo.unproven.append(node.name)
         return ys, xs
-    if name == "pad":
-        pads = list(arg(node, 1, "pad", ()))
-        if any(pads):
+    if name == "pad":  # amounts computed from the input's size (TF "SAME") as they were at the native size
+        given = list(arg(node, 1, "pad", ()))
+        pads = [int_at_native(p) for p in given]
+        if None in pads:
+            raise NotConvolutionalizable(f"the padding of '{node.name}' is computed in a way the "
+                                         "conversion cannot read at the native size")
+        if any(pads) or any(isinstance(p, fx.Node) for p in given):
             geo.padded.append(node.name)
         left, _, top = [*pads, 0, 0, 0, 0][:3]
         return Span(ys.lo - top * ys.jump, ys.hi, ys.jump), Span(xs.lo - left * xs.jump, xs.hi,

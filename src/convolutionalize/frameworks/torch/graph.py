@@ -84,10 +84,30 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+INT_KEY = "convolutionalize_int"  # node.meta: the int a size computation gave at the native size
+
+
+class _ShapeAndIntProp(ShapeProp):
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if isinstance(result, int) and not isinstance(result, bool):
+            n.meta[INT_KEY] = result  # e.g. a padding computed from the input's size
+        return result
+
+
 def propagate_shapes(gm: fx.GraphModule, x: torch.Tensor) -> torch.Tensor:
-    """Run ``gm`` on ``x`` recording every node's output shape; returns the output."""
+    """Run ``gm`` on ``x`` recording every node's output shape (and the value of every node
+    that gives an int, :func:`int_at_native`); returns the output."""
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints tracebacks
-        return ShapeProp(gm).propagate(x)
+        return _ShapeAndIntProp(gm).propagate(x)
+
+
+def int_at_native(value: Any) -> int | None:
+    """``value`` (an argument: an int, or a node computing one from sizes) as the int it was
+    when :func:`propagate_shapes` ran; None when unknown."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return value.meta.get(INT_KEY) if isinstance(value, fx.Node) else None
 
 
 def shapes_at(gm: fx.GraphModule, x: torch.Tensor) -> dict[fx.Node, tuple[int, ...]]:
