@@ -1039,3 +1039,25 @@ def test_a_model_that_runs_at_multiples_only_says_where_it_does_not_run() -> Non
                                          r"self-check at 90x120"):
         cz.verify(model, 30)  # the default image: native + 3 strides
     assert cz.verify(model, 30, image_size=(40, 50)).passed
+
+
+class SpaceToDepthStem(nn.Module):
+    """A stem that folds 2x2 pixels into channels first: the first Conv2d takes 12 channels
+    of a 3-channel image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(12, 8, 3, stride=2)
+        self.fc = nn.Linear(8 * 7 * 7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(F.pixel_unshuffle(x, 2)).flatten(1))
+
+
+def test_image_channels_are_found_where_the_first_conv_does_not_read_the_image() -> None:
+    torch.manual_seed(0)
+    model = SpaceToDepthStem().eval()
+    fcn = convolutionalize(model, 32)
+    assert fcn.plan.in_channels == 3 and fcn.native_error < CROP_RTOL
+    report = cz.verify(model, 32, image_size=(40, 56))
+    assert report.passed and report.crop_error is not None and report.crop_error < CROP_RTOL

@@ -48,6 +48,9 @@ def native_input_size(model: nn.Module, input_size: object) -> tuple[int, int]:
     return (int(size[0]), int(size[1]))
 
 
+MAX_GUESSED_CHANNELS = 16
+
+
 def _in_channels(model: nn.Module, gm: fx.GraphModule, modules: dict[str, nn.Module],
                  input_size: tuple[int, int]) -> int:
     channels = _cfg_channels(model) or g.first_in_channels(gm, modules, input_size)
@@ -75,16 +78,34 @@ class Analysis:
         try:
             self.expected = g.propagate_shapes(self.gm, self.example)
         except Exception as exc:
-            raise NotConvolutionalizable(
-                f"{type(model).__name__} does not run at the native input size "
-                f"{input_size[0]}x{input_size[1]}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-            ) from exc
+            if _cfg_channels(model) is not None or not self._image_channels(input_size):
+                raise NotConvolutionalizable(
+                    f"{type(model).__name__} does not run at the native input size "
+                    f"{input_size[0]}x{input_size[1]}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                ) from exc
         doubled = (2 * input_size[0], 2 * input_size[1])
         self.values = propagate_kinds(self.gm, self.modules,
                                       lambda: g.shapes_at(self.gm, self.random_input(doubled, seed=1)))
         self.plan = find_head(self.gm, self.values, self.modules, input_size, self.in_channels,
                               self.capture.method)
         self.nodes = {n.name: n for n in self.gm.graph.nodes}
+
+    def _image_channels(self, input_size: tuple[int, int]) -> bool:
+        """Where the first convolution's channels are not the image's (a space-to-depth stem,
+        CoordConv's coordinate channels), the fewest image channels the model runs on (up to
+        ``MAX_GUESSED_CHANNELS``), with its shapes there; False where none runs."""
+        for channels in range(1, MAX_GUESSED_CHANNELS + 1):
+            if channels == self.in_channels:
+                continue
+            self.in_channels, self.example = channels, None
+            example = self.random_input(input_size, seed=0)
+            try:
+                self.expected = g.propagate_shapes(self.gm, example)
+            except Exception:
+                continue
+            self.example = example
+            return True
+        return False
 
     def random_input(self, size: tuple[int, int], seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
