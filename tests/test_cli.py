@@ -109,7 +109,12 @@ def test_inspect_tiny_matches_golden(capsys: pytest.CaptureFixture[str], files: 
     if os.environ.get("UPDATE_GOLDEN") == "1":
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(out)
-    assert out == GOLDEN.read_text(), "inspect output changed; regenerate with UPDATE_GOLDEN=1"
+    # float32 rounding errors differ between CPUs (a self-check measured 1.0e-07 on one, 1.5e-07 on
+    # another): compared as bounds
+    errors = re.compile(r"\d\.\de-\d\d")
+    assert all(float(e) < 1e-6 for e in errors.findall(out)) and len(errors.findall(out)) == 2
+    assert errors.sub("<error>", out) == errors.sub("<error>", GOLDEN.read_text()), (
+        "inspect output changed; regenerate with UPDATE_GOLDEN=1")
 
 
 # --------------------------------------------------------------------------- convert
