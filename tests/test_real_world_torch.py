@@ -339,11 +339,15 @@ POOL_FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {  # each a glob
     "avg_pool2d(x, x.size()[2:])": lambda f: F.avg_pool2d(f, f.size()[2:]).view(f.size(0), -1),
     "avg_pool2d(x, (x.size(2), x.size(3)))": lambda f: F.avg_pool2d(f, (f.size(2), f.size(3))).flatten(1),
     "max_pool2d(x, kernel_size=x.shape[2:])": lambda f: F.max_pool2d(f, kernel_size=f.shape[2:]).flatten(1),
+    "mean(3).mean(2)": lambda f: f.mean(3).mean(2),
+    "mean(-1).mean(-1)": lambda f: f.mean(-1).mean(-1),
+    "amax(2).amax(-1)": lambda f: f.amax(2).amax(-1),
 }
 NOT_POOLS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {  # refused, by name
     "logsumexp": (lambda f: torch.logsumexp(f.flatten(2), -1), "'logsumexp'.*neither a global average"),
     "max's indices": (lambda f: f.flatten(2).max(-1)[1].float(), "neither a global average"),
     "max over W, then over H": (lambda f: f.max(-1)[0].max(-1).values, "'max_1'.*neither a global"),
+    "amax over W, then the mean over H": (lambda f: f.amax(3).mean(2), "'mean'.*follows a reduction of one"),
 }
 
 
@@ -498,6 +502,17 @@ class SqueezeExciteSizedPool(nn.Module):
         return x * torch.sigmoid(self.gate(F.avg_pool2d(x, x.size()[2:])))
 
 
+class RowGate(nn.Module):
+    """A gate per row from the row's mean (``x.mean(3)``, as coordinate attention does)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gate = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.gate(x.mean(3).unsqueeze(-1)))
+
+
 class EfficientChannelAttention(nn.Module):
     """ECA-Net: a Conv1d across the pooled channels, a sigmoid gate."""
 
@@ -589,6 +604,7 @@ CONTEXT_BLOCKS = {  # block, padded, the node the global-context note names
     "se-linear-view": (lambda: SqueezeExciteLinear(8, "view"), False, "body_2_avg_pool"),
     "se-linear-none-none": (lambda: SqueezeExciteLinear(8, "none"), False, "body_2_avg_pool"),
     "se-sized-pool": (lambda: SqueezeExciteSizedPool(8), False, "avg_pool2d"),
+    "row-gate": (lambda: RowGate(8), False, "mean"),
     "eca": (EfficientChannelAttention, False, "body_2_avg_pool"),
     "gcnet": (lambda: GlobalContextBlock(8), False, "matmul"),
     "selective-kernel": (lambda: SelectiveKernel(8), True, "mean"),

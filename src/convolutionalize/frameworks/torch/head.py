@@ -11,6 +11,9 @@ Every tensor node gets a *kind*:
   shape does not change with the input size. Merged back into a map it is global context;
 - ``merged``: a map whose two spatial axes were flattened into its last one
   (``x.flatten(2)``, ``x.view(b, c, -1)``), waiting for the mean that makes it a global pool;
+- ``half``: a map averaged (or max-reduced) over one spatial axis, ``x.mean(3)``, waiting
+  for the same reduction over the other that makes it a global pool (``x.mean(3).mean(2)``);
+  anything else on it is a summary (``context``), as in a coordinate-attention block;
 - ``seq``: anything else derived from a map (tokens, windows): cannot slide.
 
 The head is everything between the last map and the outputs: nodes of kind pooled,
@@ -49,7 +52,7 @@ from .graph import (
 
 __all__ = ["Value", "find_head", "propagate_kinds"]
 
-Kind = Literal["map", "pooled", "vector", "flat", "merged", "context", "seq"]
+Kind = Literal["map", "pooled", "vector", "flat", "merged", "half", "context", "seq"]
 FLATTENS = frozenset({"flatten", "view", "reshape", "squeeze", "Flatten"})
 RESHAPES = FLATTENS | {"unsqueeze", "getitem", "expand", "unflatten", "_unsafe_view"}
 REDUCTIONS = frozenset({"sum", "mean", "amax", "amin", "max", "min", "prod", "std", "var",
@@ -173,6 +176,10 @@ def _channel_reduction(node: fx.Node, name: str, src: Value, in_shape: tuple[int
     if dims is None:
         return Value("seq")
     if set(dims) & set(src.axes):
+        if name in GLOBAL_REDUCERS and len(dims) == 1 and len(out_shape) == len(in_shape) - 1:
+            (kept,) = set(src.axes) - set(dims)
+            at = kept - (dims[0] < kept)
+            return Value("half", (at, at), reduce=GLOBAL_REDUCERS[name])  # type: ignore[arg-type]
         return Value("context")  # e.g. ConvNeXt-V2's GRN: a norm over the map, dims kept
     if len(out_shape) == len(in_shape):  # keepdim
         return Value("map", src.axes)
@@ -237,6 +244,8 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
                 values[node] = Value("map", (axes[0] + (dim <= axes[0]), axes[1] + (dim <= axes[1])))
             else:
                 values[node] = Value("map", maps[0].axes)
+        elif any(v.kind == "half" for v in kinds):
+            values[node] = _from_half(node, name, kinds, out_shape)
         elif any(v.kind == "context" for v in kinds):
             values[node] = Value("context")
         else:
@@ -261,6 +270,18 @@ def _from_merged(node: fx.Node, name: str, kinds: list[Value], out_shape: tuple[
             (name == "getitem" and node.args[1] == 0) or (name == "getattr" and node.args[1] == "values")):
         return Value("vector", reduce="max")  # the values, not the indices
     return Value("seq")
+
+
+def _from_half(node: fx.Node, name: str, kinds: list[Value], out_shape: tuple[int, ...]) -> Value:
+    """The reduction of a ``half`` map over its other spatial axis, as the first one reduced
+    (``x.mean(3).mean(2)``, ``x.amax(-1).amax(-1)``), is a global pool; anything else on it is
+    a summary."""
+    src = kinds[0]
+    assert src.axes is not None
+    if len(kinds) == 1 and GLOBAL_REDUCERS.get(name) == src.reduce and len(out_shape) == 2 and (
+            normalize_dims(arg(node, 1, "dim"), len(out_shape) + 1) == (src.axes[0],)):
+        return Value("vector", reduce=src.reduce)
+    return Value("context")
 
 
 def _tuple_reduction(node: fx.Node, name: str, src: Value, source: fx.Node) -> Value | None:
@@ -401,9 +422,17 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
     src = ins[0]
     module = modules.get(str(node.target)) if node.op == "call_module" else None
     where = f"head node '{node.name}' ({name})"
-    if value.kind == "merged":
+    if value.kind in ("merged", "half"):
         return HeadStep(node.name, "keep", f"{name} of the map's spatial axes (read by the global "
                         "pool; removed with it)")
+    if src.kind == "half":
+        if value.reduce is None:
+            raise NotConvolutionalizable(f"{where} follows a reduction of one spatial axis with "
+                                         "something other than the same reduction of the other (a "
+                                         "max, then a mean, say); that is no global pool and has no "
+                                         "exact sliding form")
+        return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
+                        f"{fmap.size[0]}x{fmap.size[1]} (one axis, then the other)", reduce=value.reduce)
     if src.kind == "merged":
         if value.reduce is None:
             raise NotConvolutionalizable(f"{where} reduces the flattened spatial axes in a way that is "
