@@ -693,6 +693,39 @@ class Branchy(GapNet):
         return super().forward(x)
 
 
+class SqueezedAll(nn.Module):
+    """``adaptive_avg_pool2d(x, 1).squeeze()``: at batch size 1 the batch axis goes too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.body(x), 1).squeeze())
+
+
+class FlattenedOnly(nn.Module):
+    """A feature extractor: the classifier replaced by nn.Identity after the flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.classifier = nn.Conv2d(3, 6, 3), nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x).flatten(1))
+
+
+class ResizedInput(nn.Module):
+    """The input resized to the native size first: the map cannot grow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(F.interpolate(x, size=PADDED)).mean((2, 3)))
+
+
 class TwoMaps(nn.Module):
     """A multi-scale head: pools from two different feature maps."""
 
@@ -709,7 +742,12 @@ class TwoMaps(nn.Module):
 
 
 REFUSALS = {
-    "tuple-output": (TupleOut, r"the output 'body_3' is already a spatial map"),  # logits and features
+    "tuple-output": (TupleOut, r"the output 'body_3' is a feature map of the body, returned beside the "
+                                r"classifier's scores"),  # logits and features
+    "squeeze()": (SqueezedAll, r"head node 'squeeze' .* the batch axis too at batch size 1"),
+    "identity-classifier": (FlattenedOnly, r"the output 'classifier' is the flattened feature map itself"),
+    "fixed-size-resize": (ResizedInput, r"its map does not grow with the input, so something in the body "
+                                        r"brings every input to one size"),
     "fully-convolutional": (FullyConvolutional, r"the output 'classifier' is already a spatial map"),
     "sliced-vector": (SlicedFeatures, r"head node 'getitem' \(getitem\) has no known per-location "
                                       r"equivalent on a vector tensor"),

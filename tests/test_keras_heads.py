@@ -264,7 +264,7 @@ def test_an_output_that_is_a_map_is_refused() -> None:
     inputs = keras.Input((8, 8, 3))
     feature = layers.Conv2D(2, 3, name="seg")(inputs)
     model = keras.Model(inputs, [layers.Dense(2)(layers.Flatten()(feature)), feature])
-    with pytest.raises(cz.NotConvolutionalizable, match="'seg' is already a spatial map"):
+    with pytest.raises(cz.NotConvolutionalizable, match="'seg' is a feature map of the body, returned"):
         convolutionalize_keras(model)
 
 

@@ -108,7 +108,14 @@ def _check_shapes(geometry: Geometry, spatial: list[tuple[int, int] | None], sha
                                          f"at {size[0]}x{size[1]}, not (N, classes)")
         return (1, 1)
     expected = geometry.cells(*size)
+    native = geometry.cells(*geometry.input_size)
     for cells, shape in zip(spatial, shapes):
+        if cells == native != expected:
+            raise NotConvolutionalizable(
+                f"at {size[0]}x{size[1]} the converted model returns a map of shape {tuple(shape)}, "
+                "as at the native size: its map does not grow with the input, so something in the "
+                "body brings every input to one size (an interpolate or an adaptive pool to a fixed "
+                "size, say); it cannot slide")
         if cells != expected:
             raise NotConvolutionalizable(
                 f"at {size[0]}x{size[1]} the converted model returns a map of shape "

@@ -165,8 +165,13 @@ class Analysis:
                 raise NotConvolutionalizable("the model's output does not depend on its input image")
             if value.kind == "map":
                 name = producer[id(out)].name if id(out) in producer else "the input"
-                raise NotConvolutionalizable(f"the output of '{name}' is already a spatial map: the "
-                                             "model is fully convolutional, there is no head")
+                if all(self.values.get(id(o), value).kind == "map" for o in self.graph.outputs):
+                    raise NotConvolutionalizable(f"the output of '{name}' is already a spatial map: the "
+                                                 "model is fully convolutional, there is no head")
+                raise NotConvolutionalizable(
+                    f"the output of '{name}' is a feature map of the body, returned beside the "
+                    "classifier's scores; only models whose every output is a classifier head "
+                    "convert (convert a model that returns the scores alone)")
         head: set[int] = set()
         features: dict[int, Any] = {}
         stack = list(self.graph.outputs)

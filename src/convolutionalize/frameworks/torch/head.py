@@ -370,11 +370,20 @@ def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]
         head.add(node)
         stack.extend(input_nodes(node))
     for result in results:
-        if result in features:
+        if result in features and all(r in features for r in results):
             raise NotConvolutionalizable(
                 f"the output '{result.name}' is already a spatial map: the model is fully "
                 "convolutional, there is no fully-connected head to rewrite"
             )
+        if result in features:
+            raise NotConvolutionalizable(
+                f"the output '{result.name}' is a feature map of the body, returned beside the "
+                "classifier's scores; only models whose every output is a classifier head convert "
+                "(convert a wrapper that returns the scores alone)")
+        if values[result].kind == "flat":
+            raise NotConvolutionalizable(
+                f"the output '{result.name}' is the flattened feature map itself (no Linear after the "
+                "flatten): there is no fully-connected head to rewrite")
     if len(features) > 1:
         names = ", ".join(sorted(f"'{n.name}'" for n in features))
         raise NotConvolutionalizable(f"the head reads several feature maps ({names}); "
@@ -458,6 +467,9 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
             raise NotConvolutionalizable(f"{where} follows an adaptive pool but is not a "
                                          "flatten; cannot slide")
         return HeadStep(node.name, "flatten", f"flatten {value.flat}")
+    if name == "squeeze" and src.kind == "pooled" and len(shape_of(node) or ()) < 2:
+        raise NotConvolutionalizable(f"{where} squeezes every axis of size 1, the batch axis too at "
+                                     "batch size 1; squeeze(-1).squeeze(-1) or flatten(1) keeps it")
     if name in FLATTENS and src.kind == "pooled":
         return HeadStep(node.name, "flatten", "flatten 1x1 pooled map -> removed")
     if isinstance(module, nn.Linear) or name == "linear":
