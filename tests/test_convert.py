@@ -726,6 +726,19 @@ class ResizedInput(nn.Module):
         return self.fc(self.body(F.interpolate(x, size=PADDED)).mean((2, 3)))
 
 
+class GatedTokens(nn.Module):
+    """A gate from the pooled map times the flattened map (its second operand), averaged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.gate, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, 6), nn.Linear(6, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)
+        gate = torch.sigmoid(self.gate(x.mean((2, 3)))).unsqueeze(-1)
+        return self.fc((gate * x.flatten(2)).mean(-1))
+
+
 class TwoMaps(nn.Module):
     """A multi-scale head: pools from two different feature maps."""
 
@@ -755,6 +768,7 @@ REFUSALS = {
                                            r"constant tensor"),
     "vit-like": (TinyViT, r"node 'flatten' .* reshapes the spatial map into tokens or windows"),
     "untraceable": (Branchy, r"^torch\.fx cannot trace Branchy: "),
+    "gated-tokens": (GatedTokens, r"node 'flatten' .* reshapes the spatial map into tokens"),
     "two-feature-maps": (TwoMaps, r"the head reads several feature maps \('a', 'b'\)"),
 }
 

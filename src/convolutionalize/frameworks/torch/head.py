@@ -260,7 +260,7 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
 def _from_merged(node: fx.Node, name: str, kinds: list[Value], out_shape: tuple[int, ...]) -> Value:
     """``x.flatten(2).mean(-1)`` is a global pool, and so are the values of
     ``x.flatten(2).max(-1)`` (:func:`_merged_max`); anything else on merged axes is tokens."""
-    src = kinds[0]
+    src = next(v for v in kinds if v.kind == "merged")
     assert src.axes is not None
     if len(kinds) == 1 and name in GLOBAL_REDUCERS and len(out_shape) == 2:
         dims = normalize_dims(arg(node, 1, "dim"), len(out_shape) + 1)
