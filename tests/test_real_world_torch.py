@@ -24,6 +24,7 @@ from torch.utils._pytree import tree_leaves
 import convolutionalize.frameworks.torch.model as torch_model
 import convolutionalize.frameworks.torch.rewrite as torch_rewrite
 from convolutionalize import NotConvolutionalizable, convolutionalize
+from convolutionalize import dense_map as cz_dense_map
 from convolutionalize.selfcheck import SelfCheck
 from convolutionalize.verify import CROP_RTOL
 
@@ -999,3 +1000,31 @@ def test_code_fx_cannot_trace_converts_through_torch_export(cls: type[nn.Module]
         assert rel_error(fcn(x).flatten(1), model(x)) <= 1e-4
         big = torch.randn(1, 3, 10 + 2 * fcn.geometry.stride[0], 14 + 3 * fcn.geometry.stride[1])
         assert fcn(big).shape[-2:] == fcn.geometry.cells(*big.shape[-2:]) == (3, 4)
+
+
+# --------------------------------------------------------------------------- TF "SAME" padding
+
+def _same_padded() -> nn.Module:
+    """timm's TF-"SAME" layers at stride 2 (their padding depends on the input's size) in a
+    body without other padding, a flatten and a Linear (native 64x64, stride 16)."""
+    layers = pytest.importorskip("timm.layers")
+    pools = pytest.importorskip("timm.layers.pool2d_same")
+    body = nn.Sequential(layers.Conv2dSame(3, 8, 3, 2), nn.ReLU(), pools.MaxPool2dSame(3, 2),
+                         layers.StdConv2dSame(8, 8, 3, 2), nn.ReLU(), pools.AvgPool2dSame(3, 2))
+    return nn.Sequential(body, nn.Flatten(), nn.Linear(8 * 4 * 4, CLASSES))
+
+
+def test_same_padding_keeps_the_cells_in_place_at_any_size() -> None:
+    """One more row at the bottom of an image moves no cell (only the last row sees it),
+    the map has the cells the geometry counts, and tiles equal the whole image."""
+    model = _build(_same_padded)
+    fcn = convolutionalize(model, (64, 64))
+    assert max(_native_errors(model, fcn, (64, 64))) < CROP_RTOL
+    image = _image((64 + 8 * 16 + 1, 64 + 9 * 16 + 3))
+    with torch.no_grad():
+        even, odd = fcn(image[..., :-1, :]), fcn(image)
+    assert tuple(odd.shape[-2:]) == fcn.geometry.cells(*image.shape[-2:]) == (9, 10)
+    assert rel_error(odd[..., :8, :], even[..., :8, :]) < 1e-6  # was ~0.5: every cell moved
+    array = (image[0].permute(1, 2, 0).numpy() * 40 + 128).clip(0, 255).astype("uint8")
+    whole, tiled = cz_dense_map(fcn, array), cz_dense_map(fcn, array, tile=96)
+    assert rel_error(torch.from_numpy(tiled), torch.from_numpy(whole)) < 1e-5

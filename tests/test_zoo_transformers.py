@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from convolutionalize import NotConvolutionalizable, convolutionalize
+from convolutionalize import NotConvolutionalizable, convolutionalize, dense_map
 
 from conftest import fingerprint, flattened_linears, rel_error
 
@@ -219,3 +219,16 @@ def test_transformers_conversion_exports_to_onnx_and_maps_densely(tmp_path) -> N
     dense = dense_map(fcn, image)
     assert dense.shape == expected.shape == (5, *fcn.geometry.cells(96, 120))
     assert np.abs(dense - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_bit_same_padding_tiles_equal_the_whole_image() -> None:
+    """BiT's TF "SAME" padding, computed from each input's size, is fixed at its native amounts:
+    tiles of an image of any size equal the whole (before, every cell moved with the size)."""
+    model = _create("Bit", dict(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 1], num_groups=2,
+                                global_padding="SAME"))
+    fcn = convolutionalize(model, input_size=(64, 64))
+    image = torch.Generator().manual_seed(3)
+    array = (torch.rand(64 + 5 * 8 + 3, 64 + 7 * 8 + 5, 3, generator=image) * 255).to(torch.uint8).numpy()
+    whole, tiled = dense_map(fcn, array), dense_map(fcn, array, tile=72)
+    assert whole.shape == (5, *fcn.geometry.cells(*array.shape[:2]))
+    assert rel_error(torch.from_numpy(tiled), torch.from_numpy(whole)) < 1e-5

@@ -24,6 +24,7 @@ from .capture import capture
 from .geometry import body_spans
 from .head import find_head, propagate_kinds
 from .layers import ConvolutionalizedModule
+from .padding import fix_same_padding
 from .rewrite import crop_to_windows, rewrite
 
 __all__ = ["analyse", "convolutionalize_module", "native_input_size", "rewrite"]
@@ -178,6 +179,7 @@ def _convert(model: nn.Module, input_size: tuple[int, int], pool: PoolMode,
     probe = _Probe(analysis, geometry)  # the original's crops, before the graph is rewritten
     if atrous is not None:
         atrous.apply(analysis.gm)
+    fix_same_padding(analysis.gm, size_dependent_pads=atrous is None)  # the map's cells stay put
     net = rewrite(analysis.gm, analysis.plan, pool, atrous.head_dilation if atrous else (1, 1))
     if atrous is not None and geometry.pool == "window":
         crop_to_windows(net, geometry.window, geometry.stride)
