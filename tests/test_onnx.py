@@ -20,7 +20,8 @@ pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from convolutionalize import NotConvolutionalizable, convolutionalize, geometry_of  # noqa: E402
+from convolutionalize import NotConvolutionalizable, convolutionalize, dense_map, geometry_of  # noqa: E402
+from convolutionalize.frameworks.onnx.graph import attr_value  # noqa: E402
 from convolutionalize.frameworks.onnx.model import (  # noqa: E402
     NATIVE_ERROR_KEY,
     PLAN_KEY,
@@ -518,3 +519,25 @@ def test_opset_13_export_of_hardswish_head(tmp_path: Path) -> None:
     out = predict_nchw(fcn, big)
     assert out.shape == expected.shape == (1, 1000, 4, 7)
     assert rel_error(out, expected) < RTOL
+
+
+def test_strided_same_padding_keeps_the_cells_in_place_at_any_size() -> None:
+    """auto_pad="SAME_*" pads by how the input's size falls on the stride; fixed at its native
+    pads, one more row at the bottom moves no cell and tiles equal the whole image."""
+    b = Builder()
+    b.nodes.clear()
+    b.input = helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 32, 32])
+    x = b.op("Conv", ["image", b.w(4, 3, 3, 3)], auto_pad="SAME_UPPER", strides=[2, 2])  # 16
+    x = b.op("MaxPool", [b.op("Relu", [x])], kernel_shape=[3, 3], auto_pad="SAME_LOWER",
+             strides=[2, 2])  # 8
+    x = b.op("Conv", [x, b.w(C, 4, 3, 3)], auto_pad="SAME_UPPER", strides=[2, 2])  # 4
+    model = b.model(b.op("Gemm", [b.op("Flatten", [x]), b.w(CLASSES, C * 16)], transB=1))
+    fcn = convolutionalize_onnx(model, None, "window")
+    assert not [n for n in fcn.graph.node if str(attr_value(n, "auto_pad", "NOTSET")).startswith("SAME")]
+    image = random_image((32 + 8 * 6 + 1, 32 + 8 * 5 + 3))
+    odd, even = predict_nchw(fcn, image), predict_nchw(fcn, image[:, :, :-1])
+    assert odd.shape[-2:] == geometry_of(fcn).cells(*image.shape[-2:]) == (7, 6)
+    assert rel_error(odd[..., :6, :], even[..., :6, :]) < 1e-6  # every cell moved before
+    array = np.ascontiguousarray((image[0].transpose(1, 2, 0) * 40 + 128).clip(0, 255).astype(np.uint8))
+    whole, tiled = dense_map(fcn, array), dense_map(fcn, array, tile=48)
+    assert rel_error(tiled, whole) < 1e-5

@@ -123,23 +123,37 @@ def _rescale(span: Span, ratio: float) -> Span:
     return Span(span.lo, span.hi, max(1, span.jump // round(1 / ratio)))
 
 
-def _window(graph: Graph, node: onnx.NodeProto, in_shape, out_shape, ys: Span, xs: Span,
-            geo: BodyGeometry) -> tuple[Span, Span]:
+def _window_args(graph: Graph, node: onnx.NodeProto) -> tuple[tuple[int, int], ...]:
+    """The kernel, strides and dilations of a window node."""
     kernel = attr_value(node, "kernel_shape")
     if kernel is None and len(node.input) > 1:
         kernel = (graph.shape(node.input[1]) or (0, 0, 1, 1))[2:]
-    k = _pair(kernel, 1)
-    s, d = _pair(attr_value(node, "strides"), 1), _pair(attr_value(node, "dilations"), 1)
+    return (_pair(kernel, 1), _pair(attr_value(node, "strides"), 1), _pair(attr_value(node, "dilations"), 1))
+
+
+def same_pads(graph: Graph, node: onnx.NodeProto) -> list[int] | None:
+    """The ``pads`` (top, left, bottom, right) an ``auto_pad="SAME_*"`` window node adds to
+    its input at the native size; None for other nodes or an unknown input size."""
+    auto = str(attr_value(node, "auto_pad", "NOTSET"))
+    in_shape = graph.shape(node.input[0]) if node.input else None
+    if not auto.startswith("SAME") or not in_shape or len(in_shape) != 4 or None in in_shape[2:]:
+        return None
+    k, s, d = _window_args(graph, node)
+    same = [same_padding(int(in_shape[2 + a]), k[a], s[a], d[a]) for a in (0, 1)]  # type: ignore[arg-type]
+    if auto == "SAME_LOWER":  # the odd zero goes before
+        same = [pad[::-1] for pad in same]
+    return [same[0][0], same[1][0], same[0][1], same[1][1]]
+
+
+def _window(graph: Graph, node: onnx.NodeProto, in_shape, out_shape, ys: Span, xs: Span,
+            geo: BodyGeometry) -> tuple[Span, Span]:
+    k, s, d = _window_args(graph, node)
     pads = list(attr_value(node, "pads", [0, 0, 0, 0]))  # type: ignore[call-overload]
     begin = (int(pads[0]), int(pads[1])) if len(pads) == 4 else (0, 0)
-    auto = str(attr_value(node, "auto_pad", "NOTSET"))
-    same_total = 0
-    if auto.startswith("SAME") and in_shape and None not in in_shape[2:]:
-        same = [same_padding(in_shape[2 + a], k[a], s[a], d[a]) for a in (0, 1)]
-        if auto == "SAME_LOWER":  # the odd zero goes before
-            same = [pad[::-1] for pad in same]
-        begin, same_total = (same[0][0], same[1][0]), sum(same[0]) + sum(same[1])
-    if any(pads) or same_total:
+    same = same_pads(graph, node)
+    if same is not None:
+        begin = (same[0], same[1])
+    if any(pads) or (same is not None and any(same)):
         geo.padded.append(node.name)
     if attr_value(node, "ceil_mode", 0) and in_shape and out_shape and None not in in_shape + out_shape:
         for a in (0, 1):

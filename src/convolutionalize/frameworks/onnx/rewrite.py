@@ -15,6 +15,7 @@ from ...errors import NotConvolutionalizable
 from ...geometry import PoolMode, Span
 from ...plan import HeadPlan
 from ...weights import linear_to_oihw
+from .geometry import same_pads
 from .graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, all_inputs, attr_value, describe_node, set_attribute
 from .head import SOFTMAX_OPS, Head, HeadNode, Value, linear_weight
 from .registry import Registry, since_version
@@ -265,6 +266,7 @@ def rewrite(graph: Graph, plan: HeadPlan, head: Head, pool: PoolMode,
         del g.node[:]
         g.node.extend(kept + rw.nodes)
         g.initializer.extend(rw.inits)
+    _native_same_pads(graph)
     _dynamic_body_reshapes(graph, rw, spans, {hn.node.name for hn in head.nodes})
     _set_io_dims(graph, pool, head)
     if body is not None:
@@ -273,6 +275,17 @@ def rewrite(graph: Graph, plan: HeadPlan, head: Head, pool: PoolMode,
     _remove_dead(model)
     del g.value_info[:]
     return onnx.shape_inference.infer_shapes(model)
+
+
+def _native_same_pads(graph: Graph) -> None:
+    """Strided ``auto_pad="SAME_*"`` windows get the explicit pads they add at the native size:
+    "SAME" pads by how the input's size falls on the stride, so on images of other sizes
+    every cell would move and tiles would disagree (as in ``frameworks/torch/padding.py``)."""
+    for node in graph.model.graph.node:
+        pads = same_pads(graph, node)
+        if pads is not None and any(s > 1 for s in attr_value(node, "strides", [1, 1])):  # type: ignore[attr-defined]
+            set_attribute(node, "auto_pad", "NOTSET")
+            set_attribute(node, "pads", pads)
 
 
 def _rename_output(rw: _Rewrite, name: str) -> str:
