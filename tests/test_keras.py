@@ -459,3 +459,24 @@ def test_keras_applications(name: str) -> None:
     big = (size + 2 * g.stride[0], size + 2 * g.stride[1])
     assert run(fcn, rand(1, *big, 3)).shape == (1, 3, 3, 10) == (1, *g.cells(*big), 10)
     assert fcn.self_check.cells == g.cells(*fcn.self_check.size)  # checked at a non-square size
+
+
+def test_strided_same_padding_keeps_the_cells_in_place_at_any_size(tmp_path: Path) -> None:
+    """Strided padding="same" convolutions and max pools pad by how the input's size falls on
+    the stride; fixed at their native pads, one more row at the bottom moves no cell and tiles
+    equal the whole image (before: the map had other cells than the geometry's, relative 1.2)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((32, 32, 3))
+    x = layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(inputs)
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    x = layers.SeparableConv2D(6, 3, strides=2, padding="same")(x)
+    model = keras.Model(inputs, layers.Dense(5)(layers.Flatten()(x)))
+    fcn = convolutionalize_keras(model)
+    image = np.random.default_rng(0).integers(0, 255, (32 + 8 * 6 + 1, 32 + 8 * 5 + 3, 3), dtype=np.uint8)
+    whole, tiled = cz.dense_map(fcn, image), cz.dense_map(fcn, image, tile=48)
+    shorter = cz.dense_map(fcn, image[:-1])
+    assert whole.shape == (5, *fcn.geometry.cells(*image.shape[:2])) == (5, 7, 6)
+    assert np.abs(tiled - whole).max() <= 1e-5 * np.abs(whole).max()
+    assert np.abs(shorter[:, :6] - whole[:, :6]).max() <= 1e-5 * np.abs(whole).max()
+    path = save_keras(fcn, tmp_path / "same.keras")  # the -inf padding layer saves and loads
+    assert np.abs(cz.dense_map(load_keras(path), image) - whole).max() <= 1e-6 * np.abs(whole).max()

@@ -10,7 +10,7 @@ import keras
 import numpy as np
 
 from ...errors import NotConvolutionalizable
-from ...geometry import PoolMode
+from ...geometry import PoolMode, same_padding
 from ...plan import HeadStep
 from ...weights import dense_to_hwio
 from .atrous import Atrous, WindowCells, dilated_pool
@@ -119,6 +119,60 @@ REWRITES: dict[str, Rewriter] = {
 }
 
 
+SAME_STRIDED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D")
+
+
+def _native_same(a: Analysis, call: Call, x: Any) -> Any | None:
+    """A strided ``padding="same"`` convolution or max pool as its native padding then
+    ``"valid"``: "same" pads by how the input's size falls on the stride, so on images of other
+    sizes every cell would move and tiles would disagree. None for other calls."""
+    op = call.op
+    if call.kind not in SAME_STRIDED or op.padding != "same" or tuple(op.strides) == (1, 1):
+        return None
+    pooling = call.kind == "MaxPooling2D"
+    kernel = tuple(op.pool_size if pooling else op.kernel_size)
+    dilation = (1, 1) if pooling else tuple(op.dilation_rate)
+    in_shape = a.shapes[id(call.inputs[0])]
+    pads = tuple(same_padding(in_shape[ax], k, s, d)
+                 for ax, k, s, d in zip(a.axes, kernel, op.strides, dilation))
+    data_format = "channels_last" if a.layout == "NHWC" else "channels_first"
+    pad_name = f"{call.name}_native_pad"
+    padded = (ConstantPadding2D(pads, float("-inf"), data_format, name=pad_name) if pooling
+              else keras.layers.ZeroPadding2D(pads, data_format=data_format, name=pad_name))(x)
+    config = {**op.get_config(), "padding": "valid", "name": f"{call.name}_valid"}
+    layer = type(op).from_config(config)
+    out = layer(padded)
+    layer.set_weights(op.get_weights())
+    return out
+
+
+@keras.saving.register_keras_serializable(package="convolutionalize")
+class ConstantPadding2D(keras.layers.Layer):
+    """``ZeroPadding2D`` with another value (``-inf`` before a max pool)."""
+
+    def __init__(self, padding: Any, value: float, data_format: str = "channels_last", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.padding = tuple(tuple(int(v) for v in pair) for pair in padding)
+        self.value, self.data_format = float(value), data_format
+
+    def call(self, x: Any) -> Any:
+        spatial = [list(self.padding[0]), list(self.padding[1])]
+        last = self.data_format == "channels_last"
+        widths = [[0, 0], *spatial, [0, 0]] if last else [[0, 0], [0, 0], *spatial]
+        return keras.ops.pad(x, widths, constant_values=self.value)
+
+    def compute_output_shape(self, shape: Any) -> Any:
+        out = list(shape)
+        axes = (1, 2) if self.data_format == "channels_last" else (2, 3)
+        for ax, (before, after) in zip(axes, self.padding):
+            out[ax] = None if out[ax] is None else out[ax] + before + after
+        return tuple(out)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "padding": [list(p) for p in self.padding], "value": self.value,
+                "data_format": self.data_format}
+
+
 def rebuild(analysis: Analysis, pool: PoolMode, name: str, atrous: Atrous | None = None,
             window: tuple[int, int] | None = None) -> keras.Model:
     """A new Keras model: the body on an input of unknown size, the head as convolutions; one
@@ -137,6 +191,8 @@ def rebuild(analysis: Analysis, pool: PoolMode, name: str, atrous: Atrous | None
         if atrous is not None and not in_head:
             out = atrous.rebuild(a, call, [new[id(t)] for t in call.inputs])
             return None if out is None else [out]
+        if not in_head and (out := _native_same(a, call, new[id(call.inputs[0])])) is not None:
+            return [out]
         step = steps.get(call.name) if in_head else None
         if step is None or keep_head:
             return None
