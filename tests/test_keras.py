@@ -480,3 +480,11 @@ def test_strided_same_padding_keeps_the_cells_in_place_at_any_size(tmp_path: Pat
     assert np.abs(shorter[:, :6] - whole[:, :6]).max() <= 1e-5 * np.abs(whole).max()
     path = save_keras(fcn, tmp_path / "same.keras")  # the -inf padding layer saves and loads
     assert np.abs(cz.dense_map(load_keras(path), image) - whole).max() <= 1e-6 * np.abs(whole).max()
+
+
+def test_strided_same_average_pool_is_refused_by_name() -> None:
+    inputs = keras.Input((32, 32, 3))
+    x = layers.AveragePooling2D(3, strides=2, padding="same", name="pool")(layers.Conv2D(4, 3)(inputs))
+    model = keras.Model(inputs, layers.Dense(5)(layers.Flatten()(x)))
+    with pytest.raises(NotConvolutionalizable, match=r"layer 'pool' \(AveragePooling2D, padding='same'"):
+        convolutionalize_keras(model)

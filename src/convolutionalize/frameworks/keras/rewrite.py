@@ -204,6 +204,13 @@ def rebuild(analysis: Analysis, pool: PoolMode, name: str, atrous: Atrous | None
             return None
         return [rewrite(rw, call, step, [new[id(t)] for t in call.inputs])]
 
+    for call in a.graph.calls:
+        if (call.kind == "AveragePooling2D" and call.op.padding == "same" and tuple(call.op.strides) != (1, 1)
+                and atrous is None):
+            raise NotConvolutionalizable(
+                f"layer '{call.name}' (AveragePooling2D, padding='same', strides {tuple(call.op.strides)}) "
+                "pads by how its input's size falls on its stride, so the map's cells would move with "
+                "the image's size; use ZeroPadding2D and padding='valid' (its padding is not fixed here)")
     try:
         new = a.graph.replay(image, handle)
     except NotConvolutionalizable as exc:
