@@ -227,8 +227,8 @@ def propagate_kinds(gm: fx.GraphModule, modules: dict[str, nn.Module],
         name = op_name(node, modules)
         out_shape = shape_of(node)
         if out_shape is None:  # tuples (chunk, split, pool with indices): like their input
-            values[node] = _merged_max(node, name, kinds) or _tuple_reduction(node, name, kinds[0], ins[0]) \
-                or kinds[0]
+            values[node] = (_merged_max(node, name, kinds) or _tuple_reduction(node, name, kinds[0], ins[0])
+                            or kinds[0])
         elif any(v.kind == "merged" for v in kinds):
             values[node] = _from_merged(node, name, kinds, out_shape)
         elif any(v.kind == "seq" for v in kinds):
