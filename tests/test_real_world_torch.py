@@ -348,7 +348,8 @@ NOT_POOLS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], str]] = {  # 
     "logsumexp": (lambda f: torch.logsumexp(f.flatten(2), -1), "'logsumexp'.*neither a global average"),
     "max's indices": (lambda f: f.flatten(2).max(-1)[1].float(), "neither a global average"),
     "max over W, then over H": (lambda f: f.max(-1)[0].max(-1).values, "'max_1'.*neither a global"),
-    "amax over W, then the mean over H": (lambda f: f.amax(3).mean(2), "'mean'.*follows a reduction of one"),
+    "amax over W, then the mean over H": (lambda f: f.amax(3).mean(2), "'mean'.*reduced over one"),
+    "the mean over H, flattened": (lambda f: f.mean(2).flatten(1)[:, :5], "reduced over one spatial axis"),
 }
 
 
@@ -374,6 +375,25 @@ def test_pool_form_cells_equal_true_crops(form: str) -> None:
     dense, expected = cells_and_crops(model, fcn, image)
     assert dense.shape == (12, CLASSES)
     assert rel_error(dense, expected) < CROP_RTOL
+
+
+class FullKernelConvHead(nn.Module):
+    """The classifier as a convolution whose kernel is the whole map, then a flatten."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.classifier = _valid_body(), nn.Conv2d(5, CLASSES, (8, 12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x)).flatten(1)
+
+
+def test_a_full_kernel_conv_head_then_flatten_slides() -> None:
+    model = _build(FullKernelConvHead)
+    fcn = convolutionalize(model, PERMUTED_NATIVE)
+    assert max(_native_errors(model, fcn, PERMUTED_NATIVE)) < CROP_RTOL
+    dense, expected = cells_and_crops(model, fcn, _image(PERMUTED_LARGER))
+    assert dense.shape == (12, CLASSES) and rel_error(dense, expected) < CROP_RTOL
 
 
 @pytest.mark.parametrize("form", list(NOT_POOLS))

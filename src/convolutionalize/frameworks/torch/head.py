@@ -380,10 +380,6 @@ def _head_nodes(gm: fx.GraphModule, values: dict[fx.Node, Value]
                 f"the output '{result.name}' is a feature map of the body, returned beside the "
                 "classifier's scores; only models whose every output is a classifier head convert "
                 "(convert a wrapper that returns the scores alone)")
-        if values[result].kind == "flat":
-            raise NotConvolutionalizable(
-                f"the output '{result.name}' is the flattened feature map itself (no Linear after the "
-                "flatten): there is no fully-connected head to rewrite")
     if len(features) > 1:
         names = ", ".join(sorted(f"'{n.name}'" for n in features))
         raise NotConvolutionalizable(f"the head reads several feature maps ({names}); "
@@ -418,6 +414,12 @@ def find_head(gm: fx.GraphModule, values: dict[fx.Node, Value], modules: dict[st
     ay, ax = fvalue.axes
     fmap = FeatureMap(feature.name, fshape[layout.index("C")], (fshape[ay], fshape[ax]), layout)
     steps = tuple(_step(n, values, modules, fmap) for n in nodes)
+    for result in results:
+        flat = values[result].flat
+        if values[result].kind == "flat" and flat is not None and flat[1:] != (1, 1):
+            raise NotConvolutionalizable(
+                f"the output '{result.name}' is the flattened feature map itself (no Linear after the "
+                "flatten): there is no fully-connected head to rewrite")
     return HeadPlan("torch", input_size, in_channels, fmap, steps,
                     outputs=tuple(n.name for n in results), capture=capture)
 
@@ -436,10 +438,9 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
                         "pool; removed with it)")
     if src.kind == "half":
         if value.reduce is None:
-            raise NotConvolutionalizable(f"{where} follows a reduction of one spatial axis with "
-                                         "something other than the same reduction of the other (a "
-                                         "max, then a mean, say); that is no global pool and has no "
-                                         "exact sliding form")
+            raise NotConvolutionalizable(f"{where} reads the map reduced over one spatial axis only "
+                                         "(x.mean(2), say); only the same reduction over the other axis "
+                                         "as well (a global pool) has an exact sliding form")
         return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
                         f"{fmap.size[0]}x{fmap.size[1]} (one axis, then the other)", reduce=value.reduce)
     if src.kind == "merged":
