@@ -424,6 +424,17 @@ def find_head(gm: fx.GraphModule, values: dict[fx.Node, Value], modules: dict[st
                     outputs=tuple(n.name for n in results), capture=capture)
 
 
+# Kinds on the way to a global pool: how the pool is described, and why anything else is refused.
+NOT_YET_POOLED = {
+    "half": ("one axis, then the other",
+             "reads the map reduced over one spatial axis only (x.mean(2), say); only the same "
+             "reduction over the other axis as well (a global pool) has an exact sliding form"),
+    "merged": ("of the flattened map",
+               "reduces the flattened spatial axes in a way that is neither a global average nor a "
+               "global max pool; it has no exact sliding form"),
+}
+
+
 def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Module],
           fmap: FeatureMap) -> HeadStep:
     """What the conversion does with one head node; refuses what has no conv form."""
@@ -436,20 +447,12 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
     if value.kind in ("merged", "half"):
         return HeadStep(node.name, "keep", f"{name} of the map's spatial axes (read by the global "
                         "pool; removed with it)")
-    if src.kind == "half":
+    if src.kind in NOT_YET_POOLED:
+        how, refusal = NOT_YET_POOLED[src.kind]
         if value.reduce is None:
-            raise NotConvolutionalizable(f"{where} reads the map reduced over one spatial axis only "
-                                         "(x.mean(2), say); only the same reduction over the other axis "
-                                         "as well (a global pool) has an exact sliding form")
+            raise NotConvolutionalizable(f"{where} {refusal}")
         return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
-                        f"{fmap.size[0]}x{fmap.size[1]} (one axis, then the other)", reduce=value.reduce)
-    if src.kind == "merged":
-        if value.reduce is None:
-            raise NotConvolutionalizable(f"{where} reduces the flattened spatial axes in a way that is "
-                                         "neither a global average nor a global max pool; it has no "
-                                         "exact sliding form")
-        return HeadStep(node.name, "global_pool", f"global {value.reduce} pool over "
-                        f"{fmap.size[0]}x{fmap.size[1]} (of the flattened map)", reduce=value.reduce)
+                        f"{fmap.size[0]}x{fmap.size[1]} ({how})", reduce=value.reduce)
     if src.kind == "map" and src.pool_to is None:
         if value.pool_to is not None:
             return _adaptive_step(node, name, value, fmap)
