@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NotConvolutionalizable"]
+__all__ = ["NotConvolutionalizable", "first_line"]
 
 
 class NotConvolutionalizable(ValueError):
@@ -12,3 +12,10 @@ class NotConvolutionalizable(ValueError):
     e.g. a head that reads a transformer's class token, or a head operation
     without a per-location equivalent.
     """
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name when it has none): what one line
+    of a refusal or a ``ValueError`` quotes of an error from deep inside a model or a library."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -31,6 +31,7 @@ from torch import nn
 
 from ._files import atomic_path
 from .api import geometry_of, is_keras_model, is_onnx_model
+from .errors import first_line
 from .geometry import Geometry
 from .outputs import output_keys, tensor_leaves
 
@@ -112,7 +113,7 @@ def export_program(fcn: nn.Module) -> torch.export.ExportedProgram:
             return torch.export.export(fcn, (example,), dynamic_shapes=(dims,))
     except Exception as exc:  # torch.export raises many types (UserError, RuntimeError, ...)
         raise ValueError(
-            f"torch.export cannot export the converted model: {_first_line(exc)}; "
+            f"torch.export cannot export the converted model: {first_line(exc)}; "
             "save it as .pt instead"
         ) from exc
 
@@ -158,7 +159,7 @@ def _write_onnx(fcn: nn.Module, path: Path) -> None:
                               dynamo=True, input_names=["image"], output_names=names,
                               external_data=False, verbose=False)
     except Exception as exc:  # the ONNX exporter raises many types
-        raise ValueError(f"torch.onnx.export failed: {_first_line(exc)}") from exc
+        raise ValueError(f"torch.onnx.export failed: {first_line(exc)}") from exc
     finally:
         logger.debug("%s", chatter.getvalue())
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -187,9 +188,6 @@ def _check_output(actual_t: torch.Tensor, expected: torch.Tensor, x: torch.Tenso
                          f"(max relative error {error:.1e} > {ONNX_RTOL:.0e})")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 FORMATS: dict[str, Callable[[nn.Module, Path], None]] = {

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .api import geometry_of
+from .errors import first_line
 from .geometry import Geometry, output_cells
 
 __all__ = ["FlopComparison", "compare_flops", "count_flops"]
@@ -93,9 +94,8 @@ def compare_flops(model: nn.Module, fcn: nn.Module, image_size: tuple[int, int],
     try:
         map_size = tuple(fcn.output_size(height, width))  # type: ignore[operator]
     except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"the converted model does not run on a {height}x{width} image: {reason}"
-                         ) from exc
+        raise ValueError(f"the converted model does not run on a {height}x{width} image: "
+                         f"{first_line(exc)}") from exc
     if geometry.pool == "window" and len(map_size) == 3:
         rows, cols = map_size[1], map_size[2]
     return FlopComparison(

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .api import load_model_file
-from .errors import NotConvolutionalizable
+from .errors import NotConvolutionalizable, first_line
 
 __all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
 
@@ -158,7 +158,7 @@ def _pretrained(spec: str, url: str | None, build: Callable[[], nn.Module]) -> n
         with _socket_timeout(DOWNLOAD_TIMEOUT_S):
             return build()
     except (OSError, RuntimeError) as exc:
-        raise ValueError(f"cannot load the pretrained weights of {spec}: {_first_line(exc)}; "
+        raise ValueError(f"cannot load the pretrained weights of {spec}: {first_line(exc)}; "
                          + _OFFLINE_HINT) from exc
 
 
@@ -227,7 +227,7 @@ def _timm_pretrained(name: str) -> nn.Module:
     except OSError:
         logger.info("timm:%s weights are not cached", name)
     except RuntimeError as exc:  # timm: "No pretrained weights exist for ..."
-        raise ValueError(f"timm:{name}: {_first_line(exc)}; {_OFFLINE_HINT}") from exc
+        raise ValueError(f"timm:{name}: {first_line(exc)}; {_OFFLINE_HINT}") from exc
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     return _pretrained(f"timm:{name}", endpoint, lambda: timm.create_model(name, pretrained=True))
 
@@ -324,7 +324,7 @@ def _unpickle(path: Path, trust_pickle: bool) -> object:
         raise ValueError(f"cannot read the model file {path}: {_first_sentence(exc)}") from exc
     except (AttributeError, ImportError) as exc:
         raise ValueError(
-            f"cannot unpickle {path.name}: {_first_line(exc)}; the module that defines the "
+            f"cannot unpickle {path.name}: {first_line(exc)}; the module that defines the "
             "model's class must be importable"
         ) from exc
 
@@ -356,7 +356,7 @@ def _exported_module(path: Path) -> nn.Module:
                 if attempt == 0 and _import_output_type(messages):
                     continue
                 raise ValueError(
-                    f"cannot read the torch.export file {path}: {_first_line(exc)}"
+                    f"cannot read the torch.export file {path}: {first_line(exc)}"
                 ) from exc
     raise AssertionError("unreachable")
 
@@ -403,7 +403,7 @@ def _check_torchscript(path: Path) -> None:
     try:
         torch.jit.load(str(path), map_location="cpu")
     except RuntimeError as exc:
-        raise ValueError(f"cannot read the TorchScript file {path}: {_first_line(exc)}") from exc
+        raise ValueError(f"cannot read the TorchScript file {path}: {first_line(exc)}") from exc
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -442,7 +442,7 @@ def _mismatch(model: nn.Module, state: Mapping[str, Any], exc: RuntimeError) -> 
     if parts:
         return "; ".join(parts)
     sizes = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
-    return sizes[0] if sizes else _first_line(exc)
+    return sizes[0] if sizes else first_line(exc)
 
 
 def _some(keys: list[str], shown: int = 3) -> str:
@@ -483,10 +483,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 
 def _first_sentence(exc: BaseException) -> str:
-    line = _first_line(exc)
+    line = first_line(exc)
     return line.split(". ")[0].rstrip(".")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

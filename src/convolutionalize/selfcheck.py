@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import NotConvolutionalizable
+from .errors import NotConvolutionalizable, first_line
 from .geometry import Geometry
 
 __all__ = ["CHECK_RTOL", "SelfCheck", "check_cells", "check_larger", "check_sizes"]
@@ -82,9 +82,7 @@ def check_larger(geometry: Geometry, native_error: float | None,
         try:
             maps = run()
         except Exception as exc:  # e.g. a block that needs multiples of its size
-            text = str(exc).strip()
-            failures.append(f"at {size[0]}x{size[1]}: "
-                            f"{text.splitlines()[0] if text else type(exc).__name__}")
+            failures.append(f"at {size[0]}x{size[1]}: {first_line(exc)}")
             continue
         shapes = [getattr(m, "shape", None) for m in maps]
         cells = _check_shapes(geometry, [cells_of(m) for m in maps], shapes, size)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .api import conversion_info, convolutionalize, is_keras_model, is_onnx_model
+from .errors import first_line
 from .frameworks.torch.model import NATIVE_RTOL
 from .geometry import Geometry, PoolMode, check_pool
 from .outputs import select_output
@@ -125,11 +126,9 @@ def verify(
     try:
         dense = runner(fcn)(image)
     except Exception as exc:  # the model's own limits (a block that needs multiples of a size)
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
         checked = f"; {info.self_check}" if info.self_check else ""
         raise ValueError(f"the converted model does not run at {image_size[0]}x{image_size[1]} "
-                         f"({reason}){checked}; pass another image_size") from exc
+                         f"({first_line(exc)}){checked}; pass another image_size") from exc
     rows, cols = dense.shape[-2:]
     cells = [(int(p) // cols, int(p) % cols) for p in rng.integers(0, rows * cols, samples)]
     errors = crop_errors(runner(model), dense, image, geometry, cells)

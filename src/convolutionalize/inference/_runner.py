@@ -45,6 +45,7 @@ import torch
 from torch import fx, nn
 
 from ..api import geometry_of, is_keras_model, is_onnx_model
+from ..errors import first_line
 from ..geometry import Geometry
 from ..outputs import OutputKey, output_keys, select_output
 from ._onednn import fuse_convolutions
@@ -245,9 +246,8 @@ class DenseModel:
                 stride = self.geometry.stride
                 fits = "x".join(str(max(n // s * s, w))
                                 for n, s, w in zip(size, stride, self.geometry.window, strict=True))
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise ValueError(f"the converted model does not run on a {size[0]}x{size[1]} input "
-                                 f"({reason}); "
+                                 f"({first_line(exc)}); "
                                  f"crop or pad the image to sides that are multiples of its stride "
                                  f"{stride[0]}x{stride[1]}, e.g. {fits}") from exc
         return self._shapes[size]

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable, first_line
 
 Kind = Literal["map", "pooled", "flat", "vector"]
 Axes = tuple[int, int] | None  # positions of H and W in a body tensor, None when unknown
@@ -38,11 +38,6 @@ PER_LOCATION = ELEMENTWISE | SHAPE_OPS | frozenset({
     "BatchNormalization", "Concat", "Split", "LayerNormalization", "Softmax", "LogSoftmax",
     "Hardmax", "LRN",
     "Slice", "Expand", "Where", "MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"})
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def input_layout(model: onnx.ModelProto) -> Layout:

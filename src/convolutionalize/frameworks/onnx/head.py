@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ...errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable, first_line
 from ...plan import FeatureMap, HeadPlan, HeadStep
 from ...weights import FlattenLayout
 from .graph import (
@@ -31,7 +31,6 @@ from .graph import (
     attr_value,
     describe_node,
     dims_of,
-    first_line,
     image_input,
     input_layout,
 )

@@ -43,13 +43,13 @@ import numpy as np
 import onnx
 
 from ..._files import atomic_path
-from ...errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable, first_line
 from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, at_output_stride, check_pool, geometry_from_plan
 from ...plan import HeadPlan
 from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
 from .atrous import crop_to_windows, plan_atrous
 from .geometry import body_geometry
-from .graph import dims_of, first_line, image_input, input_layout, symbolic_shape_inference
+from .graph import dims_of, image_input, input_layout, symbolic_shape_inference
 from .head import Value, analyse
 from .rewrite import rewrite
 

@@ -18,8 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ...errors import NotConvolutionalizable
-from .graph import all_inputs, first_line, opset_of
+from ...errors import NotConvolutionalizable, first_line
+from .graph import all_inputs, opset_of
 
 __all__ = ["MIN_OPSET", "fold_constants", "prepare"]
 

@@ -26,7 +26,7 @@ from torch import fx, nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._pytree import TreeSpec
 
-from ...errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable, first_line
 from . import graph as g
 
 __all__ = ["Capture", "capture", "quiet_torch_logs"]
@@ -86,9 +86,8 @@ def _export(model: nn.Module, channels: int, input_size: tuple[int, int], fx_rea
             program = torch.export.export(model, (example.to(device, dtype),),
                                           dynamic_shapes=(dynamic,), strict=False)
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependent, ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NotConvolutionalizable(
-            f"{fx_reason}; torch.export cannot capture it either: {reason}"
+            f"{fx_reason}; torch.export cannot capture it either: {first_line(exc)}"
         ) from exc
     return _captured(program.module(), type(model).__name__, program.call_spec.out_spec)
 

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from ...errors import NotConvolutionalizable
+from ...errors import NotConvolutionalizable, first_line
 
 __all__ = [
     "ELEMENTWISE",
@@ -77,9 +77,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, ...)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NotConvolutionalizable(
-            f"torch.fx cannot trace {type(model).__name__}: {reason}"
+            f"torch.fx cannot trace {type(model).__name__}: {first_line(exc)}"
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
