@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ...geometry import same_padding
+from .geometry import window_args
 from .graph import arg, int_at_native, op_name, shape_of
 
 __all__ = ["NativePadded", "fix_same_padding"]
@@ -49,7 +50,7 @@ def fix_same_padding(gm: fx.GraphModule, size_dependent_pads: bool = True) -> li
     for node in gm.graph.nodes:
         name = op_name(node, modules)
         if node.op == "call_module" and name in SAME_MODULES:
-            replacement = _native(modules[str(node.target)], name, shape_of(node.args[0]))
+            replacement = _native(node, name, modules)
             if replacement is not None:
                 parent, _, child = str(node.target).rpartition(".")
                 setattr(gm.get_submodule(parent) if parent else gm, child, replacement)
@@ -68,11 +69,11 @@ def fix_same_padding(gm: fx.GraphModule, size_dependent_pads: bool = True) -> li
     return changed
 
 
-def _native(module: nn.Module, name: str, in_shape: tuple[int, ...] | None) -> nn.Module | None:
-    """The layer ``module`` with the padding it had on ``in_shape``, or None at stride 1
+def _native(node: fx.Node, name: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """The layer of ``node`` with the padding it had at the native size, or None at stride 1
     (where "SAME" pads alike at every size)."""
-    kernel, stride, dilation = (_pair(getattr(module, a, 1) or 1)
-                                for a in ("kernel_size", "stride", "dilation"))
+    module, in_shape = modules[str(node.target)], shape_of(node.args[0])
+    kernel, stride, _, dilation, _, _ = window_args(node, name, modules)
     if in_shape is None or stride == (1, 1):
         return None
     (top, bottom), (left, right) = (same_padding(n, k, s, d) for n, k, s, d in
@@ -91,10 +92,3 @@ def _native(module: nn.Module, name: str, in_shape: tuple[int, ...] | None) -> n
         return NativePadded(pads, 0.0, avg)
     module.same_pad = False  # StdConv2dSame, ScaledStdConv2dSame: weight standardization kept
     return NativePadded(pads, 0.0, module)
-
-
-def _pair(value: object) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
-    seq = list(value)  # type: ignore[call-overload]
-    return (int(seq[0]), int(seq[-1]))
