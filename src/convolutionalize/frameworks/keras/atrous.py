@@ -21,6 +21,7 @@ import numpy as np
 
 from ...errors import NotConvolutionalizable
 from ...geometry import possible_output_strides
+from .geometry import window_of
 from .graph import GLOBAL_OPS, Call
 
 if TYPE_CHECKING:
@@ -131,9 +132,7 @@ def plan_atrous(a: Analysis, spans: dict[int, tuple[Any, Any]], output_stride: i
 
 
 def _stride(call: Call) -> Pair:
-    op = call.op
-    kernel = op.pool_size if "Pooling" in call.kind else op.kernel_size
-    stride = tuple(op.strides or kernel)
+    stride = window_of(call)[1]
     return (int(stride[0]), int(stride[1]))
 
 
@@ -141,7 +140,7 @@ def _check_padding(call: Call, unstride: bool, factor: Pair, s: int, allowed: st
     op = call.op
     if op.padding != "same":
         return
-    kernel = tuple(op.pool_size if "Pooling" in call.kind else op.kernel_size)
+    kernel = window_of(call)[0]
     if all(k == 1 for k in kernel):
         return
     if unstride or "Pooling" in call.kind or any(k % 2 == 0 for k in kernel):

@@ -41,19 +41,29 @@ def body_spans(a: Analysis) -> tuple[BodyGeometry, dict[int, tuple[Span, Span]]]
     return geo, spans
 
 
+def window_of(call: Call) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """The kernel, strides and dilation of a convolution or pooling call."""
+    op, pooling = call.op, "Pooling" in call.kind
+    kernel = tuple(op.pool_size if pooling else op.kernel_size)
+    return kernel, tuple(op.strides or kernel), (1, 1) if pooling else tuple(op.dilation_rate)
+
+
+def same_pads(a: Analysis, call: Call) -> tuple[tuple[int, int], ...]:
+    """The zeros (before, after) along height and width that a ``padding="same"`` call adds
+    to its input at the native size."""
+    kernel, stride, dil = window_of(call)
+    in_shape = a.shapes[id(call.inputs[0])]
+    return tuple(same_padding(in_shape[ax], k, s, d) for ax, k, s, d in zip(a.axes, kernel, stride, dil))
+
+
 def _apply(a: Analysis, call: Call, ys: Span, xs: Span, geo: BodyGeometry) -> tuple[Span, Span]:
     op, kind = call.op, call.kind
-    in_shape = a.shapes[id(call.inputs[0])]
     out_value = a.values[id(call.outputs[0])]
     if kind in SPATIAL_OPS:
-        pooling = "Pooling" in kind
-        kernel = tuple(op.pool_size if pooling else op.kernel_size)
-        stride = tuple(op.strides or kernel)
-        dil = (1, 1) if pooling else tuple(op.dilation_rate)
+        kernel, stride, dil = window_of(call)
         pad = (0, 0)
         if op.padding == "same":
-            pad = tuple(same_padding(in_shape[ax], k, s, d)[0]
-                        for ax, k, s, d in zip(a.axes, kernel, stride, dil))
+            pad = tuple(before for before, _ in same_pads(a, call))
             if any(k > 1 for k in kernel):
                 geo.padded.append(call.name)
         return (ys.conv(kernel[0], stride[0], pad[0], dil[0]), xs.conv(kernel[1], stride[1], pad[1], dil[1]))

@@ -10,10 +10,11 @@ import keras
 import numpy as np
 
 from ...errors import NotConvolutionalizable
-from ...geometry import PoolMode, same_padding
+from ...geometry import PoolMode
 from ...plan import HeadStep
 from ...weights import dense_to_hwio
 from .atrous import Atrous, WindowCells, dilated_pool
+from .geometry import same_pads
 from .graph import Call
 from .head import Analysis
 
@@ -130,11 +131,7 @@ def _native_same(a: Analysis, call: Call, x: Any) -> Any | None:
     if call.kind not in SAME_STRIDED or op.padding != "same" or tuple(op.strides) == (1, 1):
         return None
     pooling = call.kind == "MaxPooling2D"
-    kernel = tuple(op.pool_size if pooling else op.kernel_size)
-    dilation = (1, 1) if pooling else tuple(op.dilation_rate)
-    in_shape = a.shapes[id(call.inputs[0])]
-    pads = tuple(same_padding(in_shape[ax], k, s, d)
-                 for ax, k, s, d in zip(a.axes, kernel, op.strides, dilation))
+    pads = same_pads(a, call)
     data_format = "channels_last" if a.layout == "NHWC" else "channels_first"
     pad_name = f"{call.name}_native_pad"
     padded = (ConstantPadding2D(pads, float("-inf"), data_format, name=pad_name) if pooling
