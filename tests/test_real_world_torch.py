@@ -1048,3 +1048,31 @@ def test_same_padding_keeps_the_cells_in_place_at_any_size() -> None:
     array = (image[0].permute(1, 2, 0).numpy() * 40 + 128).clip(0, 255).astype("uint8")
     whole, tiled = cz_dense_map(fcn, array), cz_dense_map(fcn, array, tile=96)
     assert rel_error(torch.from_numpy(tiled), torch.from_numpy(whole)) < 1e-5
+
+
+class StaticSamePadded(nn.Module):
+    """efficientnet_pytorch's static "same" padding: an nn.ZeroPad2d module before each
+    strided convolution (native 24x24, stride 8)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c_in, c_out in ((3, 4), (4, 6), (6, 8)):
+            layers += [nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c_in, c_out, 3, 2), nn.ReLU()]
+        self.body, self.fc = nn.Sequential(*layers), nn.Linear(8 * 3 * 3, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(x).flatten(1))
+
+
+def test_padding_modules_are_padding_in_the_geometry() -> None:
+    """nn.ZeroPad2d is read like F.pad: the stride stays the network's (an unknown resampling
+    measured 25/24 here and shrank it) and the note says padding, not unproven locality."""
+    model = _build(StaticSamePadded)
+    fcn = convolutionalize(model, (24, 24))
+    geometry = fcn.geometry
+    assert geometry.stride == (8, 8) and not geometry.crop_equivalent
+    assert [n for n in geometry.notes if n.startswith("zero padding")] and not [
+        n for n in geometry.notes if n.startswith("locality")]
+    with torch.no_grad():
+        assert tuple(fcn(_image((24 + 3 * 8, 24 + 5 * 8))).shape[-2:]) == geometry.cells(48, 64) == (4, 6)

@@ -45,6 +45,10 @@ SHAPE_KEEPING = frozenset({"getitem", "chunk", "split", "cat", "stack", "permute
                            "LayerScale", "LayerScale2d", "Flatten"})
 
 
+# Padding modules (left, right, top, bottom), as efficientnet_pytorch's static "same" padding uses them.
+PAD_MODULES = (nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d, nn.CircularPad2d)
+
+
 def _pair(v: object, default: int = 0) -> tuple[int, int]:
     if v is None:
         return (default, default)
@@ -154,8 +158,9 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
             return _slice_span(ys, index[ay]), _slice_span(xs, index[ax])
         geo.unproven.append(node.name)
         return ys, xs
-    if name == "pad":  # amounts computed from the input's size (TF "SAME") as they were at the native size
-        given = list(arg(node, 1, "pad", ()))
+    if name == "pad" or isinstance(module, PAD_MODULES):
+        # F.pad's amounts, computed from the input's size (TF "SAME"), as they were at the native size
+        given = list(module.padding) if isinstance(module, PAD_MODULES) else list(arg(node, 1, "pad", ()))
         pads = [int_at_native(p) for p in given]
         if None in pads:
             raise NotConvolutionalizable(f"the padding of '{node.name}' is computed in a way the "
