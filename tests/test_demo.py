@@ -144,7 +144,7 @@ def bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
     (root / "fake.png").write_bytes(b"not an image at all")
     return {
         "missing image": (["detect", *MODEL, str(root / "nope.png")], "does not exist"),
-        "not an image": (["detect", *MODEL, str(root / "fake.png")], "cannot read the image"),
+        "not an image": (["detect", *MODEL, str(root / "fake.png")], "cannot read image"),
         "smaller than window": (["detect", *MODEL, str(root / "small.png")], "smaller than"),
         "unknown class": (["heatmap", *MODEL, "{page}", "--class", "11"], "unknown class 11"),
         "unknown background": (["detect", *MODEL, "{page}", "--background-class", "12"],

@@ -232,7 +232,7 @@ def test_zoo_tiling_is_exact_for_real_architectures(tmp_path: Path) -> None:
 
 def test_repeated_maps_reuse_the_adapter_and_its_session(onnx_model: onnx.ModelProto,
                                                          torch_model: Padded) -> None:
-    from convolutionalize.inference import _runner
+    from convolutionalize.inference import _cache
 
     fcn = convolutionalize(onnx_model)
     adapter = dense_model(fcn)
@@ -240,9 +240,9 @@ def test_repeated_maps_reuse_the_adapter_and_its_session(onnx_model: onnx.ModelP
     assert adapter.runner("fp32", torch.device("cpu")) is adapter.runner("fp32", torch.device("cpu"))
     fcn.graph.node.append(onnx.helper.make_node("Identity", [fcn.graph.output[0].name], ["spare"]))
     assert dense_model(fcn) is not adapter  # the graph changed: shapes and session made again
-    for _ in range(_runner.ONNX_CACHE + 2):  # a bounded cache: old protos are let go
+    for _ in range(_cache.HELD + 2):  # a bounded cache: old protos are let go
         dense_model(convolutionalize(onnx_model))
-    assert len(_runner._ONNX_ADAPTERS) == _runner.ONNX_CACHE
+    assert len(_cache.CACHE.held) == _cache.HELD
     keras_fcn = convolutionalize(keras_padded(torch_model))
     dense_model(keras_fcn).shapes((40, 40))
     assert (40, 40) in dense_model(keras_fcn)._shapes  # a new adapter, the same shapes

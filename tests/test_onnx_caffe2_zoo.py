@@ -29,11 +29,11 @@ from onnx import TensorProto, helper  # noqa: E402
 from _onnx_graphs import Net, random_image, rel_error  # noqa: E402
 from convolutionalize import geometry_of  # noqa: E402
 from convolutionalize.frameworks.onnx.model import (  # noqa: E402
-    NATIVE_RTOL,
     Predictor,
     convolutionalize_onnx,
     self_check_of,
 )
+from convolutionalize.selfcheck import CHECK_RTOL  # noqa: E402
 
 CLASSES = 10
 
@@ -280,7 +280,7 @@ def test_caffe2_zoo_graph_converts(name: str, opset: int) -> None:
     assert [i.name for i in fcn.graph.input] == ["image"]
     native = random_image((spec.native, spec.native), seed=5)
     expected, out = Predictor(model)(native), Predictor(fcn)(native)
-    assert out.shape[-2:] == (1, 1) and rel_error(out.reshape(expected.shape), expected) < NATIVE_RTOL
+    assert out.shape[-2:] == (1, 1) and rel_error(out.reshape(expected.shape), expected) < CHECK_RTOL
     geometry = geometry_of(fcn)
     assert geometry.stride == (spec.stride, spec.stride) and geometry.window == (spec.native,) * 2
     s = spec.stride
@@ -291,5 +291,5 @@ def test_caffe2_zoo_graph_converts(name: str, opset: int) -> None:
     if name != "densenet121":  # every cell a softmax over the classes
         np.testing.assert_allclose(maps.sum(1), 1.0, rtol=1e-5)
     check = self_check_of(fcn)
-    assert check is not None and check.cells == (3, 4) and check.native_error < NATIVE_RTOL
+    assert check is not None and check.cells == (3, 4) and check.native_error < CHECK_RTOL
     assert not geometry.crop_equivalent and check.crop_error is None  # the bodies pad

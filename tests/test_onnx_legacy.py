@@ -4,7 +4,7 @@ tf2onnx's NHWC transposes, Gemm with transA, several outputs, the self-check, re
 
 Every graph has the padding-free body of ``_onnx_graphs`` (13x13 -> 6x5x5, stride 2), so each
 cell of a converted map must equal the original graph run by onnxruntime on that cell's
-13x13 crop. Tolerance: relative 1e-4 (``NATIVE_RTOL``): onnxruntime's Conv and Gemm sum in
+13x13 crop. Tolerance: relative 1e-4 (``selfcheck.CHECK_RTOL``): onnxruntime's Conv and Gemm sum in
 different orders.
 """
 
@@ -28,14 +28,14 @@ from _onnx_graphs import CLASSES, FEATURE, NATIVE, Net, crops, random_image, rel
 from convolutionalize import NotConvolutionalizable, geometry_of  # noqa: E402
 from convolutionalize.frameworks.onnx.graph import opset_of  # noqa: E402
 from convolutionalize.frameworks.onnx.model import (  # noqa: E402
-    NATIVE_RTOL,
     Predictor,
     convolutionalize_onnx,
     save_onnx,
     self_check_of,
 )
+from convolutionalize.selfcheck import CHECK_RTOL  # noqa: E402
 
-RTOL = NATIVE_RTOL
+RTOL = CHECK_RTOL
 C, FH, FW = FEATURE
 FLAT = C * FH * FW
 HIDDEN = 7

@@ -7,15 +7,14 @@ and rewrites it, returning a model of the same kind.
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from .geometry import GEOMETRY_KEY, Geometry, PoolMode, check_pool
+from .errors import ArgumentError, NotConvolutionalizable, first_line
+from .frameworks import accepted, adapter_for, adapter_for_path
+from .frameworks.base import Conversion, ConversionInfo
+from .geometry import Geometry, PoolMode, check_pool
 
 __all__ = [
     "ConversionInfo",
@@ -28,14 +27,16 @@ def convolutionalize(
     model: Any,
     input_size: int | tuple[int, int] | None = None,
     *,
-    pool: PoolMode = "window",
+    pool: PoolMode | None = None,
     output_stride: int | None = None,
 ) -> Any:
     """Rewrite a classifier's fully-connected head into equivalent convolutions.
 
     Args:
         model: a trained ``torch.nn.Module``, ``keras.Model`` or ``onnx.ModelProto``, or a
-            path to a ``.keras`` / ``.h5`` / ``.onnx`` file. It is not modified.
+            path to a ``.keras`` / ``.h5`` / ``.onnx`` / ``.pt2`` file. It is not modified. A
+            model that is already converted (a saved conversion read back) is returned as it
+            is, where ``pool`` and ``output_stride`` are left out or agree with it.
         input_size: the native (training) input size ``(H, W)``. Required unless the
             model carries it (timm's ``pretrained_cfg``, a Keras model's static input
             shape, an ONNX graph's static input dims).
@@ -43,7 +44,7 @@ def convolutionalize(
             feature size, so output cell ``(i, j)`` is the classifier on the native window
             at ``(i * stride, j * stride)``; ``"none"``: no pooling, one score vector per
             feature cell (class activation map); ``"global"``: keep global pooling, one
-            prediction per image at any size.
+            prediction per image at any size. ``None``: ``"window"``.
         output_stride: score a window every ``output_stride`` pixels instead of every network
             stride (à trous: the last strided layers run at stride 1 and every later kernel is
             dilated; weights unchanged). Must divide the network stride into factors its
@@ -63,26 +64,40 @@ def convolutionalize(
             an unreadable model file.
         TypeError: ``model`` is not a supported model type.
     """
-    pool = check_pool(pool)
-    check_output_stride(output_stride, pool)
+    mode = check_pool("window" if pool is None else pool)
+    check_output_stride(output_stride, mode)
     if isinstance(model, (str, os.PathLike)):
         model = load_model_file(model)
-    if is_keras_model(model):  # first: with KERAS_BACKEND=torch a keras.Model is an nn.Module too
-        from .frameworks.keras.model import convolutionalize_keras
+    try:
+        adapter = adapter_for(model)
+    except TypeError:
+        raise TypeError(f"convolutionalize takes {accepted()}, got {type(model).__name__}") from None
+    conversion = adapter.conversion(model)
+    if conversion is not None:
+        return _already_converted(model, conversion, pool, output_stride)
+    size = adapter.native_size(model, input_size)  # the caller's mistakes stay ValueErrors
+    try:
+        return adapter.convert(model, size if size is not None else input_size, mode, output_stride)
+    except (NotConvolutionalizable, ArgumentError):
+        raise
+    except Exception as exc:  # a model we did not foresee: a typed refusal, never a crash
+        raise NotConvolutionalizable(f"cannot convert {adapter.label(model)}: {type(exc).__name__}: "
+                                     f"{first_line(exc)}") from exc
 
-        return convolutionalize_keras(model, input_size, pool, output_stride)
-    if isinstance(model, nn.Module):
-        from .frameworks.torch.model import convolutionalize_module
 
-        return convolutionalize_module(model, input_size, pool, output_stride)
-    if is_onnx_model(model):
-        from .frameworks.onnx.model import convolutionalize_onnx
-
-        return convolutionalize_onnx(model, input_size, pool, output_stride)
-    raise TypeError(
-        "convolutionalize takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
-        f".keras/.h5/.onnx path, got {type(model).__name__}"
-    )
+def _already_converted(fcn: Any, conversion: Conversion, pool: PoolMode | None,
+                       output_stride: int | None) -> Any:
+    """A converted model given again (a saved file read back): itself, where the options
+    asked for agree with how it was converted."""
+    geometry = conversion.geometry
+    if pool is not None and check_pool(pool) != geometry.pool:
+        raise ValueError(f"the model is already converted with pool={geometry.pool!r}, not "
+                         f"pool={pool!r}; convert the original model again to change it")
+    if output_stride is not None and (output_stride, output_stride) != geometry.stride:
+        raise ValueError(f"the model is already converted with stride {geometry.stride[0]}x"
+                         f"{geometry.stride[1]}; convert the original model with "
+                         f"output_stride={output_stride} instead")
+    return fcn
 
 
 def check_output_stride(output_stride: object, pool: PoolMode) -> int | None:
@@ -100,69 +115,31 @@ def check_output_stride(output_stride: object, pool: PoolMode) -> int | None:
 
 
 def load_model_file(path: str | os.PathLike[str]) -> Any:
-    """Load a ``.onnx``, ``.keras`` or legacy HDF5 ``.h5`` / ``.hdf5`` Keras model file (the
-    kinds ``convolutionalize`` takes by path)."""
+    """Load a model file that carries its weights (``.onnx``, ``.keras``, legacy ``.h5`` /
+    ``.hdf5``, ``.pt2``): the kinds ``convolutionalize`` takes by path. A converted model
+    comes back with its geometry, plan and self-check."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"model file {path} does not exist")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        from .frameworks.onnx.model import load_onnx
-
-        return load_onnx(path)
-    if suffix in (".keras", ".h5", ".hdf5"):
-        from .frameworks.keras.model import load_keras
-
-        return load_keras(path)
-    raise ValueError(f"cannot load {path.name}: convolutionalize reads .onnx, .keras and .h5 files "
-                     "(load PyTorch models yourself and pass the nn.Module)")
-
-
-def is_onnx_model(model: object) -> bool:
-    return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")
-
-
-def is_keras_model(model: object) -> bool:
-    return any(c.__module__.startswith("keras") and c.__name__ in ("Model", "Functional",
-               "Sequential") for c in type(model).__mro__)
+    return adapter_for_path(path).load(path)
 
 
 def geometry_of(model: object) -> Geometry:
     """The :class:`Geometry` a converted model carries (any framework)."""
-    geometry = getattr(model, "geometry", None)
-    if isinstance(geometry, Geometry):
-        return geometry
-    if is_onnx_model(model):
-        for prop in model.metadata_props:  # type: ignore[attr-defined]
-            if prop.key == GEOMETRY_KEY:
-                return Geometry.from_json(prop.value)
-    raise TypeError(f"{type(model).__name__} is not a convolutionalized model (no geometry)")
-
-
-@dataclass(frozen=True)
-class ConversionInfo:
-    """What any converted model records about its conversion (read by the CLI and verify)."""
-
-    plan: str  # the HeadPlan, human-readable
-    geometry: Geometry
-    native_error: float | None
-    in_channels: int
-    self_check: str | None = None  # what the conversion measured at a larger size
+    return _conversion(model).geometry
 
 
 def conversion_info(fcn: object) -> ConversionInfo:
     """The plan, geometry, native-size error and image channels of a converted model."""
-    geometry = geometry_of(fcn)
-    if is_onnx_model(fcn):
-        from .frameworks.onnx.model import NATIVE_ERROR_KEY, PLAN_KEY, input_channels, self_check_of
+    _conversion(fcn)  # TypeError for a model that is not converted
+    return adapter_for(fcn).info(fcn)
 
-        props = {p.key: p.value for p in fcn.metadata_props}  # type: ignore[attr-defined]
-        onnx_check = self_check_of(fcn)  # type: ignore[arg-type]
-        return ConversionInfo(props.get(PLAN_KEY, ""), geometry,
-                              json.loads(props.get(NATIVE_ERROR_KEY, "null")),
-                              input_channels(fcn),  # type: ignore[arg-type]
-                              None if onnx_check is None else onnx_check.describe())
-    plan = fcn.plan  # type: ignore[attr-defined]
-    check = getattr(fcn, "self_check", None)
-    return ConversionInfo(plan.describe(), geometry, fcn.native_error,  # type: ignore[attr-defined]
-                          plan.in_channels, None if check is None else check.describe())
+
+def _conversion(model: object) -> Conversion:
+    try:
+        conversion = adapter_for(model).conversion(model)
+    except TypeError:
+        conversion = None
+    if conversion is None:
+        raise TypeError(f"{type(model).__name__} is not a convolutionalized model (no geometry)")
+    return conversion

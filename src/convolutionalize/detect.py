@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.ops import batched_nms, nms
 
-from .api import is_keras_model, is_onnx_model
+from .frameworks import adapter_for
 from .geometry import Geometry
 from .inference import ScaledGeometry, ScaledMap, dense_map
 from .outputs import OutputKey, select_output
@@ -73,7 +73,7 @@ class Detection:
         return {"label": self.label, "score": self.score, "box": list(self.box)}
 
 
-def class_probabilities(model: torch.nn.Module, image: torch.Tensor,
+def class_probabilities(model: Any, image: torch.Tensor,
                         output: OutputKey = None) -> np.ndarray:
     """``(classes, rows, cols)`` softmax probabilities of a converted model's map of one
     ``(C, H, W)`` image. The softmax runs in float64 so that confident cells stay ordered
@@ -86,11 +86,11 @@ def class_probabilities(model: torch.nn.Module, image: torch.Tensor,
         ValueError: an ``output`` the model does not have (the message lists its outputs), or
             scores that are not a map.
     """
-    with torch.inference_mode():
-        logits = select_output(model(image[None].float()), output)
-    if logits.dim() != 4:
+    batch = torch.as_tensor(image).detach().float().cpu().numpy()[None]
+    logits = adapter_for(model).runner(model, output)(batch)  # type: ignore[arg-type]
+    if logits.ndim != 4:
         raise ValueError(f"expected a (1, classes, rows, cols) map, got shape {tuple(logits.shape)}")
-    return torch.softmax(logits[0].double(), dim=0).numpy()
+    return torch.softmax(torch.from_numpy(logits[0]).double(), dim=0).numpy()
 
 
 def mtcnn_boxes(windows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -304,7 +304,7 @@ def detection_maps(
         maps = dense_map(model, image, input_size=input_size, mean=mean, std=std, tile=tile,
                          device=device, output=output, scales=levels)
         return [_probabilities(level, np.asarray(level.map)) for level in maps], None
-    if is_keras_model(model) or is_onnx_model(model) or isinstance(model, (str, os.PathLike)):
+    if isinstance(model, (str, os.PathLike)) or not adapter_for(model).maps_all_outputs:
         # Keras and ONNX models are mapped one output at a time: the scores, then the boxes
         options = dict(input_size=input_size, mean=mean, std=std, tile=tile, device=device, scales=levels)
         scores = dense_map(model, image, output=output, **options)  # type: ignore[arg-type]

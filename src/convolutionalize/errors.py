@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["NotConvolutionalizable", "first_line"]
+__all__ = ["ArgumentError", "NotConvolutionalizable", "first_line"]
 
 
 class NotConvolutionalizable(ValueError):
@@ -19,3 +19,10 @@ def first_line(exc: BaseException) -> str:
     of a refusal or a ``ValueError`` quotes of an error from deep inside a model or a library."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+class ArgumentError(ValueError):
+    """A caller's mistake found while a conversion reads its arguments against the model (an
+    ``input_size`` that is missing, malformed or contradicts the model's own): it passes the
+    conversion's error boundary as the ``ValueError`` it is, where anything else unforeseen
+    becomes :class:`NotConvolutionalizable`."""

@@ -6,10 +6,15 @@ The file format follows the suffix:
   from the ``torch.export`` program below), checked with onnxruntime against the PyTorch
   model at the native size and at a larger one;
 - ``.pt2``: ``torch.export`` program with dynamic batch, height and width (at least the
-  native size), saved with ``torch.export.save``; load with ``torch.export.load(path).module()``;
+  native size), saved with ``torch.export.save``; ``torch.export.load(path).module()`` runs
+  it anywhere, ``convolutionalize.models.load_model(path)`` gives it back as a converted model;
 - ``.pt``: the whole converted module pickled with ``torch.save``; load with
   ``torch.load(path, weights_only=False)`` where ``convolutionalize`` is installed (that runs
   code from the file: only for files you trust; ``--trust-pickle`` on the command line).
+
+Every format carries the conversion (geometry, plan, self-check): ``.pt2`` as the archive's
+extra file ``convolutionalize.json``, ``.onnx`` in ``metadata_props`` (as a converted ONNX
+model does), ``.pt`` in the pickled module. Every command reads a saved file back as converted.
 
 Saving is atomic: the model is written to a temporary file beside ``path`` and moved into
 place only once it is complete (and, for ONNX, checked), so a failure never leaves a
@@ -30,21 +35,26 @@ import torch
 from torch import nn
 
 from ._files import atomic_path
-from .api import geometry_of, is_keras_model, is_onnx_model
+from .api import geometry_of
 from .errors import first_line
+from .frameworks import adapter_for
+from .frameworks.base import META_KEY
 from .geometry import Geometry
 from .outputs import output_keys, tensor_leaves
+from .selfcheck import CHECK_RTOL, relative_error
 
-__all__ = ["FORMATS", "ONNX_RTOL", "export_program", "save"]
+__all__ = ["FORMATS", "ONNX_RTOL", "export_program", "save", "save_module"]
 
 logger = logging.getLogger(__name__)
 
-ONNX_RTOL = 1e-4  # onnxruntime's kernels sum in a different order than PyTorch's
+ONNX_RTOL = CHECK_RTOL  # onnxruntime's kernels sum in a different order than PyTorch's
 
 
 def save(fcn: Any, path: str | os.PathLike[str]) -> Path:
     """Write the converted model ``fcn`` to ``path`` in the format its suffix names
-    (a converted Keras model: ``.keras``; a converted ONNX model: ``.onnx``).
+    (a converted PyTorch model: ``.pt2``, ``.pt`` or ``.onnx``; a converted Keras model:
+    ``.keras``; a converted ONNX model: ``.onnx``), with its geometry, plan and self-check,
+    which every reader recognises.
 
     Returns:
         The path written.
@@ -55,36 +65,29 @@ def save(fcn: Any, path: str | os.PathLike[str]) -> Path:
         TypeError: ``fcn`` is not a converted model.
     """
     path = Path(path)
-    if is_keras_model(fcn) or is_onnx_model(fcn):
-        return _save_other(fcn, path)
+    geometry_of(fcn)  # TypeError for a model that is not converted
+    return adapter_for(fcn).save(fcn, path)
+
+
+def save_module(fcn: nn.Module, path: Path) -> Path:
+    """Write a converted PyTorch model as ``.pt2``, ``.pt`` or ``.onnx`` (atomically)."""
     writer = FORMATS.get(path.suffix.lower())
     if writer is None:
         raise ValueError(
             f"cannot write {path.name}: unknown format {path.suffix or '(no suffix)'!r}; "
             f"use one of {', '.join(FORMATS)}"
         )
-    geometry_of(fcn)
     with atomic_path(path) as tmp:
         writer(fcn, tmp)
     logger.info("wrote %s", path)
     return path
 
 
-def _save_other(fcn: Any, path: Path) -> Path:
-    """Keras and ONNX models are written in their own format only (atomically)."""
-    keras = is_keras_model(fcn)
-    suffix = ".keras" if keras else ".onnx"
-    if path.suffix.lower() != suffix:
-        raise ValueError(f"cannot write {path.name}: a converted {'Keras' if keras else 'ONNX'} "
-                         f"model is saved as {suffix}")
-    geometry_of(fcn)
-    if keras:
-        from .frameworks.keras.model import save_keras
-
-        return save_keras(fcn, path)
-    from .frameworks.onnx.model import save_onnx
-
-    return save_onnx(fcn, path)
+def conversion_json(fcn: nn.Module) -> str:
+    """The conversion ``fcn`` carries, as the JSON every saved format stores."""
+    conversion = adapter_for(fcn).conversion(fcn)
+    assert conversion is not None, "save() checked that the model is converted"
+    return conversion.to_json()
 
 
 def _example(fcn: nn.Module, geometry: Geometry, extra: tuple[int, int]) -> torch.Tensor:
@@ -133,7 +136,7 @@ def _size_oblivious() -> Iterator[None]:
 
 
 def _write_pt2(fcn: nn.Module, path: Path) -> None:
-    torch.export.save(export_program(fcn), str(path))
+    torch.export.save(export_program(fcn), str(path), extra_files={META_KEY: conversion_json(fcn)})
 
 
 def _write_pt(fcn: nn.Module, path: Path) -> None:
@@ -162,6 +165,14 @@ def _write_onnx(fcn: nn.Module, path: Path) -> None:
         raise ValueError(f"torch.onnx.export failed: {first_line(exc)}") from exc
     finally:
         logger.debug("%s", chatter.getvalue())
+    import onnx
+
+    from .frameworks.base import Conversion
+    from .frameworks.onnx.model import write_conversion
+
+    exported = onnx.load_model(str(path))
+    write_conversion(exported, Conversion.from_json(conversion_json(fcn)))
+    onnx.save_model(exported, str(path))
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for extra in ((0, 0), (3, 2)):
         _check_onnx(session, fcn, _example(fcn, geometry, extra))
@@ -182,7 +193,7 @@ def _check_output(actual_t: torch.Tensor, expected: torch.Tensor, x: torch.Tenso
     if actual_t.shape != expected.shape:
         raise ValueError(f"the ONNX model gives shape {tuple(actual_t.shape)} at "
                          f"{x.shape[2]}x{x.shape[3]}, PyTorch {tuple(expected.shape)}")
-    error = float((actual_t - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+    error = relative_error(actual_t.numpy(), expected.numpy())
     if error > ONNX_RTOL:
         raise ValueError(f"the ONNX model differs from PyTorch at {x.shape[2]}x{x.shape[3]} "
                          f"(max relative error {error:.1e} > {ONNX_RTOL:.0e})")

@@ -44,6 +44,7 @@ from torch import nn
 
 from .api import load_model_file
 from .errors import NotConvolutionalizable, first_line
+from .frameworks.base import META_KEY
 
 __all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
 
@@ -102,6 +103,8 @@ def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
         ValueError: a model file that does not record its native size.
     """
     source, _, name = spec.partition(":")
+    if getattr(model, "geometry", None) is not None:
+        return None  # a converted model carries its size
     if source == "torchvision" and name:
         return _torchvision_crop_size(name)
     if (source == "timm" and name) or isinstance(getattr(model, "pretrained_cfg", None), dict):
@@ -351,7 +354,9 @@ def _exported_module(path: Path) -> nn.Module:
     for attempt in range(2):
         with _collected_logs("torch.export") as messages:
             try:
-                return torch.export.load(str(path)).module()
+                extra = {META_KEY: ""}
+                module = torch.export.load(str(path), extra_files=extra).module()
+                return _converted(module, extra[META_KEY]) if extra[META_KEY] else module
             except Exception as exc:  # the deserializer raises many types (KeyError, ...)
                 if attempt == 0 and _import_output_type(messages):
                     continue
@@ -359,6 +364,19 @@ def _exported_module(path: Path) -> nn.Module:
                     f"cannot read the torch.export file {path}: {first_line(exc)}"
                 ) from exc
     raise AssertionError("unreachable")
+
+
+def _converted(module: nn.Module, meta: str) -> nn.Module:
+    """A converted model's exported program, with the conversion it was saved with."""
+    from .frameworks.base import Conversion
+    from .frameworks.torch.layers import ConvolutionalizedModule
+    from .selfcheck import SelfCheck
+
+    conversion = Conversion.from_json(meta)
+    check = conversion.self_check or SelfCheck(None, conversion.geometry.input_size, (1, 1), None)
+    fcn = ConvolutionalizedModule(module, conversion.geometry, conversion.plan, check)
+    fcn.training = False  # the program keeps the mode it was exported in (it refuses .eval())
+    return fcn
 
 
 @contextlib.contextmanager

@@ -8,10 +8,13 @@ happens to each head operation when the head is made convolutional.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
 
 __all__ = ["FeatureMap", "HeadPlan", "HeadStep", "StepOp"]
+
+# words in a kept step's detail that mark a layer which is the identity in inference
+PASSTHROUGH = ("dropout", "identity", "gaussiannoise", "activityregularization")
 
 StepOp = Literal[
     "global_pool",  # global avg/max pool -> stride-1 window pool, dropped, or kept (by pool mode)
@@ -56,6 +59,12 @@ class HeadStep:
     reduce: Literal["avg", "max"] | None = None
     pool_to: tuple[int, int] | None = None
 
+    @property
+    def passthrough(self) -> bool:
+        """A kept step that passes values through unchanged in inference (dropout, identity,
+        noise layers): a head of such steps, linears and average pools stays affine."""
+        return self.op == "keep" and any(word in self.detail.lower() for word in PASSTHROUGH)
+
 
 @dataclass(frozen=True)
 class HeadPlan:
@@ -80,6 +89,29 @@ class HeadPlan:
 
     def steps_of(self, op: StepOp) -> list[HeadStep]:
         return [step for step in self.steps if step.op == op]
+
+    @property
+    def affine(self) -> bool:
+        """True when the head is an affine map of the averaged features (no max pool, no
+        nonlinearity): the mean of its ``pool="none"`` map then equals the original logits."""
+        ops = ("global_pool", "flatten", "reshape", "linear", "batchnorm")
+        return (all(s.op in ops or s.passthrough for s in self.steps)
+                and all(s.reduce != "max" for s in self.steps_of("global_pool")))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (saved beside a converted model's weights)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HeadPlan:
+        """The plan :meth:`to_dict` gave."""
+        f = data["feature"]
+        steps = tuple(HeadStep(**{**s, "kernel": tuple(s["kernel"]) if s.get("kernel") else None,
+                                  "pool_to": tuple(s["pool_to"]) if s.get("pool_to") else None})
+                      for s in data["steps"])
+        return cls(data["framework"], tuple(data["input_size"]), data["in_channels"],
+                   FeatureMap(f["node"], f["channels"], tuple(f["size"]), f["layout"]), steps,
+                   outputs=tuple(data.get("outputs", ())), capture=data.get("capture", ""))
 
     def describe(self) -> str:
         """A human-readable table of the head (used by ``convolutionalize inspect``)."""

@@ -8,23 +8,21 @@ for others the error says how much the context seen by the dense map matters).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from .api import conversion_info, convolutionalize, is_keras_model, is_onnx_model
+from .api import conversion_info, convolutionalize
 from .errors import first_line
-from .frameworks.torch.model import NATIVE_RTOL
+from .frameworks import adapter_for
 from .geometry import Geometry, PoolMode, check_pool
-from .outputs import select_output
+from .selfcheck import CHECK_RTOL, relative_error
 
 __all__ = ["CROP_RTOL", "Runner", "VerifyReport", "crop_errors", "runner", "verify"]
 
-CROP_RTOL = 1e-4
+CROP_RTOL = CHECK_RTOL  # float32: the self-check's own tolerance
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -56,31 +54,8 @@ class VerifyReport:
 
 
 def runner(model: Any) -> Runner:
-    """A function from an NCHW float32 batch to the model's output (numpy), any framework."""
-    if is_keras_model(model):
-        from .frameworks.keras.model import predict_nchw
-
-        return lambda x: predict_nchw(model, x)
-    if is_onnx_model(model):
-        from .frameworks.onnx.model import Predictor
-
-        return Predictor(model)
-    module = copy.deepcopy(model).eval() if model.training else model
-    param = next(module.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = select_output(module(torch.from_numpy(x).to(device, dtype)))  # the class scores
-            return out.float().cpu().numpy()
-
-    return run
-
-
-def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    a, e = actual.astype(np.float64), expected.astype(np.float64)
-    return float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-30))
+    """A function from an NCHW float32 batch to the model's class scores (numpy), any framework."""
+    return adapter_for(model).runner(model)
 
 
 def crop_errors(original: Runner, dense: np.ndarray, image: np.ndarray, geometry: Geometry,
@@ -92,22 +67,27 @@ def crop_errors(original: Runner, dense: np.ndarray, image: np.ndarray, geometry
         crops.append(image[:, :, y0:y1, x0:x1])
     # one crop per call: an exported original may have a static batch size of 1
     logits = np.concatenate([original(crop).reshape(1, -1) for crop in crops])
-    return [_relative_error(dense[0, :, i, j], logits[k]) for k, (i, j) in enumerate(cells)]
+    return [relative_error(dense[0, :, i, j], logits[k]) for k, (i, j) in enumerate(cells)]
 
 
 def verify(
     model: Any,
     input_size: int | tuple[int, int] | None = None,
     *,
-    pool: PoolMode = "window",
+    pool: PoolMode | None = None,
     image_size: tuple[int, int] | None = None,
     samples: int = 8,
     seed: int = 0,
     output_stride: int | None = None,
 ) -> VerifyReport:
     """Convert ``model`` (PyTorch, Keras or ONNX; at ``output_stride`` if given) and measure
-    how exactly the result reproduces it. The caller's model is not modified."""
-    pool = check_pool(pool)
+    how exactly the result reproduces it. The caller's model is not modified.
+
+    A model that is already converted (a saved conversion read back) is measured against
+    itself: its cells against its own 1x1 maps on their crops (equal where it is
+    crop-equivalent), and its stored native error and self-check are reported."""
+    if pool is not None:
+        check_pool(pool)
     if samples < 1:
         raise ValueError(f"samples must be at least 1, got {samples}")
     fcn = convolutionalize(model, input_size, pool=pool, output_stride=output_stride)
@@ -117,9 +97,9 @@ def verify(
     h, w = geometry.input_size
     if image_size is None:
         image_size = (h + 3 * geometry.stride[0], w + 3 * geometry.stride[1])
-    if pool != "window":
+    if geometry.pool != "window":
         return VerifyReport(native_error, None, geometry.crop_equivalent, image_size, 0,
-                            NATIVE_RTOL, geometry, info.self_check)
+                            CHECK_RTOL, geometry, info.self_check)
     geometry.cells(*image_size)  # raises a clear error for an image smaller than the window
     rng = np.random.default_rng(seed)
     image = rng.standard_normal((1, info.in_channels, *image_size), dtype=np.float32)

@@ -15,24 +15,33 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, get_args
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, get_args
 
 from .. import __version__
-from ..api import ConversionInfo, conversion_info, convolutionalize
-from ..export import FORMATS, save
-from ..flops import FlopComparison, compare_flops
-from ..frameworks.torch.layers import ConvolutionalizedModule
 from ..geometry import PoolMode
-from ..models import default_input_size, load_model
-from ..verify import VerifyReport, verify
-from .options import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, PROG, Parser, int_at_least
+from .options import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, PROG, SAVE_FORMATS, Deferred, Parser, int_at_least
 from .predict import register as register_predict
 from .render import register as register_render
 
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..api import ConversionInfo, conversion_info, convolutionalize
+    from ..export import save
+    from ..flops import FlopComparison, compare_flops
+    from ..models import default_input_size, load_model
+    from ..verify import VerifyReport, verify
+
 __all__ = ["main"]
 
+# The library, imported when a command runs: building the parser (--help) imports no framework.
+_library = Deferred(__name__, {
+    "nn": "torch", "conversion_info": "convolutionalize.api", "convolutionalize": "convolutionalize.api",
+    "save": "convolutionalize.export", "compare_flops": "convolutionalize.flops",
+    "ConvolutionalizedModule": "convolutionalize.frameworks.torch.layers",
+    "default_input_size": "convolutionalize.models", "load_model": "convolutionalize.models",
+    "verify": "convolutionalize.verify"})
+__getattr__ = _library
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    _library.load()
     model, fcn = _convert(args)
     info = conversion_info(fcn)
     lines = [f"model: {_label(args.model)} ({type(model).__name__}{_parameters(model)})",
@@ -68,15 +78,19 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _parameters(model: object) -> str:
-    if isinstance(model, nn.Module):
-        return f", {sum(p.numel() for p in model.parameters()):,} parameters"
-    return ""
+    from ..frameworks import adapter_for
+
+    count = adapter_for(model).parameters(model)
+    return "" if count is None else f", {count:,} parameters"
 
 
 def _image_lines(args: argparse.Namespace, model: object, fcn: object, info: ConversionInfo,
                  size: tuple[int, int]) -> str:
-    """Map size and, for PyTorch models, FLOPs dense vs crop by crop on an image of ``size``."""
-    if isinstance(fcn, ConvolutionalizedModule) and isinstance(model, nn.Module):
+    """Map size and, where the framework counts them and the original is at hand, FLOPs dense
+    vs crop by crop on an image of ``size``."""
+    from ..frameworks import adapter_for
+
+    if adapter_for(fcn).counts_flops and model is not fcn:
         network = None
         if args.output_stride is not None:  # shift-and-stitch runs the network-stride model
             network = convolutionalize(model, _input_size(args, model), pool=args.pool)
@@ -87,6 +101,7 @@ def _image_lines(args: argparse.Namespace, model: object, fcn: object, info: Con
 
 
 def _convert_command(args: argparse.Namespace) -> int:
+    _library.load()
     _, fcn = _convert(args)
     path = save(fcn, args.output)
     geometry = conversion_info(fcn).geometry
@@ -100,6 +115,7 @@ def _convert_command(args: argparse.Namespace) -> int:
 
 
 def _verify_command(args: argparse.Namespace) -> int:
+    _library.load()
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     report = verify(
         model,
@@ -235,7 +251,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.set_defaults(command=_inspect)
 
     convert = sub.add_parser("convert", parents=[common], help="convert and save the model "
-                             f"({', '.join(FORMATS)}) with dynamic height and width")
+                             f"({', '.join(SAVE_FORMATS)}) with dynamic height and width")
     convert.add_argument("-o", "--output", required=True, type=Path, metavar="OUT",
                          help="output file; its suffix picks the format: .onnx (ONNX), .pt2 "
                          "(torch.export), .pt (torch.save of the whole module)")

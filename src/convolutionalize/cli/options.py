@@ -1,17 +1,57 @@
-"""What every subcommand shares: exit codes, the error-reporting parser, argument types."""
+"""What every subcommand shares: exit codes, the error-reporting parser, argument types, and
+the deferred import of the library.
+
+Building the parser imports no framework (``--help`` is instant): this module and the
+``register`` functions use the standard library only, and the choices that the library defines
+are repeated here (``tests/test_startup.py`` checks that they agree).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
+import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "PROG", "Parser", "add_model_output",
-           "int_at_least", "model_output"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "PRECISIONS", "PROG", "SAVE_FORMATS", "Deferred",
+           "Parser", "add_model_output", "int_at_least", "model_output"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PROG = "convolutionalize"
+SAVE_FORMATS = (".onnx", ".pt2", ".pt")  # the suffixes of export.FORMATS
+PRECISIONS = ("fp32", "bf16")  # inference's Precision
+
+
+class Deferred:
+    """The library names a command module uses, imported when a command runs rather than when
+    the parser is built. Each is an attribute of the module all the same: ``Deferred`` is the
+    module's ``__getattr__`` (PEP 562), so ``module.name`` imports it and a test may replace it.
+    A function's own lookup of a global does not call ``__getattr__``: each command calls
+    ``load()`` before it uses the names (the module declares them under ``TYPE_CHECKING``).
+
+    >>> _library = Deferred(__name__, {"verify": "convolutionalize.verify"})  # doctest: +SKIP
+    >>> __getattr__ = _library                                                 # doctest: +SKIP
+    """
+
+    def __init__(self, module: str, sources: dict[str, str]) -> None:
+        self.module = module
+        self.sources = sources  # name -> the module to import it from
+
+    def __call__(self, name: str) -> Any:
+        """``from <source> import name``, bound in the module."""
+        source = self.sources.get(name)
+        if source is None:
+            raise AttributeError(f"module {self.module!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(source), name)
+        vars(sys.modules[self.module])[name] = value
+        return value
+
+    def load(self) -> None:
+        """Bind every name the module does not hold yet (a replaced one is kept)."""
+        for name in self.sources.keys() - vars(sys.modules[self.module]).keys():
+            self(name)
 
 
 class Parser(argparse.ArgumentParser):

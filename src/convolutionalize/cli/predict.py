@@ -16,22 +16,28 @@ import argparse
 import glob
 import os
 from pathlib import Path
-from typing import Any, get_args
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from .._files import atomic_path
-from ..api import convolutionalize, geometry_of
-from ..inference import dense_map
-from ..inference._runner import Precision
-from ..models import default_input_size, load_model
-from .options import add_model_output, int_at_least
+from .options import PRECISIONS, Deferred, add_model_output, int_at_least
 
-__all__ = ["predict", "register"]
+if TYPE_CHECKING:
+    from ..api import convolutionalize, geometry_of
+    from ..inference import dense_map
+    from ..models import default_input_size, load_model
+
+__all__ = ["add_normalization", "predict", "register"]
 
 SUFFIXES = (".npy", ".zarr", ".ome.zarr", ".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy", ".zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs",
                   ".scn", ".bif", ".vms", ".vmu", ".svslide", ".btf", ".dcm")
+
+# The library, imported when the command runs: building the parser (--help) imports no framework.
+_library = Deferred(__name__, {
+    "convolutionalize": "convolutionalize.api", "geometry_of": "convolutionalize.api",
+    "dense_map": "convolutionalize.inference", "default_input_size": "convolutionalize.models",
+    "load_model": "convolutionalize.models"})
+__getattr__ = _library
 
 
 def register(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -57,21 +63,29 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                                 help="bands of a raster (GeoTIFF) to read, 1-based, e.g. 4 3 2")
     predict_parser.add_argument("--tile", type=int_at_least(1), metavar="N", help="input pixels per "
                                 "tile side (default: chosen from a memory budget)")
-    predict_parser.add_argument("--precision", choices=get_args(Precision), default="fp32",
+    predict_parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                                 help="fp32 (exact, default) or bf16 (faster on CPUs with AMX)")
     predict_parser.add_argument("--batch-size", type=int_at_least(1), metavar="B",
                                 help="tiles per forward pass (default: 1)")
     predict_parser.add_argument("--scheduler", metavar="ADDRESS", help="run tiles as dask tasks: "
                                 "a dask.distributed scheduler address, or threads/processes")
-    predict_parser.add_argument("--mean", type=float, nargs="+", metavar="M",
-                                help="per-channel mean after scaling to [0, 1] (default: the "
-                                "model's own, else ImageNet's)")
-    predict_parser.add_argument("--std", type=float, nargs="+", metavar="S",
-                                help="per-channel std (default: the model's own, else ImageNet's)")
+    add_normalization(predict_parser)
     predict_parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                                 help="a progress bar over tiles on stderr (default: on)")
     add_model_output(predict_parser)
     predict_parser.set_defaults(command=predict)
+
+
+def add_normalization(parser: argparse.ArgumentParser) -> None:
+    """``--mean`` and ``--std``: how image pixels are normalized, one rule for every command
+    that reads images (:func:`~convolutionalize.inference.images.default_normalization`)."""
+    rule = ("default: the model's own, from its pretrained_cfg (timm's), else ImageNet's for "
+            "3-channel models, else none; one value serves every channel. Pixels are scaled to "
+            "[0, 1] first; model-ready float arrays are used as they are")
+    parser.add_argument("--mean", type=float, nargs="+", metavar="M",
+                        help=f"per-channel mean subtracted from the pixels ({rule})")
+    parser.add_argument("--std", type=float, nargs="+", metavar="S",
+                        help=f"per-channel standard deviation the pixels are divided by ({rule})")
 
 
 def predict(args: argparse.Namespace) -> int:
@@ -80,6 +94,7 @@ def predict(args: argparse.Namespace) -> int:
     for _, output in jobs:
         if _suffix(output).endswith(".zarr") and output.exists():
             raise ValueError(f"output {output} exists; remove it or pass another -o")
+    _library.load()
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     input_size = (tuple(args.input_size) if args.input_size is not None
                   else default_input_size(args.model, model))
@@ -112,7 +127,7 @@ def _predict_one(args: argparse.Namespace, model: Any, input_size: Any, image: P
     if partial is not None:
         os.replace(partial, output)
     elif kind == ".npy":
-        _save_npy(np.asarray(cells), output)
+        _save_npy(cells, output)
     classes, rows, cols = cells.shape
     print(f"wrote {output}: {classes} classes x {rows} x {cols} cells ({args.precision})")
 
@@ -181,10 +196,12 @@ def _suffix(path: Path) -> str:
     return ".ome.zarr" if name.endswith(".ome.zarr") else path.suffix.lower()
 
 
-def _save_npy(array: np.ndarray, output: Path) -> None:
+def _save_npy(array: Any, output: Path) -> None:
     """``np.save`` to a temporary file beside ``output``, renamed into place when complete."""
+    import numpy as np
+
     with atomic_path(output) as temp:
-        np.save(temp, array)
+        np.save(temp, np.asarray(array))
 
 
 

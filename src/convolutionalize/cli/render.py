@@ -6,9 +6,11 @@ runs it once per ``--scales`` scale (an image pyramid, boxes in the image's own 
 refines the boxes with the model's ``--box-output`` (MTCNN's convention). Outputs are written
 only after everything succeeded, through a temporary file renamed into place.
 
-Image rule: the image is read with Pillow, converted to the model's channel count (1: grey,
-3: RGB) and scaled to [0, 1]. ``--mean``/``--std`` then normalise it; by default 3-channel
-models get the ImageNet mean and std, other models none (the digits model reads 0..1 grey).
+Image rule: the library's one reader (:func:`~convolutionalize.inference.images.open_picture`)
+reads IMAGE exactly as ``predict`` and ``dense_map`` do: converted to the model's channel count
+(1: grey, 3: RGB), scaled to [0, 1] and normalised with ``--mean``/``--std``, by default the
+model's own (timm's ``pretrained_cfg``), else ImageNet's for 3-channel models, else none (the
+digits model reads 0..1 grey). It also gives the RGB picture that maps and boxes are drawn on.
 """
 
 from __future__ import annotations
@@ -20,27 +22,23 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from .._files import atomic_path
-from ..api import convolutionalize
-from ..detect import class_probabilities, detect, detection_maps
-from ..frameworks.torch.layers import ConvolutionalizedModule
-from ..models import default_input_size, load_model
 from .options import EXIT_OK, add_model_output, int_at_least, model_output
-from .predict import image_jobs, make_folders
+from .predict import add_normalization, image_jobs, make_folders
+
+if TYPE_CHECKING:  # the commands import the library when they run: --help imports no framework
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    from ..geometry import Geometry
 
 SLIDE_WIDTH = 1200  # a slide's heatmap picture, in pixels
 
-__all__ = ["load_image", "register"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ["register"]
 
 
 
@@ -115,18 +113,15 @@ def _positive_float(text: str) -> float:
 
 def _image_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", metavar="IMAGE", nargs="+", type=Path, help="PNG or JPEG images "
-                        "(paths, folders, globs), at least the model's window in size; converted to "
-                        "the model's channels, scaled to 0..1. With several, -o is a folder")
+                        "(paths, folders, globs), at least the model's window in size; read as predict "
+                        "reads them: converted to the model's channels, scaled to 0..1, normalised "
+                        "(--mean, --std). With several, -o is a folder")
     parser.add_argument("--labels", type=Path, metavar="FILE", help="class names, one per line "
                         "(default: the model's own 'labels' attribute, else 'class K')")
     parser.add_argument("--background-class", type=int_at_least(0), metavar="K",
                         help="the 'nothing here' class: never detected, not ranked (default: the "
                         "model's 'background_class' attribute, else none)")
-    parser.add_argument("--mean", type=float, nargs="+", metavar="M", help="per-channel mean "
-                        "subtracted after scaling to 0..1 (default: ImageNet's for 3-channel "
-                        "models, none otherwise)")
-    parser.add_argument("--std", type=float, nargs="+", metavar="S", help="per-channel standard "
-                        "deviation divided by (default: ImageNet's for 3-channel models, none otherwise)")
+    add_normalization(parser)
     add_model_output(parser)
 
 
@@ -148,6 +143,10 @@ def _heatmap_command(args: argparse.Namespace) -> int:
 
 def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> Image.Image:
     """One image's heatmap: a slide's map over its thumbnail, else the image's map over it."""
+    import numpy as np
+    from PIL import Image
+
+    from ..detect import class_probabilities
     from ..inference import dense_map
     from ..inference.slides import thumbnail
     from ..render import heatmap
@@ -156,7 +155,7 @@ def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> I
         result = dense_map(loaded.fcn, path, mpp=args.mpp, mask=args.mask, output=args.model_output,
                            mean=args.mean, std=args.std, progress=args.progress)
         logits, geometry = ((result.map, result.geometry) if args.mpp is not None
-                            else (result, loaded.fcn.geometry))
+                            else (result, loaded.geometry))
         picture, scale = thumbnail(path, args.width or SLIDE_WIDTH)
         probs = _softmax(np.asarray(logits))
     else:
@@ -164,7 +163,7 @@ def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> I
             raise ValueError("--mask skips background tiles of slides; pass a slide, or leave --mask out")
         image, tensor = _image_and_tensor(args, loaded, path)
         probs = class_probabilities(loaded.fcn, tensor, output=args.model_output)
-        geometry, picture, scale = loaded.fcn.geometry, image, 1.0
+        geometry, picture, scale = loaded.geometry, image, 1.0
         if args.width is not None and args.width != image.width:
             height = max(round(image.height * args.width / image.width), 1)
             picture = image.resize((args.width, height), Image.Resampling.LANCZOS)
@@ -175,6 +174,7 @@ def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> I
 
 
 def _detect_command(args: argparse.Namespace) -> int:
+    from ..detect import detect, detection_maps
     from ..render import class_name, draw_detections
 
     jobs = image_jobs(args.images, args.output, "json", ())
@@ -203,6 +203,8 @@ def _detect_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
+    import torch
+
     from ..demo import DemoConfig, run_demo
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -224,32 +226,40 @@ def _demo_command(args: argparse.Namespace) -> int:
 class _Loaded:
     """What ``heatmap`` and ``detect`` load once for every image."""
 
-    model: nn.Module
-    fcn: ConvolutionalizedModule
+    model: Any
+    fcn: Any  # the converted model, any framework
+    geometry: Geometry
+    channels: int  # the image channels it takes
     labels: list[str] | None  # from --labels
 
 
 def _load(args: argparse.Namespace) -> _Loaded:
     """The model, converted, and the ``--labels`` (read before the work)."""
+    from ..api import conversion_info, convolutionalize
+    from ..models import load_model
+
     labels = _read_labels(args.labels) if args.labels is not None else None
     model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     fcn = convolutionalize(model, _input_size(args, model), pool=args.pool, output_stride=args.output_stride)
-    if not isinstance(fcn, ConvolutionalizedModule) or fcn.geometry.pool == "global":
+    info = conversion_info(fcn)
+    if info.geometry.pool == "global":
         raise ValueError("heatmap and detect need a class map: use --pool window or none")
-    return _Loaded(model, fcn, labels)
+    return _Loaded(model, fcn, info.geometry, info.in_channels, labels)
 
 
 def _image_and_tensor(args: argparse.Namespace, loaded: _Loaded,
                       path: Path) -> tuple[Image.Image, torch.Tensor]:
-    """An image (RGB, to draw on) and its model-ready ``(C, H, W)`` tensor."""
-    image = _open_image(path)
-    tensor = load_image(image, loaded.fcn.plan.in_channels, args.mean, args.std)
-    window = loaded.fcn.geometry.input_size
-    small = tensor.shape[1] < window[0] or tensor.shape[2] < window[1]
+    """An image (RGB, to draw on) and its model-ready ``(C, H, W)`` tensor, read by the library's
+    one reader with the converted model's normalization: the input ``predict`` gives the model."""
+    from ..inference.images import open_picture
+
+    source, picture = open_picture(path, loaded.channels, args.mean, args.std, loaded.fcn)
+    window = loaded.geometry.input_size
+    small = source.height < window[0] or source.width < window[1]
     if small and getattr(args, "scales", None) is None:  # scales may enlarge it: dense_map decides
-        raise ValueError(f"image {path} is {tensor.shape[1]}x{tensor.shape[2]}, smaller than "
+        raise ValueError(f"image {path} is {source.height}x{source.width}, smaller than "
                          f"the model's {window[0]}x{window[1]} window")
-    return image.convert("RGB"), tensor
+    return picture, source.read(0, source.height, 0, source.width)
 
 
 def _is_slide(path: Path, args: argparse.Namespace) -> bool:
@@ -262,6 +272,8 @@ def _is_slide(path: Path, args: argparse.Namespace) -> bool:
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
     """Class probabilities of a ``(classes, rows, cols)`` map in float64 (NaN cells stay NaN)."""
+    import numpy as np
+
     shifted = logits.astype(np.float64) - logits.max(axis=0, keepdims=True)
     exp = np.exp(shifted)
     return exp / exp.sum(axis=0, keepdims=True)
@@ -292,38 +304,6 @@ def _classes(args: argparse.Namespace, inputs: _Loaded,
     return labels, background
 
 
-def load_image(image: Image.Image, channels: int, mean: list[float] | None = None,
-               std: list[float] | None = None) -> torch.Tensor:
-    """``(channels, H, W)`` float tensor in 0..1 (then normalised, see the module docstring)."""
-    if channels not in (1, 3):
-        raise ValueError(f"the model reads {channels} channels; images give 1 (grey) or 3 (RGB)")
-    array = np.asarray(image.convert("L" if channels == 1 else "RGB"), np.float32) / 255.0
-    tensor = torch.from_numpy(array.reshape(*array.shape[:2], channels)).permute(2, 0, 1)
-    if mean is None and std is None and channels == 3:
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    for name, values in (("mean", mean), ("std", std)):
-        if values is not None and len(values) not in (1, channels):
-            raise ValueError(f"--{name} takes 1 or {channels} values, got {len(values)}")
-    if std is not None and any(v <= 0 for v in std):
-        raise ValueError(f"--std values must be positive, got {std}")
-    if mean is not None:
-        tensor = tensor - torch.tensor(mean).view(-1, 1, 1)
-    if std is not None:
-        tensor = tensor / torch.tensor(std).view(-1, 1, 1)
-    return tensor.contiguous()
-
-
-def _open_image(path: Path) -> Image.Image:
-    if not path.is_file():
-        raise ValueError(f"image {path} not found")
-    try:
-        with Image.open(path) as opened:
-            opened.load()
-            return opened.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise ValueError(f"cannot read the image {path}: not a PNG/JPEG image ({exc})") from exc
-
-
 def _read_labels(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -333,6 +313,8 @@ def _read_labels(path: Path) -> list[str]:
 
 
 def _input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int] | None:
+    from ..models import default_input_size
+
     if args.input_size is not None:
         return (args.input_size[0], args.input_size[1])
     carried = getattr(model, "input_size", None)

@@ -33,21 +33,20 @@ import copy
 import hashlib
 import logging
 import os
-import tempfile
-import weakref
 from collections.abc import Callable, Iterator
-from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import fx, nn
 
-from ..api import geometry_of, is_keras_model, is_onnx_model
+from ..api import geometry_of
 from ..errors import first_line
+from ..frameworks import adapter_for, adapter_named
+from ..frameworks.base import Adapter
 from ..geometry import Geometry
 from ..outputs import OutputKey, output_keys, select_output
+from ._cache import CACHE
 from ._onednn import fuse_convolutions
 from ._stream import NotStreamable, Stream, StreamPlan, assemble, plan_stream
 from ._strips import StripNet, plan_strips
@@ -181,22 +180,17 @@ def runner_for(model: nn.Module, precision: Precision, device: torch.device,
     strips = os.environ.get("CONVOLUTIONALIZE_STRIPS", "1") != "0"  # the stem in strips (._strips)
     prepared = (precision, str(device), fuse, strips)
     state = weights_state(model)
-    runners = {k: r for k, (s, r) in _RUNNERS.get(model, {}).items() if s == state}
+    runners = {k: r for k, (s, r) in CACHE.runners.get(model, {}).items() if s == state}
     runner = runners.get((*prepared, output))
     if runner is None:
         same = next((r for k, r in runners.items() if k[:4] == prepared), None)
         runner = (same.for_output(output) if same is not None
                   else TileRunner(model, precision, device, fuse, output, strips))
-        held = _RUNNERS.setdefault(model, {})
+        held = CACHE.runners.setdefault(model, {})
         for stale in [k for k, (s, _) in held.items() if s != state]:
             del held[stale]  # made for weights since changed
         held[(*prepared, output)] = (state, runner)
     return runner
-
-
-_RUNNERS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str, bool, bool, OutputChoice],
-                                                    tuple[tuple, TileRunner]]] = \
-    weakref.WeakKeyDictionary()
 
 
 def weights_state(model: nn.Module) -> tuple:
@@ -367,12 +361,12 @@ def _stacked(shapes: dict[int | str, Shape]) -> Shape:
 
 
 class FrameworkModel(DenseModel):
-    """A Keras or ONNX model: shapes, runs and digests in its own framework (float32, CPU)."""
+    """A Keras or ONNX model: shapes, runs and digests in its own framework (float32, CPU),
+    through its adapter."""
 
-    def __init__(self, model: Any, framework: ModuleType, name: str, shapes: dict | None = None,
-                 output: int = 0) -> None:
-        super().__init__(model, framework.input_channels(model), shapes)
-        self.framework, self.name, self.output = framework, name, output
+    def __init__(self, model: Any, adapter: Adapter, shapes: dict | None = None, output: int = 0) -> None:
+        super().__init__(model, adapter.input_channels(model), shapes)
+        self.framework, self.name, self.output = adapter, adapter.name, output
         self._runner: FrameworkRunner | None = None
 
     def infer_shapes(self, size: tuple[int, int]) -> tuple[tuple[int, ...], list[int]]:
@@ -390,44 +384,21 @@ class FrameworkModel(DenseModel):
         return self._runner
 
     def digest(self) -> str:
-        return self.framework.model_digest(self.model)
+        return self.framework.digest(self.model)
 
 
 def dense_model(fcn: Any, output: OutputChoice = None) -> DenseModel:
-    """The adapter for a converted model of any framework, scoring ``output`` (Keras and ONNX
-    models: their single output, ``None`` or ``0``). Repeated maps of one model reuse its
-    shapes per output (a symbolic pass costs 20-100 ms), and for ONNX its onnxruntime session
-    too (for ResNet-18 at 768x768 a new session and symbolic shapes cost 0.2 s, as much as the map).
-
-    PyTorch and Keras models key a weak cache of their shapes (the cache never keeps a model
-    alive). ONNX protos cannot be weakly referenced: the last few adapters are held in a small
-    cache keyed by identity, and made again when nodes or initializers were added or removed
-    since (``ByteSize`` would serialize the weights: 0.1 s for ResNet-18). Weights edited in
-    place in a proto already mapped are not noticed: pass a copy instead.
+    """What ``dense_map`` needs of a converted model of any framework (its adapter's
+    :class:`DenseModel`), scoring ``output``. Repeated maps of one model reuse its shapes per
+    output (a symbolic pass costs 20-100 ms), and for ONNX its onnxruntime session too (for
+    ResNet-18 at 768x768 a new session and symbolic shapes cost 0.2 s, as much as the map):
+    :mod:`._cache` says for how long. Weights edited in place in an ONNX proto already mapped
+    are not noticed: pass a copy instead.
     """
-    if is_onnx_model(fcn) or is_keras_model(fcn):
-        index = _output_index(output, len(fcn.graph.output) if is_onnx_model(fcn) else len(fcn.outputs),
-                              "ONNX" if is_onnx_model(fcn) else "Keras")
-    if is_onnx_model(fcn):
-        key, size = (id(fcn), index), (len(fcn.graph.node), len(fcn.graph.initializer))
-        held = _ONNX_ADAPTERS.pop(key, None)
-        if held is None or held[1] != size:
-            from ..frameworks.onnx import model as onnx_graph
-
-            held = (fcn, size, FrameworkModel(fcn, onnx_graph, "ONNX", output=index))
-        _ONNX_ADAPTERS[key] = held  # most recent last
-        while len(_ONNX_ADAPTERS) > ONNX_CACHE:
-            _ONNX_ADAPTERS.pop(next(iter(_ONNX_ADAPTERS)))
-        return held[2]
-    shapes = _SHAPES.setdefault(fcn, {})  # by output, then by input size
-    if is_keras_model(fcn):
-        from ..frameworks.keras import model as keras_model
-
-        return FrameworkModel(fcn, keras_model, "Keras", shapes.setdefault(index, {}), index)
-    return TorchModel(fcn, shapes.setdefault(output, {}), _OUTPUT_SHAPES.setdefault(fcn, {}), output)
+    return adapter_for(fcn).dense_model(fcn, output)
 
 
-def _output_index(output: OutputChoice, count: int, name: str) -> int:
+def output_index(output: OutputChoice, count: int, name: str) -> int:
     """Keras and ONNX models are mapped on one output at a time, named by its index."""
     if isinstance(output, bool) or not isinstance(output, (int, type(None))):
         raise ValueError(f"{name} models pick an output by index (0 to {count - 1}); output={output!r} "
@@ -439,17 +410,12 @@ def _output_index(output: OutputChoice, count: int, name: str) -> int:
     return index % count
 
 
-_SHAPES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
-_OUTPUT_SHAPES: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
-ONNX_CACHE = 4
-_ONNX_ADAPTERS: dict[tuple[int, int], tuple[Any, tuple[int, int], DenseModel]] = {}
-
-
 class FrameworkRunner:
-    """A converted Keras or ONNX model scoring batches of tiles (float32, on the CPU).
+    """A converted model of another framework (Keras, ONNX) scoring batches of tiles (float32,
+    on the CPU) through its adapter.
 
-    Pickles as the saved model file's bytes (``.keras`` or ``.onnx``), so a dask worker loads
-    it once; the onnxruntime session (or the Keras model) is made on first use.
+    Pickles as the model's bytes in its own file format, so a dask worker loads it once; the
+    framework's runner (an onnxruntime session, the Keras model) is made on first use.
     """
 
     def __init__(self, model: Any, output: int = 0) -> None:
@@ -458,38 +424,14 @@ class FrameworkRunner:
 
     def __call__(self, batch: torch.Tensor | np.ndarray) -> np.ndarray:
         if self._predict is None:
-            if is_onnx_model(self.model):
-                from ..frameworks.onnx.model import Predictor
-
-                predictor = Predictor(self.model)
-                self._predict = lambda x: predictor.run_all(x)[self.output]
-            else:
-                from ..frameworks.keras.model import predict_nchw
-
-                self._predict = lambda x: predict_nchw(self.model, x, self.output)
+            self._predict = adapter_for(self.model).runner(self.model, self.output)
         x = batch.numpy() if isinstance(batch, torch.Tensor) else batch
         return np.asarray(self._predict(x), dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:
-        if is_onnx_model(self.model):
-            return {"onnx": self.model.SerializeToString(), "output": self.output}
-        from ..frameworks.keras.model import save_keras
-
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.keras"
-            save_keras(self.model, path)
-            return {"keras": path.read_bytes(), "output": self.output}
+        adapter = adapter_for(self.model)
+        return {"adapter": adapter.name, "model": adapter.to_bytes(self.model), "output": self.output}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self._predict, self.output = None, state["output"]
-        if "onnx" in state:
-            import onnx
-
-            self.model = onnx.load_from_string(state["onnx"])
-            return
-        from ..frameworks.keras.model import load_keras
-
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "model.keras"
-            path.write_bytes(state["keras"])
-            self.model = load_keras(path)
+        self.model = adapter_named(state["adapter"]).from_bytes(state["model"])

@@ -36,7 +36,6 @@ import os
 import sys
 import threading
 import warnings
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,11 +43,12 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
-from torch import nn
 
-from ..api import check_output_stride, convolutionalize, geometry_of, is_keras_model, is_onnx_model
+from ..api import check_output_stride, convolutionalize, geometry_of
 from ..errors import NotConvolutionalizable
+from ..frameworks import accepted, adapter_for
 from ..geometry import Geometry, PoolMode, check_pool
+from ._cache import CACHE
 from ._runner import (
     ALL,
     DenseModel,
@@ -62,10 +62,10 @@ from ._runner import (
 )
 from .images import Frame, ImageSource, open_frame
 from .masks import Mask, Work, plan_work
-from .omezarr import Physical, open_ome_zarr_sink
+from .omezarr import Physical, open_ome_zarr_sink, stored_ome_tiles
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
-from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths, written_behind
+from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths, stored_tiles, written_behind
 from .tiling import Tile, TileGrid, halo_of, plan_tiles
 
 __all__ = ["MEMORY_BUDGET", "TILE_BUDGET", "Fallback", "TilingWarning", "dense_map"]
@@ -176,7 +176,8 @@ def dense_map(
             None``, e.g. squeeze-excitation) tiles change the map; a :class:`TilingWarning`
             says so.
         out: a ``.zarr`` path: the map is written there tile by tile and the zarr array
-            returned; an interrupted run restarted with the same arguments resumes. A
+            returned; an interrupted run restarted with the same arguments resumes, in the
+            store's tiles (whatever the thread count or the budgets would choose now). A
             ``.ome.zarr`` path: the same, as an OME-Zarr multiscale image (:mod:`.omezarr`),
             its pyramid and metadata written once complete. A ``.tif`` path: the map (in
             memory) written as a GeoTIFF in the input's coordinate system (:mod:`.geotiff`)
@@ -320,17 +321,21 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
               stacklevel: int = 3) -> Any:
     """The map of one image source (the body of ``dense_map`` at one scale), computing only
     the tiles whose windows touch ``mask``'s foreground; an OME-Zarr ``out`` places the cells
-    ``where`` says and names the channels ``labels``. Warnings go to the frame ``stacklevel``
-    counts from here (``warnings.warn``'s count)."""
-    shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1)
+    ``where`` says and names the channels ``labels``; a store at ``out`` being resumed keeps
+    its tiles (unless ``tile`` is given: then they must be those). Warnings go to the frame
+    ``stacklevel`` counts from here (``warnings.warn``'s count)."""
+    key = _resume_key(fcn, source, options, mask)
+    layout = None if options.tile is not None else _stored_layout(out, key)
+    shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1, layout=layout)
     size = (source.height, source.width)
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
     dask = _use_dask(source, scheduler)
-    columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is not None)
+    fixed = layout is not None
+    columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is not None, fixed)
     keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
     works, skipped = plan_work(grid if columns is None else columns.grid, keep, fcn.geometry, size)
     if columns is not None and columns.merge_width:  # a masked map's streams, unless the plain ones cost less
-        plain = plan_columns(fcn, runner, source, options, grid, False)
+        plain = plan_columns(fcn, runner, source, options, grid, False, fixed)
         if plain is not None:
             plain_works, plain_skipped = plan_work(plain.grid, keep, fcn.geometry, size)
             if MASK_COST * _streamed(works, columns) >= _streamed(plain_works, plain):
@@ -351,7 +356,6 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if keep is not None:
         logger.info("mask: %.0f %% of the cells are foreground; %d of %d tiles hold none and are skipped",
                     100 * keep.mean(), len(skipped), len(grid.tiles))
-    key = _resume_key(fcn, source, grid, options, mask)
     if out is None:
         sink = None
     elif output_kind(out) == "ome":
@@ -434,10 +438,10 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
     ours = isinstance(model, (str, os.PathLike))
     if ours:
         model = load_remembered(model)
-    framework = is_keras_model(model) or is_onnx_model(model)
-    if not framework and not isinstance(model, nn.Module):
-        raise TypeError("dense_map takes a torch.nn.Module, a keras.Model, an onnx.ModelProto or a "
-                        f".keras/.onnx path, got {type(model).__name__}")
+    try:
+        adapter = adapter_for(model)
+    except TypeError as exc:
+        raise TypeError(f"dense_map takes {accepted()}, got {type(model).__name__}") from exc
     try:
         geometry = geometry_of(model)  # already converted
         fcn = model
@@ -447,7 +451,7 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
         except NotConvolutionalizable as exc:
             if options.fallback != "windows":
                 raise
-            if framework:
+            if not adapter.runs_windows:
                 raise NotConvolutionalizable(f'{exc} (fallback="windows" evaluates PyTorch models '
                                              "only)") from exc
             from .windows import windows_module
@@ -473,18 +477,19 @@ def remembered(model: Any, input_size: object, pool: PoolMode, output_stride: in
     models with the weights each was made from (the tensors and their version counters: an
     in-place update, ``load_state_dict`` or a replaced layer makes a new conversion). A model
     ``dense_map`` loaded from a file itself (``ours``: nobody else holds it, so nothing changes
-    it) keeps its conversions while its file stays among the last ``FILE_CACHE`` loaded. Keras
+    it) keeps its conversions while its file stays among the last few loaded (:mod:`._cache`). Keras
     and ONNX objects the caller holds are converted on every call: convert once and pass the
     converted model to map many images with it.
     """
     key = (tuple(input_size) if isinstance(input_size, list) else input_size, pool, output_stride)
-    if isinstance(model, nn.Module):
-        state = weights_state(model)
-        conversions = _CONVERTED.setdefault(model, {})
-    elif ours:
-        state, conversions = (), _FILES_CONVERTED.setdefault(id(model), {})
+    if ours:  # nobody else holds it: nothing changes it
+        state, conversions = (), CACHE.files_converted.setdefault(id(model), {})
     else:
-        return convolutionalize(model, input_size, pool=pool, output_stride=output_stride)  # type: ignore[arg-type]
+        try:
+            state = weights_state(model)
+        except (AttributeError, TypeError):  # only PyTorch modules tell whether their weights changed
+            return convolutionalize(model, input_size, pool=pool, output_stride=output_stride)  # type: ignore[arg-type]
+        conversions = CACHE.converted.setdefault(model, {})
     found = conversions.get(key)
     if found is not None and found[0] == state:
         return found[1]
@@ -504,20 +509,7 @@ def load_remembered(path: str | os.PathLike[str]) -> Any:
         stat = found.stat()
     except OSError:
         return load_model_file(path)  # which says what is wrong
-    key = (str(found), stat.st_size, stat.st_mtime_ns)
-    model = _FILES.pop(key, None)
-    if model is None:
-        model = load_model_file(path)
-    _FILES[key] = model  # most recent last
-    while len(_FILES) > FILE_CACHE:
-        _FILES_CONVERTED.pop(id(_FILES.pop(next(iter(_FILES)))), None)
-    return model
-
-
-FILE_CACHE = 4
-_CONVERTED: weakref.WeakKeyDictionary[nn.Module, dict[tuple, tuple[tuple, Any]]] = weakref.WeakKeyDictionary()
-_FILES: dict[tuple[str, int, int], Any] = {}  # (path, size, mtime) -> the model loaded from it
-_FILES_CONVERTED: dict[int, dict[tuple, tuple[tuple, Any]]] = {}  # id of a model in _FILES -> its conversions
+    return CACHE.file((str(found), stat.st_size, stat.st_mtime_ns), lambda: load_model_file(path))
 
 
 def smallest_input(geometry: Geometry) -> tuple[int, int]:
@@ -525,10 +517,12 @@ def smallest_input(geometry: Geometry) -> tuple[int, int]:
     return geometry.input_size if geometry.pool == "window" else geometry.window
 
 
-def plan_map(fcn: DenseModel, source: ImageSource, options: Options,
-             stacklevel: int = 3) -> tuple[tuple[int, int, int], TileGrid]:
-    """The whole-image map's shape and the tiles that compute it (warns when tiling is
-    inexact, at the frame ``stacklevel`` counts from here)."""
+def plan_map(fcn: DenseModel, source: ImageSource, options: Options, stacklevel: int = 3,
+             layout: tuple[int, int] | None = None) -> tuple[tuple[int, int, int], TileGrid]:
+    """The whole-image map's shape and the tiles that compute it: tiles of ``layout`` cells
+    (rows, cols: those of a store being resumed) where given, else of ``options.tile`` or the
+    memory budget's size (warns when tiling is inexact, at the frame ``stacklevel`` counts
+    from here)."""
     height, width = source.height, source.width
     geometry = fcn.geometry
     need = smallest_input(geometry)
@@ -536,8 +530,11 @@ def plan_map(fcn: DenseModel, source: ImageSource, options: Options,
         raise ValueError(f"input {height}x{width} is smaller than the {need[0]}x{need[1]} window; "
                          'pass a larger image or pool="global"')
     shape = fcn.map_shape((height, width))
-    tile = options.tile
-    if tile is None and geometry.pool != "global":
+    tile: int | tuple[int, int] | None = options.tile
+    if layout is not None:  # a resumed store's tiles (one of the whole map: the one pass)
+        sy, sx = geometry.stride
+        tile = None if layout == shape[1:] else (layout[0] * sy, layout[1] * sx)
+    elif tile is None and geometry.pool != "global":
         tile = _auto_tile(fcn, source)
     if tile is None:
         whole = Tile((0, 0), (0, height, 0, width), (0, shape[1], 0, shape[2]), (0, 0))
@@ -627,12 +624,14 @@ def stream_workers() -> int:
 
 
 def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: Options,
-                 grid: TileGrid, masked: bool) -> ColumnPlan | None:
+                 grid: TileGrid, masked: bool, fixed: bool = False) -> ColumnPlan | None:
     """Streaming for a tiled map whose body streams (one tile at a time, no dask). With no
     tile size given, an unmasked map's tiles become columns as wide as lets ``MIN_GATHER``
     rows after the stem fit ``PIECE_BYTES``, as tall as ``MAP_TILE_BYTES`` of map lets them; a
     masked map keeps the budget's tile width, its tiles as short as lets a row of them across
-    that widest read hold ``MASK_BAND_BYTES`` of map, and its runs merge (:func:`_stream_runs`)."""
+    that widest read hold ``MASK_BAND_BYTES`` of map, and its runs merge (:func:`_stream_runs`).
+    These sizes depend on :func:`stream_workers`: a ``fixed`` grid (a resumed store's tiles) is
+    kept as it is."""
     if (len(grid.tiles) < 2 or options.batch_size != 1 or not isinstance(runner, TileRunner)
             or not isinstance(fcn, TorchModel) or os.environ.get("CONVOLUTIONALIZE_STREAMS", "1") == "0"
             or runner.stream_plan() is None):
@@ -642,11 +641,11 @@ def plan_columns(fcn: DenseModel, runner: Runner, source: ImageSource, options: 
     (sy, sx), (_, halo_x) = geometry.stride, grid.halo
     workers = stream_workers()
     read = int(PIECE_BYTES / workers / (rest * MIN_GATHER))  # the widest read; a column owns less
-    merge = 0
-    if options.tile is None:
+    merge = read if masked and options.tile is None else 0
+    if options.tile is None and not fixed:
         classes = fcn.map_shape(geometry.input_size)[0]
         if masked:
-            tile_w, merge = grid.cells_per_tile[1] * sx, read
+            tile_w = grid.cells_per_tile[1] * sx
             rows = max(MASK_BAND_BYTES // workers // (4 * classes * (read // sx + 1)), 1)
         else:
             widest = max(read - sum(halo_x) - geometry.window[1] + sx, 4 * sx)
@@ -929,12 +928,24 @@ def _split(stacked: Any, parts: list[tuple[int | str, int]]) -> dict[int | str, 
     return maps
 
 
-def _resume_key(fcn: DenseModel, source: ImageSource, grid: TileGrid, options: Options,
-                mask: Mask | None) -> dict[str, Any]:
+def _resume_key(fcn: DenseModel, source: ImageSource, options: Options, mask: Mask | None) -> dict[str, Any]:
+    """What a map's numbers depend on: a store made with another key is not resumed. Not its
+    tiles, which depend on the thread count and the memory budgets: a resumed store keeps its
+    own (:func:`_stored_layout`)."""
+    g = fcn.geometry
     return {"model": fcn.digest(), "image": source.key(),
-            "normalization": [source.mean, source.std], "tiles": list(grid.cells_per_tile),
+            "normalization": [source.mean, source.std],
+            "geometry": [[int(n) for n in pair] for pair in (g.window, g.stride, g.offset)],
             "precision": options.precision, "output": options.output,
             **({} if mask is None else {"mask": mask.digest()})}
+
+
+def _stored_layout(out: str | os.PathLike[str] | None, key: dict[str, Any]) -> tuple[int, int] | None:
+    """The cells per tile of the zarr or OME-Zarr store ``out`` being resumed (made with
+    ``key``); ``None`` where there is none yet (or ``out`` is not a store)."""
+    if out is None or output_kind(out) == "geotiff":
+        return None
+    return stored_ome_tiles(out, key) if output_kind(out) == "ome" else stored_tiles(out, key)
 
 
 def _use_dask(source: ImageSource, scheduler: object) -> bool:

@@ -9,6 +9,10 @@ TIFF opened through ``tifffile`` as zarr is never loaded whole: only the tiles a
 Images (uint8) are scaled to [0, 1] and normalized with ``mean``/``std``: the caller's, else
 the model's own (timm's ``pretrained_cfg``), else ImageNet's for 3-channel models and none
 (mean 0, std 1) for others. Model-ready float inputs are used as they are.
+
+This is the one image reader of the library and the command line: ``dense_map`` (and so
+``predict``) reads through :func:`open_frame`, and ``heatmap`` and ``detect`` through
+:func:`open_picture`, which also gives the RGB picture that maps and boxes are drawn on.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import numpy as np
 import torch
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Frame", "ImageSource", "default_normalization", "open_frame",
-           "open_image"]
+           "open_image", "open_picture"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -269,6 +273,50 @@ def open_image(
     return source
 
 
+def open_picture(
+    image: Any,
+    channels: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    model: object = None,
+) -> tuple[ImageSource, Any]:
+    """:func:`open_image` of ``image``, and the same image as an RGB PIL picture to draw a map
+    or boxes on, from one read of the file.
+
+    The picture has the image's own colours where Pillow reads it (a PNG or JPEG path, a PIL
+    image), even for a one-channel model; otherwise (a TIFF, ``.npy`` or zarr array of
+    pixels) it shows the pixels the model reads, scaled to 8 bits.
+
+    Raises:
+        ValueError: as :func:`open_image`; a model-ready float input (it has no pixels to
+            draw), or pixels of neither 1 nor 3 channels.
+        TypeError: as :func:`open_image`.
+    """
+    if isinstance(image, (str, os.PathLike)) and Path(image).is_file() and _read_by_pillow(Path(image)):
+        image = _open_pillow(Path(image))
+    source = open_image(image, channels, mean, std, model)
+    if type(image).__module__.startswith("PIL"):
+        return source, image.convert("RGB")
+    return source, _picture(source)
+
+
+def _picture(source: ImageSource) -> Any:
+    """The whole of ``source``'s pixels as an RGB PIL image, 8 bits per channel."""
+    from PIL import Image
+
+    if not source.is_image:
+        raise ValueError("a model-ready float input has no pixels to draw on: pass the image's "
+                         "(H, W, C) integer pixels")
+    if source.channels not in (1, 3):
+        raise ValueError(f"pictures are drawn from 1 (grey) or 3 (RGB) channels; the image has "
+                         f"{source.channels}")
+    pixels = np.asarray(source.block(0, source.height, 0, source.width))
+    if pixels.dtype != np.uint8:
+        pixels = np.clip(np.round(pixels / source.scale * 255.0), 0, 255).astype(np.uint8)
+    pixels = np.ascontiguousarray(pixels[:, :, 0] if source.channels == 1 else pixels)
+    return Image.fromarray(pixels).convert("RGB")
+
+
 class _Gray:
     """A 2-D (grayscale) array read as ``(H, W, 1)``, lazily: slices go to the array."""
 
@@ -325,25 +373,43 @@ def _as_array(image: Any, channels: int) -> Any:
 def _open_path(path: Path, channels: int) -> Any:
     if not path.exists():
         raise ValueError(f"image {path} does not exist")
-    suffix = path.suffix.lower()
+    if _read_by_pillow(path):
+        return np.asarray(_open_pillow(path).convert("L" if channels == 1 else "RGB"))
     try:
-        if suffix == ".zarr" or (path.is_dir() and (path / "zarr.json").exists()):
-            import zarr
-
-            array = zarr.open(str(path), mode="r")
-            if not hasattr(array, "shape"):
-                raise ValueError(f"{path} is a zarr group, not an array; pass the array inside it")
-            return array
-        if suffix in TIFF_SUFFIXES:
+        if path.suffix.lower() in TIFF_SUFFIXES:
             return _open_tiff(path)
-        if suffix == ".npy":
+        if path.suffix.lower() == ".npy":
             return np.load(path, mmap_mode="r")
-        from PIL import Image
+        import zarr
 
-        with Image.open(path) as pil:
-            return np.asarray(pil.convert("L" if channels == 1 else "RGB"))
+        array = zarr.open(str(path), mode="r")
+        if not hasattr(array, "shape"):
+            raise ValueError(f"{path} is a zarr group, not an array; pass the array inside it")
+        return array
     except (OSError, SyntaxError, KeyError) as exc:
-        raise ValueError(f"cannot read image {path}: {' '.join(str(exc).split())}") from exc
+        raise _unreadable(path, exc) from exc
+
+
+def _read_by_pillow(path: Path) -> bool:
+    """Whether :func:`_open_path` reads ``path`` with Pillow (not zarr, tifffile or numpy)."""
+    zarr = path.suffix.lower() == ".zarr" or (path.is_dir() and (path / "zarr.json").exists())
+    return not zarr and path.suffix.lower() not in (*TIFF_SUFFIXES, ".npy")
+
+
+def _open_pillow(path: Path) -> Any:
+    """The PIL image in ``path`` (a PNG, a JPEG, ...), decoded, its file closed."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as pil:
+            pil.load()
+            return pil
+    except (OSError, SyntaxError, KeyError) as exc:
+        raise _unreadable(path, exc) from exc
+
+
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    return ValueError(f"cannot read image {path}: {' '.join(str(exc).split())}")
 
 
 def _open_tiff(path: Path, level: int = 0) -> Any:

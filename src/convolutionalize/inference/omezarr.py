@@ -3,7 +3,8 @@
 The store is a zarr 3 group: level ``0`` is the map (``(classes, rows, cols)`` float32, one
 chunk per tile, fill value NaN), written tile by tile and resumable exactly like a
 :class:`~.store.ZarrSink`. The per-tile ``done`` and ``skipped`` flags live in the sub-group
-``convolutionalize``, which NGFF readers ignore; the root attributes record the ``key``.
+``convolutionalize``, which NGFF readers ignore; the root attributes record the ``key``, and a
+resumed run tiles as level 0 is chunked (:func:`stored_ome_tiles`).
 ``finish()`` then adds the halved levels ``1``, ``2``, ... (2x2 means that ignore NaN) and writes
 the ``multiscales`` (axes ``c, y, x``, each level's scale and translation from :class:`Physical`)
 and ``omero`` (class names) metadata with ome-zarr's writer.
@@ -20,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from .store import KEY_ATTR, ZarrSink, add_flags, map_compressors, reopen
+from .store import KEY_ATTR, ZarrSink, add_flags, map_compressors, reopen, same_tiles, stored_tiles
 from .tiling import TileGrid
 
-__all__ = ["OmeZarrSink", "Physical", "is_ome_zarr", "open_ome_zarr_sink"]
+__all__ = ["OmeZarrSink", "Physical", "is_ome_zarr", "open_ome_zarr_sink", "stored_ome_tiles"]
 
 FLAGS = "convolutionalize"
 MIN_LEVEL_SIZE = 64  # no level with fewer rows or columns than this (level 0 always)
@@ -165,7 +166,8 @@ def _omero(labels: tuple[str, ...], low: np.ndarray, high: np.ndarray) -> dict[s
 def open_ome_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], grid: TileGrid,
                        key: dict[str, Any], physical: Physical,
                        labels: list[str] | None = None) -> OmeZarrSink:
-    """Open the OME-Zarr store ``path`` to resume a map made with the same ``key``, or create it.
+    """Open the OME-Zarr store ``path`` to resume a map made with the same ``key`` in the same
+    tiles, or create it.
 
     Args:
         shape: ``(classes, rows, cols)`` of the map.
@@ -176,7 +178,7 @@ def open_ome_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int]
 
     Raises:
         ValueError: ``labels`` do not name every class, or ``path`` holds something else:
-            another map, or data that is not ours.
+            another map, the map in other tiles, or data that is not ours.
     """
     import zarr
 
@@ -186,9 +188,15 @@ def open_ome_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int]
     path = str(Path(path))
     found = reopen(path, key, "dense-map OME-Zarr", lambda group: _sink(path, group, physical, names))
     if found is not None:
-        return found
+        return same_tiles(found, grid)
     group = zarr.open_group(path, mode="w", zarr_format=3)
     _level(group, "0", shape, (shape[0], *grid.cells_per_tile))
     add_flags(group.create_group(FLAGS), grid)
     group.attrs[KEY_ATTR] = json.dumps(key, sort_keys=True)
     return _sink(path, group, physical, names)
+
+
+def stored_ome_tiles(path: str | os.PathLike[str], key: dict[str, Any]) -> tuple[int, int] | None:
+    """The cells per tile of the OME-Zarr map at ``path`` made with ``key`` (level 0's chunks),
+    or ``None`` where nothing is at ``path`` (as :func:`~.store.stored_tiles`)."""
+    return stored_tiles(path, key, "dense-map OME-Zarr", "0")

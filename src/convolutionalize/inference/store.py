@@ -6,8 +6,11 @@ touch the same chunk) and ``skipped`` (one bool per tile, in one chunk, written 
 tile: the tiles a foreground mask left out, whose cells stay NaN, the map's fill value, and
 which are flagged done as well). A tile's cells are written before its ``done`` flag,
 so a run that stops anywhere leaves only finished tiles flagged. The group's attributes record what the
-map was made from (``key``); a restart with the same arguments skips the flagged tiles, a
-restart with different ones is refused rather than mixing two maps.
+map was made from (``key``: what changes its numbers, never how it is cut into tiles); a restart
+with the same arguments skips the flagged tiles, a restart with different ones is refused rather
+than mixing two maps. The tiles are the map's chunks: a restart reads them back
+(:func:`stored_tiles`) and computes the same tiles, whatever tiles it would choose now (they
+depend on the thread count and the memory budgets); a restart given other tiles is refused.
 
 The maps of an image pyramid (``dense_map(..., scales=...)``) are such stores inside one
 group, named by each scale's index (``0``, ``1``, ...); the group records the scales.
@@ -30,11 +33,12 @@ import numpy as np
 from .tiling import Tile, TileGrid
 
 __all__ = ["MapSink", "ZarrSink", "add_flags", "map_compressors", "open_zarr_sink", "pyramid_paths", "reopen",
-           "written_behind"]
+           "same_tiles", "stored_tiles", "written_behind"]
 
 KEY_ATTR = "convolutionalize.key"
 SCALES_ATTR = "convolutionalize.scales"
 S = TypeVar("S")
+Z = TypeVar("Z", bound="ZarrSink")
 
 
 class MapSink:
@@ -148,17 +152,18 @@ def _sink(path: str, group: Any) -> ZarrSink:
 
 def open_zarr_sink(path: str | os.PathLike[str], shape: tuple[int, int, int], grid: TileGrid,
                    key: dict[str, Any]) -> ZarrSink:
-    """Open ``path`` to resume a map made with the same ``key``, or create it.
+    """Open ``path`` to resume a map made with the same ``key`` in the same tiles, or create it.
 
     Raises:
-        ValueError: ``path`` holds something else: another map, or data that is not ours.
+        ValueError: ``path`` holds something else: another map, the map in other tiles, or
+            data that is not ours.
     """
     import zarr
 
     path = str(Path(path))
     found = reopen(path, key, "dense-map zarr", lambda group: _sink(path, group))
     if found is not None:
-        return found
+        return same_tiles(found, grid)
     group = zarr.open_group(path, mode="w")
     chunks = (shape[0], *grid.cells_per_tile)
     group.create_array("map", shape=shape, chunks=chunks, dtype="float32", fill_value=np.nan,
@@ -186,9 +191,41 @@ def reopen(path: str, key: dict[str, Any], what: str, make: Callable[[Any], S]) 
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise ValueError(f"{path} exists and is not a {what} store; remove it or pass another out") from exc
     if found != json.dumps(key, sort_keys=True):
-        raise ValueError(f"{path} holds a map made with different arguments (model, image, tile, "
-                         "precision, output or mask); remove it or pass another out")
+        raise _different(path)
     return sink
+
+
+def stored_tiles(path: str | os.PathLike[str], key: dict[str, Any], what: str = "dense-map zarr",
+                 array: str = "map") -> tuple[int, int] | None:
+    """The cells per tile (rows, cols) of the map at ``path`` made with ``key``: the chunks of
+    its ``array``, which a resumed run tiles by again so that its tiles are the ones flagged
+    done; ``None`` where nothing is at ``path``.
+
+    Raises:
+        ValueError: as :func:`reopen`.
+    """
+    return reopen(str(Path(path)), key, what, lambda group: _tiles(group[array]))
+
+
+def same_tiles(sink: Z, grid: TileGrid) -> Z:
+    """``sink`` (reopened), where its map's chunks are ``grid``'s tiles.
+
+    Raises:
+        ValueError: the store holds the map in other tiles (made with another ``tile``).
+    """
+    if _tiles(sink.map) != tuple(grid.cells_per_tile):
+        raise _different(sink.path)
+    return sink
+
+
+def _tiles(array: Any) -> tuple[int, int]:
+    _, rows, cols = array.chunks
+    return int(rows), int(cols)
+
+
+def _different(path: str) -> ValueError:
+    return ValueError(f"{path} holds a map made with different arguments (model, image, tile, "
+                      "precision, output or mask); remove it or pass another out")
 
 
 def map_compressors() -> Any:

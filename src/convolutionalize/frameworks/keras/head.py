@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import keras
 
-from ...errors import NotConvolutionalizable
+from ...errors import ArgumentError, NotConvolutionalizable
 from ...geometry import Geometry, PoolMode, geometry_from_plan
 from ...plan import FeatureMap, HeadPlan, HeadStep
 from .geometry import body_geometry
@@ -79,14 +79,14 @@ class Analysis:
         given = (input_size, input_size) if isinstance(input_size, int) else input_size
         if given is not None and (not isinstance(given, (tuple, list)) or len(given) != 2 or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in given)):
-            raise ValueError(f"input_size must be two positive ints (height, width), got {input_size!r}")
+            raise ArgumentError(f"input_size must be two positive ints (height, width), got {input_size!r}")
         if None not in static:
             if given is not None and tuple(given) != static:
-                raise ValueError(f"input_size {tuple(given)} differs from the static input size "
+                raise ArgumentError(f"input_size {tuple(given)} differs from the static input size "
                                  f"{static} of model '{model.name}'; pass input_size=None")
             return (int(static[0]), int(static[1])), int(c)
         if given is None:
-            raise ValueError(f"input_size is required for model '{model.name}': its input has no static "
+            raise ArgumentError(f"input_size is required for model '{model.name}': its input has no static "
                              "height and width; pass the native (training) size, e.g. input_size=(224, 224)")
         return (int(given[0]), int(given[1])), int(c)
 

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,14 +41,13 @@ import keras
 import numpy as np
 
 from ..._files import atomic_path
-from ...errors import NotConvolutionalizable
 from ...geometry import Geometry, PoolMode, at_output_stride
-from ...plan import FeatureMap, HeadPlan, HeadStep
-from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
-from .atrous import Atrous, plan_atrous
+from ...plan import HeadPlan
+from ...selfcheck import Reference, Run
+from ..base import META_KEY, Conversion
+from .atrous import plan_atrous
 from .geometry import body_spans
 from .graph import (
-    NO_OPS,
     Call,
     Graph,
     Layout,
@@ -67,8 +65,6 @@ __all__ = ["activation_shapes", "convolutionalize_keras", "input_channels", "loa
 
 log = logging.getLogger(__name__)
 
-NATIVE_RTOL = 1e-4
-META_FILE = "convolutionalize.json"  # geometry and plan, stored inside a saved .keras zip
 
 
 def _run_all(model: keras.Model, x: np.ndarray) -> list[np.ndarray]:
@@ -82,111 +78,15 @@ def _run_all(model: keras.Model, x: np.ndarray) -> list[np.ndarray]:
     return [np.asarray(o, dtype=np.float64) for o in keras.tree.flatten(model.predict_on_batch(feed))]
 
 
-def _relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
+def _nchw(model: keras.Model, layout: Layout) -> Run:
+    """``model`` as the self-check runs it: NCHW batches in, every output out with maps NCHW."""
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        if layout != "NHWC":
+            return _run_all(model, x)
+        outs = _run_all(model, np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        return [o.transpose(0, 3, 1, 2) if o.ndim == 4 else o for o in outs]
 
-
-def _random_input(a: Analysis, size: tuple[int, int], seed: int) -> np.ndarray:
-    shape = (1, *size, a.in_channels) if a.layout == "NHWC" else (1, a.in_channels, *size)
-    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-
-
-def _spatial(a: Analysis, out: np.ndarray) -> tuple[int, ...]:
-    return tuple(out.shape[1:3] if a.layout == "NHWC" else out.shape[2:4])
-
-
-def _native_error(a: Analysis, fcn: keras.Model, pool: PoolMode) -> float | None:
-    """Max relative error over the outputs at the native size (None: no equality to check)."""
-    x = _random_input(a, a.input_size, seed=0)
-    expected, maps = _run_all(a.model, x), _run_all(fcn, x)
-    if len(maps) != len(expected):
-        raise NotConvolutionalizable(f"the rewritten model has {len(maps)} outputs, the original "
-                                     f"{len(expected)}")
-    errors = [_output_error(a, out, e, pool) for out, e in zip(maps, expected)]
-    return None if None in errors else max(e for e in errors if e is not None)
-
-
-def _output_error(a: Analysis, out: np.ndarray, expected: np.ndarray, pool: PoolMode) -> float | None:
-    if pool == "global" or out.ndim == 2:
-        return _relative_error(out.reshape(expected.shape), expected)
-    if pool == "window" or not a.plan.global_pooling:
-        if _spatial(a, out) != (1, 1):
-            raise NotConvolutionalizable(f"at the native size the map is {_spatial(a, out)}, not 1x1; "
-                                         "the head's geometry was misread")
-        return _relative_error(out.reshape(expected.shape), expected)
-    affine = all(s.op in ("global_pool", "flatten", "linear", "batchnorm") or (
-        s.op == "keep" and any(k in s.detail for k in NO_OPS)) for s in a.plan.steps)
-    if not affine or any(s.reduce == "max" for s in a.plan.steps_of("global_pool")):
-        return None
-    mean = out.mean(axis=(1, 2) if a.layout == "NHWC" else (2, 3))
-    return _relative_error(mean.reshape(expected.shape), expected)
-
-
-class _Probe:
-    """The larger-size half of the self-check (see :mod:`convolutionalize.selfcheck`): random
-    images at the check sizes and, when crop-equivalent, the original's outputs on the true
-    crops of a few cells (one batch per size)."""
-
-    def __init__(self, a: Analysis, geometry: Geometry) -> None:
-        self.a, self.geometry = a, geometry
-        sizes = check_sizes(geometry)
-        self.images = [_random_input(a, size, seed=2) for size in sizes]
-        self.crops: list[tuple[list[tuple[int, int]], list[np.ndarray]]] = []
-        for image, size in zip(self.images, sizes):
-            cells = check_cells(geometry, size) if geometry.crop_equivalent else []
-            batch = np.concatenate([self._crop(image, cell) for cell in cells]) if cells else None
-            self.crops.append((cells, [] if batch is None else _run_all(a.model, batch)))
-
-    def _crop(self, image: np.ndarray, cell: tuple[int, int]) -> np.ndarray:
-        (sy, sx), (oy, ox), (h, w) = self.geometry.stride, self.geometry.offset, self.geometry.window
-        y, x = cell[0] * sy + oy, cell[1] * sx + ox
-        return image[:, y:y + h, x:x + w] if self.a.layout == "NHWC" else image[:, :, y:y + h, x:x + w]
-
-    def check(self, fcn: keras.Model, native_error: float | None) -> SelfCheck:
-        failures = []
-        for image, (cells, expected) in zip(self.images, self.crops):
-            size = _spatial(self.a, image)
-            try:
-                maps = _run_all(fcn, image)
-            except Exception as exc:  # e.g. a layer built for the native size only
-                failures.append(f"at {size[0]}x{size[1]}: {_first_line(exc)}")
-                continue
-            shape = self._check_shapes(maps, (size[0], size[1]))
-            errors = [_relative_error(self._cell(m, cell), e[k].reshape(-1))
-                      for m, e in zip(maps, expected) for k, cell in enumerate(cells)]
-            crop_error = max(errors) if errors else None
-            if crop_error is not None and crop_error > CHECK_RTOL:
-                raise NotConvolutionalizable(
-                    f"the converted model's map at {size[0]}x{size[1]} differs from the original on "
-                    f"the true crops of its cells (max relative error {crop_error:.2e}); the head's "
-                    "geometry or flatten order was misread")
-            return SelfCheck(native_error, (size[0], size[1]), shape, crop_error, tuple(failures))
-        raise NotConvolutionalizable("the converted model does not run at sizes larger than the "
-                                     f"native one ({'; '.join(failures)}); it cannot slide")
-
-    def _cell(self, out: np.ndarray, cell: tuple[int, int]) -> np.ndarray:
-        i, j = cell
-        return out[0, i, j] if self.a.layout == "NHWC" else out[0, :, i, j]
-
-    def _check_shapes(self, maps: list[np.ndarray], size: tuple[int, int]) -> tuple[int, int]:
-        if self.geometry.pool == "global":
-            bad = [m.shape for m in maps if m.ndim != 2]
-            if bad:
-                raise NotConvolutionalizable(f"with pool='global' the converted model returns {bad} "
-                                             f"at {size[0]}x{size[1]}, not (N, classes)")
-            return (1, 1)
-        expected = self.geometry.cells(*size)
-        for m in maps:
-            if m.ndim != 4 or _spatial(self.a, m) != expected:
-                raise NotConvolutionalizable(
-                    f"at {size[0]}x{size[1]} the converted model returns a map of shape {m.shape}, "
-                    f"but its geometry predicts {expected[0]}x{expected[1]} cells; the map is "
-                    "transposed or the geometry was misread")
-        return expected
-
-
-def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {reason(exc)}"
+    return run
 
 
 def convolutionalize_keras(model: keras.Model, input_size: object = None,
@@ -196,9 +96,7 @@ def convolutionalize_keras(model: keras.Model, input_size: object = None,
     Returns a new ``keras.Model`` with input ``(None, None, C)`` (``(C, None, None)`` for
     channels_first) and one map per output of the original (in its output structure),
     carrying ``geometry``, ``plan``, ``native_error`` and ``self_check`` attributes.
-    Before returning it checks itself (:mod:`convolutionalize.selfcheck`): equal to the
-    original at the native size, and at a larger non-square size the predicted rows and
-    columns and, when crop-equivalent, the original's scores on the true crops of a few cells.
+    Before returning it checks itself (:class:`convolutionalize.selfcheck.Reference`).
     """
     analysis = Analysis(model, input_size)
     geometry = analysis.geometry(pool)
@@ -208,40 +106,32 @@ def convolutionalize_keras(model: keras.Model, input_size: object = None,
         atrous = plan_atrous(analysis, spans, output_stride, (body.y.jump, body.x.jump),
                              body.global_context, body.unproven)
         geometry = at_output_stride(geometry, atrous.stride, atrous.head_dilation)
-    try:
-        fcn, check = _convert(analysis, geometry, model.name, atrous)
-    except NotConvolutionalizable:
-        raise
-    except Exception as exc:  # a layer we did not foresee: a typed refusal, not a crash
-        raise NotConvolutionalizable(f"cannot convert keras model '{model.name}': "
-                                     f"{_first_line(exc)}") from exc
+    precision = str(getattr(analysis.model, "compute_dtype", "float32"))
+    reference = Reference(_nchw(analysis.model, analysis.layout), analysis.plan, geometry,
+                          precision=precision, network_stride=atrous is None)
+    fcn = rebuild(analysis, geometry.pool, model.name, atrous, geometry.window)
+    check = reference.check(_nchw(fcn, analysis.layout))
     log.info("converted keras model '%s': %s; %s", model.name,
              ", ".join(s.op for s in analysis.plan.steps), check.describe())
-    _attach(fcn, geometry, analysis.plan, check)
+    _attach(fcn, Conversion(geometry, analysis.plan, check))
     return fcn
 
 
-def _convert(a: Analysis, geometry: Geometry, name: str,
-             atrous: Atrous | None = None) -> tuple[keras.Model, SelfCheck]:
-    probe = _Probe(a, geometry)  # the original's crops
-    fcn = rebuild(a, geometry.pool, name, atrous, geometry.window)
-    dense_cam = atrous is not None and geometry.pool == "none"  # a denser CAM averages other places
-    error = None if dense_cam else _native_error(a, fcn, geometry.pool)
-    if error is not None and error > NATIVE_RTOL:
-        raise NotConvolutionalizable(
-            f"the rewritten '{name}' differs from the original at the native size (max relative "
-            f"error {error:.2e}); a head layer has no exact sliding form")
-    return fcn, probe.check(fcn, error)
+def _attach(fcn: keras.Model, conversion: Conversion) -> None:
+    """Plain attributes (frozen dataclasses and floats are not tracked by Keras): ``geometry``,
+    ``plan``, ``self_check`` and ``native_error``."""
+    fcn.geometry = conversion.geometry
+    fcn.plan = conversion.plan
+    fcn.self_check = conversion.self_check
+    fcn.native_error = conversion.native_error
 
 
-def _attach(fcn: keras.Model, geometry: Geometry, plan: HeadPlan, check: SelfCheck | None,
-            native_error: float | None = None) -> None:
-    """Plain attributes next to the geometry (frozen dataclasses and floats are not tracked by
-    Keras): ``geometry``, ``plan``, ``self_check`` and ``native_error``."""
-    fcn.geometry = geometry
-    fcn.plan = plan
-    fcn.self_check = check
-    fcn.native_error = check.native_error if check is not None else native_error
+def conversion_of(model: keras.Model) -> Conversion | None:
+    """What a converted model carries (None: not converted)."""
+    geometry, plan = getattr(model, "geometry", None), getattr(model, "plan", None)
+    if not (isinstance(geometry, Geometry) and isinstance(plan, HeadPlan)):
+        return None
+    return Conversion(geometry, plan, getattr(model, "self_check", None))
 
 
 def _layout_of(model: keras.Model) -> Layout:
@@ -319,42 +209,28 @@ def model_digest(model: keras.Model) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _plan_from_dict(data: dict[str, Any]) -> HeadPlan:
-    feature = data["feature"]
-    feature = FeatureMap(feature["node"], feature["channels"], tuple(feature["size"]), feature["layout"])
-    steps = tuple(HeadStep(**{**s, "kernel": tuple(s["kernel"]) if s["kernel"] else None,
-                              "pool_to": tuple(s["pool_to"]) if s["pool_to"] else None})
-                  for s in data["steps"])
-    return HeadPlan(data["framework"], tuple(data["input_size"]), data["in_channels"], feature, steps,
-                    outputs=tuple(data.get("outputs", ())), capture=data.get("capture", ""))
-
-
-def _check_from_dict(data: dict[str, Any] | None) -> SelfCheck | None:
-    if data is None:
-        return None
-    return SelfCheck(data["native_error"], tuple(data["size"]), tuple(data["cells"]),  # type: ignore[arg-type]
-                     data["crop_error"], tuple(data.get("refused", ())))
-
-
 def save_keras(fcn: keras.Model, path: str | os.PathLike[str]) -> Path:
     """Write ``fcn`` to a ``.keras`` file atomically (temporary file, then rename).
 
     A converted model's geometry, plan and self-check travel inside the zip
     (``convolutionalize.json``); :func:`load_keras` attaches them again.
+
+    The file holds standard Keras layers only, so ``keras.saving.load_model(path)`` reads it
+    in a process that never imported ``convolutionalize`` (without the geometry). One
+    exception: a model converted with ``output_stride`` and ``pool="window"`` ends in our
+    ``WindowCells`` layer; load it with :func:`load_keras`, or run this line first::
+
+        import convolutionalize.frameworks.keras.model
     """
     path = Path(path)
     if path.suffix.lower() != ".keras":
         raise ValueError(f"a Keras model is saved as .keras, got {path.name}")
+    conversion = conversion_of(fcn)
     with atomic_path(path) as tmp:
         fcn.save(tmp)
-        geometry, plan = getattr(fcn, "geometry", None), getattr(fcn, "plan", None)
-        if isinstance(geometry, Geometry) and isinstance(plan, HeadPlan):
-            check = getattr(fcn, "self_check", None)
-            meta = {"geometry": json.loads(geometry.to_json()), "plan": asdict(plan),
-                    "native_error": getattr(fcn, "native_error", None),
-                    "self_check": asdict(check) if isinstance(check, SelfCheck) else None}
+        if conversion is not None:
             with zipfile.ZipFile(tmp, "a") as archive:
-                archive.writestr(META_FILE, json.dumps(meta))
+                archive.writestr(META_KEY, conversion.to_json())
     return path
 
 
@@ -377,10 +253,9 @@ def load_keras(path: str | os.PathLike[str]) -> keras.Model:
         raise ValueError(f"cannot read {path.name} as a Keras model: {reason(exc)}") from None
     if not isinstance(model, keras.Model):
         raise ValueError(f"{path.name} holds a {type(model).__name__}, not a keras.Model")
-    meta = _read_meta(path)
-    if meta is not None:
-        _attach(model, Geometry.from_json(json.dumps(meta["geometry"])), _plan_from_dict(meta["plan"]),
-                _check_from_dict(meta.get("self_check")), meta.get("native_error"))
+    conversion = _read_conversion(path)
+    if conversion is not None:
+        _attach(model, conversion)
     return model
 
 
@@ -402,9 +277,11 @@ def _check_hdf5(path: Path) -> None:
                          "it): build the architecture, call load_weights, and pass the keras.Model")
 
 
-def _read_meta(path: Path) -> dict[str, Any] | None:
+def _read_conversion(path: Path) -> Conversion | None:
     try:
         with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read(META_FILE)) if META_FILE in archive.namelist() else None
+            if META_KEY not in archive.namelist():
+                return None
+            return Conversion.from_json(archive.read(META_KEY).decode())
     except (zipfile.BadZipFile, json.JSONDecodeError, KeyError):
         return None

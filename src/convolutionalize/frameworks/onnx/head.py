@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ...errors import NotConvolutionalizable, first_line
+from ...errors import ArgumentError, NotConvolutionalizable, first_line
 from ...plan import FeatureMap, HeadPlan, HeadStep
 from ...weights import FlattenLayout
 from .graph import (
@@ -248,15 +248,15 @@ def _native_size(model: onnx.ModelProto, input_size: object,
     static = (dims[axes[0]], dims[axes[1]])
     if input_size is None:
         if None in static:
-            raise ValueError(f"input_size is required: the ONNX input '{image.name}' has dynamic "
+            raise ArgumentError(f"input_size is required: the ONNX input '{image.name}' has dynamic "
                              "height/width; pass the native (training) size, e.g. (224, 224)")
         return (static[0], static[1]), channels  # type: ignore[return-value]
     size = (input_size, input_size) if isinstance(input_size, int) else input_size
     if (not isinstance(size, (tuple, list)) or len(size) != 2
             or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
-        raise ValueError(f"input_size must be two positive ints (height, width), got {input_size!r}")
+        raise ArgumentError(f"input_size must be two positive ints (height, width), got {input_size!r}")
     if None not in static and tuple(size) != static:
-        raise ValueError(f"input_size {size[0]}x{size[1]} differs from the ONNX input's static "
+        raise ArgumentError(f"input_size {size[0]}x{size[1]} differs from the ONNX input's static "
                          f"{static[0]}x{static[1]}")
     return (int(size[0]), int(size[1])), channels
 

@@ -36,7 +36,6 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,18 +43,17 @@ import onnx
 
 from ..._files import atomic_path
 from ...errors import NotConvolutionalizable, first_line
-from ...geometry import GEOMETRY_KEY, Geometry, PoolMode, at_output_stride, check_pool, geometry_from_plan
-from ...plan import HeadPlan
-from ...selfcheck import CHECK_RTOL, SelfCheck, check_cells, check_sizes
+from ...geometry import GEOMETRY_KEY, PoolMode, at_output_stride, check_pool, geometry_from_plan
+from ...selfcheck import Reference, Run, SelfCheck
+from ..base import META_KEY, Conversion
 from .atrous import crop_to_windows, plan_atrous
 from .geometry import body_geometry
 from .graph import dims_of, image_input, input_layout, symbolic_shape_inference
-from .head import Value, analyse
+from .head import analyse
 from .rewrite import rewrite
 
 __all__ = [
     "NATIVE_ERROR_KEY",
-    "NATIVE_RTOL",
     "PLAN_KEY",
     "SELF_CHECK_KEY",
     "Predictor",
@@ -67,13 +65,14 @@ __all__ = [
     "metadata_of",
     "model_digest",
     "predict_nchw",
+    "read_conversion",
     "save_onnx",
     "self_check_of",
+    "write_conversion",
 ]
 
 logger = logging.getLogger(__name__)
 
-NATIVE_RTOL = 1e-4  # onnxruntime sums in a different order than the original graph's kernels
 PLAN_KEY = "convolutionalize.plan"
 NATIVE_ERROR_KEY = "convolutionalize.native_error"
 SELF_CHECK_KEY = "convolutionalize.self_check"
@@ -127,6 +126,7 @@ class Predictor:
         self.input = image.name
         self.dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
             image.type, np.float32)
+        self.precision = np.dtype(self.dtype).name  # the self-check's tolerance follows it
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The first output."""
@@ -193,19 +193,12 @@ def activation_shapes(model: onnx.ModelProto, size: tuple[int, int], output: int
     return tuple(int(d) for d in out[1:]), counts
 
 
-def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
-    """``max |actual - expected| / max |expected|`` (float64)."""
-    a, e = actual.astype(np.float64), expected.astype(np.float64)
-    return float(np.abs(a - e).max() / max(float(np.abs(e).max()), 1e-30))
-
-
-def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
-                          pool: PoolMode = "window", output_stride: int | None = None) -> onnx.ModelProto:
+def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None, pool: PoolMode = "window",
+                          output_stride: int | None = None) -> onnx.ModelProto:
     """Convert an ONNX classifier; see :func:`convolutionalize.convolutionalize`.
 
     The result has symbolic input batch, height and width, one map per original output (in
-    order), and carries its geometry, plan, native-size error and self-check in
-    ``metadata_props``.
+    order), and carries its conversion (geometry, plan, self-check) in ``metadata_props``.
     """
     pool = check_pool(pool)
     graph, plan, head = analyse(model, input_size)
@@ -232,38 +225,54 @@ def convolutionalize_onnx(model: onnx.ModelProto, input_size: object = None,
     except Exception as exc:
         raise NotConvolutionalizable(f"the rewritten graph fails the ONNX checker: "
                                      f"{first_line(exc)}") from exc
-    probe = _Probe(model, plan, geometry, [value for _, value in head.outputs], atrous is None)
-    predictor = Predictor(converted)
-    error = probe.native(predictor)
+    nhwc = [v.kind == "pooled" and v.layout == "NHWC" for _, v in head.outputs]
+    original = Predictor(model)
+    reference = Reference(original.run_all, plan, geometry, precision=original.precision,
+                          network_stride=atrous is None)
     try:
-        check = probe.larger(predictor, error, batch=2)
+        check = reference.check(_maps(Predictor(converted), nhwc), batch=2)
     except NotConvolutionalizable as exc:  # a body node fixes the batch size: keep it fixed
         logger.info("batch stays %d: %s", graph.batch, exc)
         converted = _pin_batch(converted, graph.batch)
-        check = probe.larger(Predictor(converted), error, batch=1)
-    props = {GEOMETRY_KEY: geometry.to_json(), PLAN_KEY: plan.describe(),
-             NATIVE_ERROR_KEY: json.dumps(error), SELF_CHECK_KEY: json.dumps(asdict(check))}
-    kept = [p for p in converted.metadata_props if p.key not in props]
-    del converted.metadata_props[:]
-    converted.metadata_props.extend(kept)
-    for key, value in props.items():
-        converted.metadata_props.add(key=key, value=value)
+        check = reference.check(_maps(Predictor(converted), nhwc), batch=1)
+    write_conversion(converted, Conversion(geometry, plan, check))
     return converted
+
+
+def _maps(predictor: Predictor, nhwc: list[bool]) -> Run:
+    """Every output of a converted graph with its maps NCHW (pooled NHWC heads keep the
+    layout they were pooled in)."""
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return [m.transpose(0, 3, 1, 2) if last and m.ndim == 4 else m
+                for m, last in zip(predictor.run_all(x), nhwc)]
+
+    return run
+
+
+def write_conversion(model: onnx.ModelProto, conversion: Conversion) -> None:
+    """Record ``conversion`` in ``model.metadata_props`` (replacing an earlier record)."""
+    check = conversion.self_check
+    props = {GEOMETRY_KEY: conversion.geometry.to_json(), PLAN_KEY: conversion.plan.describe(),
+             NATIVE_ERROR_KEY: json.dumps(conversion.native_error),
+             SELF_CHECK_KEY: json.dumps(None if check is None else check.to_dict()),
+             META_KEY: conversion.to_json()}
+    kept = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in props.items():
+        model.metadata_props.add(key=key, value=value)
+
+
+def read_conversion(model: onnx.ModelProto) -> Conversion | None:
+    """The conversion a converted graph carries (None: not a converted graph)."""
+    text = metadata_of(model).get(META_KEY)
+    return None if text is None else Conversion.from_json(text)
 
 
 def self_check_of(model: onnx.ModelProto) -> SelfCheck | None:
     """What a converted graph measured on itself when it was converted (None: not recorded)."""
     text = metadata_of(model).get(SELF_CHECK_KEY)
-    if text is None:
-        return None
-    data = json.loads(text)
-    return SelfCheck(data["native_error"], tuple(data["size"]), tuple(data["cells"]),
-                     data["crop_error"], tuple(data.get("refused", ())))
-
-
-def _example(channels: int, size: tuple[int, int], batch: int = 1, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((batch, channels, *size)).astype(np.float32)
+    return None if text is None else SelfCheck.from_dict(json.loads(text))
 
 
 def _pin_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -274,100 +283,6 @@ def _pin_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
         dim.dim_value = batch
     del model.graph.value_info[:]
     return onnx.shape_inference.infer_shapes(model)
-
-
-class _Probe:
-    """The self-check (see :mod:`convolutionalize.selfcheck`), with the original graph run in
-    onnxruntime: equality at the native size, then at a larger non-square size every map's
-    rows and columns, and (crop-equivalent models) cells against the original on true crops."""
-
-    def __init__(self, original: onnx.ModelProto, plan: HeadPlan, geometry: Geometry,
-                 outputs: list[Value], network_stride: bool = True) -> None:
-        self.original = Predictor(original)
-        self.network_stride = network_stride  # False: a denser (à trous) map
-        self.plan, self.geometry = plan, geometry
-        self.axes = [(1, 2) if v.kind == "pooled" and v.layout == "NHWC" else (2, 3) for v in outputs]
-
-    def native(self, converted: Predictor) -> float | None:
-        """The converted graph equals the original at the native size (max relative error)."""
-        x = _example(self.plan.in_channels, self.plan.input_size)
-        expected, maps = self.original.run_all(x), converted.run_all(x)
-        errors = [self._native_error(m, e, axes) for m, e, axes in zip(maps, expected, self.axes)]
-        error = None if None in errors else max(errors)  # type: ignore[type-var]
-        if error is not None and error > NATIVE_RTOL:
-            raise NotConvolutionalizable(f"the rewritten graph differs from the original at the "
-                                         f"native size (max relative error {error:.2e})")
-        return error
-
-    def _native_error(self, out: np.ndarray, expected: np.ndarray,
-                      axes: tuple[int, int]) -> float | None:
-        pool = self.geometry.pool
-        if pool == "global":
-            return relative_error(out, expected)
-        if pool == "none" and not self.network_stride:  # a denser CAM averages other positions
-            return None
-        if out.ndim != 4 or (out.shape[axes[0]], out.shape[axes[1]]) != (
-                (1, 1) if pool == "window" else self.plan.feature.size):
-            raise NotConvolutionalizable(f"at the native size the map has shape {out.shape}, not "
-                                         f"{'1x1' if pool == 'window' else 'the feature map'} "
-                                         "cells; the head's geometry was misread")
-        if pool == "window":
-            return relative_error(out.reshape(expected.shape), expected)
-        steps = self.plan.steps
-        affine = all(s.op in ("global_pool", "flatten", "linear", "batchnorm") or (
-            s.op == "keep" and s.detail.startswith(("Dropout", "Identity"))) for s in steps)
-        avg = all(s.reduce != "max" for s in self.plan.steps_of("global_pool"))
-        if not (affine and avg):
-            return None
-        return relative_error(out.mean(axes).reshape(expected.shape), expected)
-
-    def larger(self, converted: Predictor, native_error: float | None, batch: int) -> SelfCheck:
-        failures = []
-        for size in check_sizes(self.geometry):
-            x = _example(self.plan.in_channels, size, batch, seed=2)
-            try:
-                maps = converted.run_all(x)
-            except Exception as exc:  # a body node specific to the native size or batch
-                failures.append(f"at {batch}x{size[0]}x{size[1]}: {first_line(exc)}")
-                continue
-            cells = self._check_shapes(maps, size, batch)
-            crop_error = self._crop_error(x, maps, size)
-            if crop_error is not None and crop_error > CHECK_RTOL:
-                raise NotConvolutionalizable(
-                    f"the converted map at {size[0]}x{size[1]} differs from the original on the "
-                    f"true crops of its cells (max relative error {crop_error:.2e}); the head's "
-                    "geometry or flatten order was misread")
-            return SelfCheck(native_error, size, cells, crop_error, tuple(failures))
-        raise NotConvolutionalizable(f"the rewritten graph does not run at sizes larger than the "
-                                     f"native one ({'; '.join(failures)}); a body node is specific "
-                                     "to the native size")
-
-    def _check_shapes(self, maps: list[np.ndarray], size: tuple[int, int],
-                      batch: int) -> tuple[int, int]:
-        if self.geometry.pool == "global":
-            return (1, 1)
-        expected = self.geometry.cells(*size)
-        for m, axes in zip(maps, self.axes):
-            if m.ndim != 4 or m.shape[0] != batch or (m.shape[axes[0]], m.shape[axes[1]]) != expected:
-                raise NotConvolutionalizable(
-                    f"at {batch}x{size[0]}x{size[1]} the converted graph returns a map of shape "
-                    f"{m.shape}, but its geometry predicts {expected[0]}x{expected[1]} cells; the "
-                    "map is transposed or the geometry was misread")
-        return expected
-
-    def _crop_error(self, x: np.ndarray, maps: list[np.ndarray], size: tuple[int, int]) -> float | None:
-        """Max relative error of a few cells against the original run on their windows."""
-        geo = self.geometry
-        if not geo.crop_equivalent or geo.window != self.plan.input_size:
-            return None
-        errors = []
-        for i, j in check_cells(geo, size):
-            x0, y0, x1, y1 = geo.box(i, j)
-            originals = self.original.run_all(x[:1, :, y0:y1, x0:x1])
-            for m, e, axes in zip(maps, originals, self.axes):
-                cell = m[0, :, i, j] if axes == (2, 3) else m[0, i, j, :]
-                errors.append(relative_error(cell, e.reshape(-1)))
-        return max(errors) if errors else None
 
 
 def metadata_of(model: onnx.ModelProto) -> dict[str, str]:

@@ -23,7 +23,6 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
-from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils._pytree import TreeSpec
 
 from ...errors import NotConvolutionalizable, first_line
@@ -93,6 +92,8 @@ def _export(model: nn.Module, channels: int, input_size: tuple[int, int], fx_rea
 
 
 def _captured(exported: fx.GraphModule, name: str, out_spec: TreeSpec) -> Capture:
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int  # imports sympy: only here
+
     image = next(n for n in exported.graph.nodes if n.op == "placeholder")
     value = image.meta.get("val")
     fixed = value is not None and all(is_concrete_int(d) for d in value.shape[-2:])
