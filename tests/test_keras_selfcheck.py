@@ -105,7 +105,7 @@ def test_misread_stride_is_caught_by_the_map_size(monkeypatch: pytest.MonkeyPatc
     real = head.Analysis.geometry
     monkeypatch.setattr(head.Analysis, "geometry",
                         lambda self, pool: dataclasses.replace(real(self, pool), stride=(2, 3)))
-    with pytest.raises(cz.NotConvolutionalizable, match=r"at 17x22 .*\(1, 3, 5, 5\).*predicts 3x4 cells"):
+    with pytest.raises(cz.NotConvolutionalizable, match=r"at 17x22 .*\(1, 5, 3, 5\).*predicts 3x4 cells"):
         convolutionalize_keras(valid_cnn())
 
 
@@ -119,7 +119,7 @@ def test_transposed_map_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
         return layers.Permute((2, 1, 3))(out) if call.name == "logits" else out
 
     monkeypatch.setitem(rewrite.REWRITES, "linear", transposed)
-    with pytest.raises(cz.NotConvolutionalizable, match=r"\(1, 4, 3, 5\).*predicts 3x4 cells.*transposed"):
+    with pytest.raises(cz.NotConvolutionalizable, match=r"\(1, 5, 4, 3\).*predicts 3x4 cells.*transposed"):
         convolutionalize_keras(valid_cnn())
 
 

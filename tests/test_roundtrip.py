@@ -125,3 +125,13 @@ def test_every_command_reads_the_file_without_flags(name: str, converted: dict[s
     found = tmp_path / "d.json"
     assert main(["detect", str(path), str(image), *trust, "-o", str(found), "--no-progress"]) == 0
     assert found.stat().st_size > 0
+
+
+def test_a_file_converted_with_another_pool_keeps_it(sources: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cam.onnx"
+    assert main(["convert", str(sources["onnx"]), "--pool", "global", "-o", str(path)]) == 0
+    assert main(["inspect", str(path)]) == 0  # no --pool: the file's own
+    assert "pool: global" in capsys.readouterr().out
+    assert main(["inspect", str(path), "--pool", "window"]) == 2
+    assert "already converted with pool='global'" in capsys.readouterr().err

@@ -218,7 +218,7 @@ def _one_line(exc: BaseException) -> str:
 @contextlib.contextmanager
 def _diagnostics(verbose: bool) -> Iterator[None]:
     """Library log messages and Python warnings on stderr with ``--verbose``, else neither."""
-    logger = logging.getLogger(__package__ or PROG)
+    logger = logging.getLogger(PROG)  # the whole library, not only the CLI
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"{PROG}: %(message)s"))
     saved = logger.level
@@ -289,10 +289,11 @@ def _common_options() -> argparse.ArgumentParser:
                         "S must divide it into factors its strided layers have; PyTorch models)")
     common.add_argument("-v", "--verbose", action="store_true",
                         help="show progress messages and library warnings on stderr")
-    common.add_argument("--pool", choices=get_args(PoolMode), default="window",
+    common.add_argument("--pool", choices=get_args(PoolMode), default=None,
                         help="global pooling becomes: window (a stride-1 pool, cell = the "
                         "classifier on a native-size window; default), none (per feature "
-                        "cell, CAM), global (one prediction per image)")
+                        "cell, CAM), global (one prediction per image); a converted model "
+                        "keeps its own")
     return common
 
 

@@ -117,7 +117,7 @@ def _predict_one(args: argparse.Namespace, model: Any, input_size: Any, image: P
     kind = _suffix(output)
     zarr = kind.endswith("zarr")
     partial = output.with_name(output.name[:-len(kind)] + ".partial" + kind) if zarr else None
-    result = dense_map(model, image, input_size=input_size, pool=args.pool, tile=args.tile,
+    result = dense_map(model, image, input_size=input_size, pool=geometry_of(model).pool, tile=args.tile,
                        out=partial if partial is not None else (None if kind == ".npy" else output),
                        precision=args.precision, batch_size=args.batch_size, mean=args.mean, std=args.std,
                        scheduler=args.scheduler, progress=args.progress, output=args.model_output,

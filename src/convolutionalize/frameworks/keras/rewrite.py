@@ -130,12 +130,16 @@ def _native_same(a: Analysis, call: Call, x: Any) -> Any | None:
     op = call.op
     if call.kind not in SAME_STRIDED or op.padding != "same" or tuple(op.strides) == (1, 1):
         return None
-    pooling = call.kind == "MaxPooling2D"
     pads = same_pads(a, call)
     data_format = "channels_last" if a.layout == "NHWC" else "channels_first"
     pad_name = f"{call.name}_native_pad"
-    padded = (ConstantPadding2D(pads, float("-inf"), data_format, name=pad_name) if pooling
-              else keras.layers.ZeroPadding2D(pads, data_format=data_format, name=pad_name))(x)
+    if call.kind == "MaxPooling2D":
+        out = _max_pool_at_pads(op, pads, data_format, call.name, x)
+        if out is not None:
+            return out
+        padded = ConstantPadding2D(pads, float("-inf"), data_format, name=pad_name)(x)
+    else:
+        padded = keras.layers.ZeroPadding2D(pads, data_format=data_format, name=pad_name)(x)
     config = {**op.get_config(), "padding": "valid", "name": f"{call.name}_valid"}
     layer = type(op).from_config(config)
     out = layer(padded)
@@ -143,9 +147,38 @@ def _native_same(a: Analysis, call: Call, x: Any) -> Any | None:
     return out
 
 
+def _max_pool_at_pads(op: Any, pads: tuple[tuple[int, int], ...], data_format: str, name: str,
+                      x: Any) -> Any | None:
+    """A ``k``x``k`` max pool at stride ``s`` over ``x`` padded by the fixed ``pads`` with
+    ``-inf``, from standard Keras layers only (a saved model then loads in a process that never
+    imported us): a stride-1 ``padding="same"`` max pool, whose padding (``(k - 1) // 2``
+    before, the rest after) does not depend on the input's size and is ignored by the max on
+    every backend (``-inf``, or edge copies that the window holds anyway); then a crop and a
+    stride-``s`` pick of every cell. Per axis, stride-1 cell ``i = o * s - before + (k - 1) // 2``
+    is the window of output ``o``: crop ``(k - 1) // 2 - before`` cells in front and
+    ``k - 1 - (k - 1) // 2 - after`` behind, so that the count is ``(size + before + after - k)
+    // s + 1`` at any size. None where a pad exceeds the stride-1 one (never for "same" pads).
+
+        # before: padded = ConstantPadding2D(pads, -inf)(x); MaxPooling2D(k, s, "valid")(padded)
+        # after:  MaxPooling2D(k, 1, "same") -> Cropping2D(crops) -> MaxPooling2D(1, s, "valid")
+    """
+    kernel, strides = tuple(op.pool_size), tuple(op.strides)
+    crops = tuple(((k - 1) // 2 - before, k - 1 - (k - 1) // 2 - after)
+                  for k, (before, after) in zip(kernel, pads))
+    if any(c < 0 for pair in crops for c in pair):
+        return None
+    common = {"data_format": data_format, "dtype": op.dtype_policy}
+    y = keras.layers.MaxPooling2D(kernel, strides=1, padding="same", name=f"{name}_stride1", **common)(x)
+    if any(c for pair in crops for c in pair):
+        y = keras.layers.Cropping2D(crops, name=f"{name}_native_crop", **common)(y)
+    return keras.layers.MaxPooling2D(1, strides=strides, padding="valid", name=f"{name}_valid", **common)(y)
+
+
 @keras.saving.register_keras_serializable(package="convolutionalize")
 class ConstantPadding2D(keras.layers.Layer):
-    """``ZeroPadding2D`` with another value (``-inf`` before a max pool)."""
+    """``ZeroPadding2D`` with another value (``-inf`` before a max pool). Conversions build it
+    only where :func:`_max_pool_at_pads` cannot; kept so that models saved with it still load
+    (in a process that imported :mod:`convolutionalize`)."""
 
     def __init__(self, padding: Any, value: float, data_format: str = "channels_last", **kwargs: Any) -> None:
         super().__init__(**kwargs)
