@@ -25,7 +25,7 @@ import convolutionalize.frameworks.torch.model as torch_model
 import convolutionalize.frameworks.torch.rewrite as torch_rewrite
 from convolutionalize import NotConvolutionalizable, convolutionalize
 from convolutionalize import dense_map as cz_dense_map
-from convolutionalize.selfcheck import SelfCheck
+from convolutionalize.selfcheck import Reference, SelfCheck
 from convolutionalize.verify import CROP_RTOL
 
 from conftest import cells_and_crops, fingerprint, flattened_linears, rel_error
@@ -722,8 +722,8 @@ def test_the_transposed_mutant_really_is_the_transpose(monkeypatch: pytest.Monke
     model = _nwhc_model()
     correct = convolutionalize(model, PERMUTED_NATIVE)
     monkeypatch.setattr(torch_model, "find_head", _transposed_plan(torch_model.find_head))
-    monkeypatch.setattr(torch_model._Probe, "check",
-                        lambda self, net, error: SelfCheck(error, (0, 0), (0, 0), None))
+    monkeypatch.setattr(Reference, "check", lambda self, converted, batch=1: SelfCheck(
+        self.native_error(converted(self.native_input)), (0, 0), (0, 0), None))
     mutant = convolutionalize(model, PERMUTED_NATIVE)
     assert mutant.native_error is not None and mutant.native_error < CROP_RTOL
     image = _image(PERMUTED_LARGER)

@@ -18,7 +18,7 @@ With ``output_stride`` the body is rebuilt à trous (:mod:`.atrous`: strides rem
 ``dilation_rate`` multiplied, pools dilated from Keras layers).
 Files: ``.keras``, and legacy HDF5 ``.h5`` / ``.hdf5`` (``tf.keras``; needs ``h5py``).
 
-Before returning, a conversion checks itself (``_Probe``, the framework-neutral parts in
+Before returning, a conversion checks itself (the one self-check in
 :mod:`convolutionalize.selfcheck`) and keeps what it measured next to its geometry
 (``fcn.self_check``).
 
