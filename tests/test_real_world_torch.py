@@ -752,7 +752,7 @@ def test_self_check_catches_a_map_left_in_width_height_order(monkeypatch: pytest
                         lambda layout: None if layout == "NCHW" else original(layout.translate(swap)))
     square = _build(SquarePermutedNet)
     with pytest.raises(NotConvolutionalizable,
-                       match=r"the rewritten SquarePermutedNet differs from the original at the "
+                       match=r"the rewritten model differs from the original at the "
                              r"native size \(max relative error"):
         convolutionalize(square, (20, 20))
 
