@@ -10,7 +10,9 @@ fewer channels and blocks, smaller inputs; the same op patterns.
 
 Each converts; the result passes the full checker, equals the original at the native size
 (relative 1e-4, onnxruntime) and gives maps of the predicted size at larger non-square inputs.
-The bodies pad, so the maps are "the classifier with context", not crop scores.
+The bodies pad, so the maps are "the classifier with context", not crop scores: every cell is
+checked against the exact reference of :mod:`_reference` (the original graph cut where the head
+starts, the body once over the image, the head on every window of the native feature size).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -27,6 +30,7 @@ pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper  # noqa: E402
 
 from _onnx_graphs import Net, random_image, rel_error  # noqa: E402
+from _reference import feature_size, onnx_feature, onnx_split, window_map  # noqa: E402
 from convolutionalize import geometry_of  # noqa: E402
 from convolutionalize.frameworks.onnx.model import (  # noqa: E402
     Predictor,
@@ -177,14 +181,14 @@ def inception_v2(n: Net) -> str:  # 64 -> 32 -> 16 -> 8 -> 4, stride 16
     return n.op("Softmax", [n.gemm(n.op("Reshape", [x, n.ints([1, -1])]), 24, CLASSES)])
 
 
-def shuffle(n: Net, x: str, c: int, groups: int, size: int) -> str:
+def shuffle(n: Net, x: str, c: int, groups: int, size: tuple[int, int]) -> str:
     """Caffe2's channel shuffle: constant shapes that spell out H and W."""
-    x = n.op("Reshape", [x, n.ints([1, groups, c // groups, size, size])])
+    x = n.op("Reshape", [x, n.ints([1, groups, c // groups, *size])])
     x = n.op("Transpose", [x], perm=[0, 2, 1, 3, 4])
-    return n.op("Reshape", [x, n.ints([1, c, size, size])])
+    return n.op("Reshape", [x, n.ints([1, c, *size])])
 
 
-def shuffle_unit(n: Net, x: str, cin: int, cout: int, stride: int, size: int) -> str:
+def shuffle_unit(n: Net, x: str, cin: int, cout: int, stride: int, size: tuple[int, int]) -> str:
     mid, groups = 8, 2
     y = n.op("Relu", [n.bn(n.conv(x, cin, mid, 1, group=groups), mid)])
     y = shuffle(n, y, mid, groups, size)
@@ -198,10 +202,11 @@ def shuffle_unit(n: Net, x: str, cin: int, cout: int, stride: int, size: int) ->
 
 
 def shufflenet(n: Net) -> str:  # 64 -> 32 -> 16 -> 8 -> 4, stride 16
+    h, w = (d.dim_value for d in n.input.type.tensor_type.shape.dim[2:])  # the shuffles spell them out
     x = maxpool(n, relu_conv(n, "image", 3, 8, 3, stride=2, pad=1), pads=(1, 1, 1, 1))
-    x = shuffle_unit(n, x, 8, 16, 2, 16)
-    x = shuffle_unit(n, x, 16, 16, 1, 8)
-    x = shuffle_unit(n, x, 16, 24, 2, 8)
+    x = shuffle_unit(n, x, 8, 16, 2, (h // 4, w // 4))
+    x = shuffle_unit(n, x, 16, 16, 1, (h // 8, w // 8))
+    x = shuffle_unit(n, x, 16, 24, 2, (h // 8, w // 8))
     x = n.op("AveragePool", [x], kernel_shape=[4, 4], strides=[1, 1])
     return n.op("Softmax", [n.gemm(n.op("Reshape", [x, n.ints([1, -1])]), 24, CLASSES)])
 
@@ -263,10 +268,28 @@ ZOO = {
 CASES = [(name, opset) for name, spec in ZOO.items() for opset in spec.opsets]
 
 
-def build(name: str, opset: int) -> onnx.ModelProto:
+def build(name: str, opset: int, size: tuple[int, int] | None = None) -> onnx.ModelProto:
+    """The zoo graph for its native input size (or ``size``: the same weights, and the same ops
+    with ShuffleNet's constant shapes written for that size, as its zoo file would be)."""
     spec = ZOO[name]
-    n = Net(opset, ir=3, dims=(1, 3, spec.native, spec.native))
+    n = Net(opset, ir=3, dims=(1, 3, *(size or (spec.native, spec.native))))
     return n.model(spec.build(n))
+
+
+def reference_map(name: str, opset: int, model: onnx.ModelProto, fcn: onnx.ModelProto,
+                  image: np.ndarray) -> np.ndarray:
+    """The exact reference (:mod:`_reference`): the original graph cut where the head starts,
+    its body once over ``image``, its head on every window of the native feature size."""
+    native = ZOO[name].native
+    split = onnx_split(model, onnx_feature(fcn))
+    window = feature_size(split[0], (native, native))
+    if name == "shufflenet":  # its Reshapes fix the native size: the graph written for this one
+        larger = build(name, opset, image.shape[-2:])
+        floats = [(i.name, i.raw_data) for i in larger.graph.initializer if i.data_type == TensorProto.FLOAT]
+        assert floats == [(i.name, i.raw_data) for i in model.graph.initializer
+                          if i.data_type == TensorProto.FLOAT]
+        split = onnx_split(larger, onnx_feature(fcn))
+    return window_map(split, window, torch.from_numpy(image)).numpy()
 
 
 @pytest.mark.parametrize(("name", "opset"), CASES, ids=[f"{n}-opset{o}" for n, o in CASES])
@@ -286,8 +309,10 @@ def test_caffe2_zoo_graph_converts(name: str, opset: int) -> None:
     s = spec.stride
     for size, cells in (((spec.native + 2 * s, spec.native + 3 * s), (3, 4)),
                         ((spec.native + 3 * s, spec.native + s), (4, 2))):
-        maps = Predictor(fcn)(random_image(size))
+        image = random_image(size)
+        maps = Predictor(fcn)(image)
         assert maps.shape == (1, CLASSES, *cells) == (1, CLASSES, *geometry.cells(*size))
+        assert rel_error(maps, reference_map(name, opset, model, fcn, image)) < CHECK_RTOL
     if name != "densenet121":  # every cell a softmax over the classes
         np.testing.assert_allclose(maps.sum(1), 1.0, rtol=1e-5)
     check = self_check_of(fcn)

@@ -4,6 +4,11 @@ Every ``*ForImageClassification`` here fails ``torch.fx.symbolic_trace`` (contro
 ``pixel_values.shape``, ``return_dict`` / ``output_hidden_states`` branches, ``int()`` of a
 traced size), so the conversion must capture them with ``torch.export``. The converted model
 returns the same ``ModelOutput`` class as the original, with the scores as a 4-D map.
+
+At a larger non-square size every cell is checked against the exact reference of
+:mod:`_reference`: the original model run up to the module that gives the feature map
+(``FEATURE_MODULE``), then the rest of the model's own ``forward`` on every window of the
+native feature size (a forward hook puts the windows in place of that module's output).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import pytest
 import torch
 from torch import nn
 
+from _reference import Split, feature_size, hooked_split, window_map
 from convolutionalize import NotConvolutionalizable, convolutionalize, dense_map
 
 from conftest import fingerprint, flattened_linears, rel_error
@@ -100,6 +106,23 @@ ATTENTION = [
         padding_q=[1], stride_q=[1]), 32, id="cvt"),
 ]
 SCORES = {"PPLCNet": "last_hidden_state"}  # the output field holding the class scores (default "logits")
+# The module whose output (its first field: last_hidden_state) is the map the head reads.
+FEATURE_MODULE = {
+    "ResNet": lambda m: m.resnet.encoder,
+    "ConvNext": lambda m: m.convnext.encoder,
+    "ConvNextV2": lambda m: m.convnextv2.encoder,
+    "EfficientNet": lambda m: m.efficientnet.encoder,  # ends with the top conv, BN, activation
+    "MobileNetV1": lambda m: m.mobilenet_v1.layer[-1],
+    "MobileNetV2": lambda m: m.mobilenet_v2.conv_1x1,
+    "RegNet": lambda m: m.regnet.encoder,
+    "Bit": lambda m: m.bit.norm,  # the final norm (Identity unless pre-activation) after the encoder
+    # the head's GroupNorm(1, C) normalises over the whole map (global context, like the ones in
+    # the blocks): it is part of the body, the head is mean + Linear
+    "PoolFormer": lambda m: m.norm,
+    "HGNetV2": lambda m: m.encoder,
+    "PPLCNet": lambda m: m.encoder,
+    "TextNet": lambda m: m.textnet.encoder,
+}
 
 
 def _create(arch: str, config: dict[str, Any]) -> nn.Module:
@@ -163,11 +186,38 @@ def test_transformers_convolutional_converts(arch: str, config: dict[str, Any], 
     assert rel_error(dense.flatten(1), getattr(expected, field)) <= 1e-4
     assert flattened_linears(fcn, (size, size)) == []
     sy, sx = fcn.geometry.stride
-    big = (size + 2 * sy, size + 3 * sx)
+    big = torch.randn(1, 3, size + 2 * sy, size + 3 * sx)
     with torch.no_grad():
-        dense = getattr(fcn(torch.randn(1, 3, *big)), field)
+        dense = getattr(fcn(big), field)
     assert dense.dim() == 4 and dense.shape[:2] == (1, 5)
-    assert dense.shape[-2:] == fcn.geometry.cells(*big) == (3, 4)
+    assert dense.shape[-2:] == fcn.geometry.cells(*big.shape[-2:]) == (3, 4)
+    # native + k * stride: every size-dependent ("SAME", tf_padding) pad keeps its native amount,
+    # so the original body at this size is the one the converted model fixes at native pads
+    split = _split(model, arch, size)
+    assert rel_error(dense, window_map(split, feature_size(split[0], (size, size)), big)) < 1e-4
+
+
+def _split(model: nn.Module, arch: str, size: int) -> Split:
+    field = SCORES.get(arch, "logits")
+    return hooked_split(model, FEATURE_MODULE[arch](model), lambda out: getattr(out, field), (size, size))
+
+
+# Three head forms: GAP + Flatten + Linear (ResNet), mean + LayerNorm + Linear (ConvNeXt), and
+# EfficientNet's AvgPool2d(hidden_dim, ceil_mode=True), global while the map is at most 128 wide.
+@pytest.mark.parametrize(("arch", "pool"), [("ResNet", "none"), ("ConvNext", "none"), ("ConvNext", "global"),
+                                            ("EfficientNet", "global")])
+def test_transformers_global_and_class_activation_map_values(arch: str, pool: str) -> None:
+    config, size = next((p.values[1], p.values[2]) for p in CONVOLUTIONAL if p.values[0] == arch)
+    model = _create(arch, config)
+    fcn = convolutionalize(model, input_size=(size, size), pool=pool)
+    image = torch.randn(1, 3, size + 64, size + 96)
+    with torch.no_grad():
+        dense = fcn(image).logits
+        # "global": the original on the whole image; "none": its head on every feature cell
+        expected = (model(image).logits if pool == "global"
+                    else window_map(_split(model, arch, size), (1, 1), image))
+    assert dense.shape == expected.shape
+    assert rel_error(dense, expected) < 1e-4
 
 
 @pytest.mark.parametrize(("arch", "config", "size"), ATTENTION)
