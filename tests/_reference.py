@@ -45,7 +45,10 @@ BATCH = 256  # windows per head call
 # Where the conversion and the reference cannot meet yet, kept visible. PyTorch and ONNX
 # pool="none" with an output_stride are refused by the conversion's own self-check: at 256x272
 # and output_stride=16 the map has one cell per feature cell (16x17) where the geometry predicts
-# 15x16. Strict: a test marked with it fails once the bug is fixed.
+# 15x16. geometry.at_output_stride counts the denser feature map as (f - 1) * r + 1 cells, which
+# holds for padding-free bodies (tests/test_output_stride_frameworks.py) but not for zero-padded
+# ones (f * r); the count must be measured on the rewritten body. Strict: a test marked with it
+# fails once the bug is fixed.
 CAM_AT_OUTPUT_STRIDE_REFUSED = pytest.mark.xfail(
     raises=NotConvolutionalizable, strict=True,
     reason="pool='none' + output_stride: the geometry predicts one cell fewer per axis than the map")
