@@ -16,7 +16,9 @@ $(STAMP): pyproject.toml
 
 test: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks
-	$(PY) -m pytest -q -p no:cacheprovider
+	# the model zoos in a process of their own: one process for everything peaked at 24 GiB
+	$(PY) -m pytest -q -p no:cacheprovider -m "not zoo"
+	$(PY) -m pytest -q -p no:cacheprovider -m zoo
 
 demo: $(STAMP)
 	$(PY) -m convolutionalize demo --output demo-output
