@@ -101,10 +101,11 @@ class Adapter(ABC):
 
     # ---- converting
 
-    @abstractmethod
     def native_size(self, model: Any, input_size: object) -> tuple[int, int] | None:
         """The native input size: given, or carried by the model; raises ArgumentError for a
-        missing or contradicting one. ``None``: decided later by the analysis itself."""
+        missing or contradicting one. ``None`` (the default): read against the model's own
+        input by its analysis, which raises the ArgumentError there."""
+        return None
 
     @abstractmethod
     def convert(self, model: Any, input_size: tuple[int, int] | None, pool: PoolMode,

@@ -34,9 +34,6 @@ class KerasAdapter(Adapter):
 
         return load_keras(path)
 
-    def native_size(self, model: Any, input_size: object) -> None:
-        return None  # read against the model's input by the analysis (ArgumentError there)
-
     def convert(self, model: Any, input_size: tuple[int, int] | None, pool: Any,
                 output_stride: int | None) -> Any:
         from .model import convolutionalize_keras

@@ -32,9 +32,6 @@ class OnnxAdapter(Adapter):
 
         return load_onnx(path)
 
-    def native_size(self, model: Any, input_size: object) -> None:
-        return None  # read against the graph's input by the analysis (ArgumentError there)
-
     def convert(self, model: Any, input_size: tuple[int, int] | None, pool: Any,
                 output_stride: int | None) -> Any:
         from .model import convolutionalize_onnx
