@@ -163,3 +163,16 @@ def test_a_half_precision_model_converts_within_its_tolerance() -> None:
     fcn = cz.convolutionalize(model, NATIVE)
     assert fcn.native_error is not None and fcn.native_error < 5e-2
     assert fcn(torch.randn(1, 3, 24, 28, dtype=torch.bfloat16)).shape == (1, 5, 3, 4)
+
+
+@pytest.mark.parametrize(("native", "stride", "sizes"), [
+    ((224, 224), 32, [(288, 320), (672, 896)]),  # windowed attention: multiples of 224 as well
+    ((299, 299), 32, [(363, 395)]),  # lcm(32, 299) = 9568: 19435x29003 would need 6.7 GB
+])
+def test_check_sizes_stay_within_reach(native: tuple[int, int], stride: int,
+                                       sizes: list[tuple[int, int]]) -> None:
+    from convolutionalize.geometry import Geometry
+    from convolutionalize.selfcheck import check_sizes
+
+    geo = Geometry(native, (stride, stride), (0, 0), None, False, native, (native[0] // stride,) * 2)
+    assert check_sizes(geo) == sizes

@@ -84,13 +84,20 @@ class SelfCheck:
                    data["crop_error"], tuple(data.get("refused", ())))
 
 
+LARGEST = 16  # the largest check size, in native areas
+
+
 def check_sizes(geometry: Geometry) -> list[tuple[int, int]]:
     """Larger non-square sizes to check, in order of preference: native + (2, 3) strides,
-    then native + (2, 3) steps of lcm(stride, native) for blocks that need multiples."""
+    then native + (2, 3) steps of lcm(stride, native) for blocks that need multiples (windowed
+    attention), where that is at most :data:`LARGEST` times the native area (inception's 299 and
+    stride 32 would ask for 19435x29003)."""
     (h, w), (sy, sx) = geometry.input_size, geometry.stride
     first = (h + 2 * sy, w + 3 * sx)
     second = (h + 2 * math.lcm(sy, h), w + 3 * math.lcm(sx, w))
-    return [first] if second == first else [first, second]
+    if second == first or second[0] * second[1] > LARGEST * h * w:
+        return [first]
+    return [first, second]
 
 
 def check_cells(geometry: Geometry, size: tuple[int, int]) -> list[tuple[int, int]]:
@@ -110,7 +117,7 @@ def check_cells(geometry: Geometry, size: tuple[int, int]) -> list[tuple[int, in
 def random_image(channels: int, size: tuple[int, int], batch: int = 1, seed: int = 0) -> np.ndarray:
     """The check's random NCHW float32 input (seeded: a conversion checks itself the same way
     every time)."""
-    return np.random.default_rng(seed).standard_normal((batch, channels, *size)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal((batch, channels, *size), dtype=np.float32)
 
 
 class Reference:
