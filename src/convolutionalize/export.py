@@ -39,6 +39,7 @@ from .api import geometry_of
 from .errors import first_line
 from .frameworks import adapter_for
 from .frameworks.base import META_KEY
+from .frameworks.torch.script import TORCHSCRIPT
 from .geometry import Geometry
 from .outputs import output_keys, tensor_leaves
 from .selfcheck import CHECK_RTOL, relative_error
@@ -140,7 +141,24 @@ def _write_pt2(fcn: nn.Module, path: Path) -> None:
 
 
 def _write_pt(fcn: nn.Module, path: Path) -> None:
-    torch.save(fcn, path)
+    """The pickled module; TorchScript (traced, with the conversion in its extra files) for a
+    model converted from TorchScript, as it was deployed."""
+    if getattr(fcn, "source_format", None) != TORCHSCRIPT:
+        torch.save(fcn, path)
+        return
+    geometry = geometry_of(fcn)
+    try:
+        with torch.no_grad():
+            scripted = torch.jit.trace(fcn, _example(fcn, geometry, (2, 3)), strict=False,
+                                       check_trace=False)
+    except Exception as exc:  # the tracer raises many types
+        raise ValueError(f"torch.jit.trace cannot trace the converted model: {first_line(exc)}; "
+                         "save it as .pt2 instead") from exc
+    torch.jit.save(scripted, str(path), _extra_files={META_KEY: conversion_json(fcn)})
+    for extra in ((0, 0), (3, 2)):  # a trace that fixed a size would differ here
+        x = _example(fcn, geometry, extra)
+        with torch.no_grad():
+            _check_written(tensor_leaves(scripted(x)), fcn, x, "the TorchScript model")
 
 
 def _write_onnx(fcn: nn.Module, path: Path) -> None:
@@ -180,23 +198,25 @@ def _write_onnx(fcn: nn.Module, path: Path) -> None:
 
 def _check_onnx(session: object, fcn: nn.Module, x: torch.Tensor) -> None:
     """Raise if onnxruntime's outputs for ``x`` differ from ``fcn``'s (every output, in order)."""
+    actual = session.run(None, {"image": x.cpu().numpy()})  # type: ignore[attr-defined]
+    _check_written([torch.from_numpy(a) for a in actual], fcn, x, "the ONNX model")
+
+
+def _check_written(actual: list[torch.Tensor], fcn: nn.Module, x: torch.Tensor, what: str) -> None:
+    """Raise if a written model's outputs for ``x`` (``actual``) differ from ``fcn``'s."""
     with torch.no_grad():
         expected = [t.double().cpu() for t in tensor_leaves(fcn(x))]
-    actual = session.run(None, {"image": x.cpu().numpy()})  # type: ignore[attr-defined]
     if len(actual) != len(expected):
-        raise ValueError(f"the ONNX model has {len(actual)} outputs, PyTorch {len(expected)}")
+        raise ValueError(f"{what} has {len(actual)} outputs, PyTorch {len(expected)}")
     for a, e in zip(actual, expected):
-        _check_output(torch.from_numpy(a).double(), e, x)
-
-
-def _check_output(actual_t: torch.Tensor, expected: torch.Tensor, x: torch.Tensor) -> None:
-    if actual_t.shape != expected.shape:
-        raise ValueError(f"the ONNX model gives shape {tuple(actual_t.shape)} at "
-                         f"{x.shape[2]}x{x.shape[3]}, PyTorch {tuple(expected.shape)}")
-    error = relative_error(actual_t.numpy(), expected.numpy())
-    if error > ONNX_RTOL:
-        raise ValueError(f"the ONNX model differs from PyTorch at {x.shape[2]}x{x.shape[3]} "
-                         f"(max relative error {error:.1e} > {ONNX_RTOL:.0e})")
+        a = a.detach().double().cpu()
+        if a.shape != e.shape:
+            raise ValueError(f"{what} gives shape {tuple(a.shape)} at "
+                             f"{x.shape[2]}x{x.shape[3]}, PyTorch {tuple(e.shape)}")
+        error = relative_error(a.numpy(), e.numpy())
+        if error > ONNX_RTOL:
+            raise ValueError(f"{what} differs from PyTorch at {x.shape[2]}x{x.shape[3]} "
+                             f"(max relative error {error:.1e} > {ONNX_RTOL:.0e})")
 
 
 

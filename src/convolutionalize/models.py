@@ -19,8 +19,9 @@ Weights are ``None`` (the pretrained default, which may need a download), ``"ran
 architecture (always with ``weights_only=True``: a state_dict needs no trust). Nothing here
 waits on an unreachable network: when pretrained weights are not cached and their host does
 not answer within seconds, loading fails at once with a ``ValueError`` that says how to go on
-without them. Every failure a caller can fix is a one-line ``ValueError`` (or
-``NotConvolutionalizable`` for TorchScript archives).
+without them. Every failure a caller can fix is a one-line ``ValueError``. TorchScript
+archives (``.pt`` files written by ``torch.jit.save``) load with ``torch.jit.load``, without
+pickle trust, and convert like any module.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import pickle
 import re
 import socket
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -43,7 +45,7 @@ import torch
 from torch import nn
 
 from .api import load_model_file
-from .errors import NotConvolutionalizable, first_line
+from .errors import first_line
 from .frameworks.base import META_KEY
 
 __all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
@@ -76,8 +78,6 @@ def load_model(spec: str, weights: str | None = None, *, trust_pickle: bool = Fa
         ValueError: unknown model name, missing or unreadable file, a full-module pickle
             without ``trust_pickle``, weights that do not fit the architecture, or
             pretrained weights that cannot be downloaded.
-        NotConvolutionalizable: the file is a TorchScript archive, which torch.fx cannot
-            trace.
     """
     source, _, name = spec.partition(":")
     if source == "torchvision" and name:
@@ -289,12 +289,7 @@ def _file_model(path: Path, weights: str | None, trust_pickle: bool) -> nn.Modul
     if exported:
         return _exported_module(path)
     if _is_torchscript(path):
-        _check_torchscript(path)
-        raise NotConvolutionalizable(
-            f"{path.name} is a TorchScript archive, which torch.fx cannot trace; save the "
-            "nn.Module itself with torch.save(model, path) (loaded with --trust-pickle) or "
-            "its state_dict (loaded with --weights) instead"
-        )
+        return _script_module(path)
     obj = _unpickle(path, trust_pickle)
     if isinstance(obj, Mapping):
         raise ValueError(
@@ -417,11 +412,23 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def _check_torchscript(path: Path) -> None:
+def _script_module(path: Path) -> nn.Module:
+    """A TorchScript archive (no pickle trust needed): the ScriptModule, or the converted model
+    it holds with its conversion."""
+    from .frameworks.torch.script import TORCHSCRIPT
+
+    extra = {META_KEY: ""}
     try:
-        torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # torch.jit is deprecated: the archive is what there is
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(str(path), map_location="cpu", _extra_files=extra).eval()
     except RuntimeError as exc:
         raise ValueError(f"cannot read the TorchScript file {path}: {first_line(exc)}") from exc
+    if not extra[META_KEY]:
+        return module
+    fcn = _converted(module, extra[META_KEY])
+    fcn.source_format = TORCHSCRIPT
+    return fcn
 
 
 # --------------------------------------------------------------------------- state dicts

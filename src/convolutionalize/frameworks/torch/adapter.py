@@ -58,7 +58,9 @@ class TorchAdapter(Adapter):
         return Conversion(geometry, plan, getattr(model, "self_check", None))
 
     def label(self, model: Any) -> str:
-        return type(model).__name__
+        from .script import script_name
+
+        return script_name(model)
 
     def parameters(self, model: Any) -> int | None:
         return sum(p.numel() for p in model.parameters())

@@ -26,6 +26,7 @@ from .head import find_head, propagate_kinds
 from .layers import ConvolutionalizedModule
 from .padding import fix_same_padding
 from .rewrite import crop_to_windows, rewrite
+from .script import TORCHSCRIPT, is_script
 
 __all__ = ["analyse", "convolutionalize_module", "native_input_size", "rewrite"]
 
@@ -167,6 +168,8 @@ def convolutionalize_module(model: nn.Module, input_size: object = None, pool: P
         value = getattr(model, name, None)
         if isinstance(value, (dict, list, tuple, int, str)) and not isinstance(value, bool):
             setattr(fcn, name, copy.deepcopy(value))
+    if is_script(model):
+        fcn.source_format = TORCHSCRIPT  # saved as .pt: TorchScript again
     return fcn
 
 
