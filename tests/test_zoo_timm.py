@@ -34,6 +34,7 @@ FAMILIES = {
     "hrnet_w18_small": "hrnet (upsampling fusion)",
     "ghostnet_100": "ghostnet (timm Linear)",
     "cspresnet50": "csp (256x256)",
+    "tresnet_m": "space-to-depth stem (view -> permute -> view), read as a stride-4 convolution",
 }
 POOL_TYPES = ["avg", "max", "avgmax", "catavgmax"]
 

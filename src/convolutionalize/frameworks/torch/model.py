@@ -17,7 +17,7 @@ from torch import fx, nn
 from ...errors import ArgumentError, NotConvolutionalizable
 from ...geometry import BodyGeometry, Geometry, PoolMode, Span, at_output_stride, geometry_from_plan
 from ...outputs import tensor_leaves
-from ...selfcheck import Reference, Run
+from ...selfcheck import Reference, Run, relative_error, tolerance
 from . import graph as g
 from .atrous import Atrous, plan_atrous
 from .capture import capture
@@ -25,6 +25,7 @@ from .geometry import body_spans
 from .head import find_head, propagate_kinds
 from .layers import ConvolutionalizedModule
 from .padding import fix_same_padding
+from .regroup import regroup_space_to_depth
 from .rewrite import crop_to_windows, rewrite
 from .script import TORCHSCRIPT, is_script
 
@@ -82,12 +83,26 @@ class Analysis:
                     f"{type(model).__name__} does not run at the native input size "
                     f"{input_size[0]}x{input_size[1]}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 ) from exc
+        self._regroup()
         doubled = (2 * input_size[0], 2 * input_size[1])
         self.values = propagate_kinds(self.gm, self.modules,
                                       lambda: g.shapes_at(self.gm, self.random_input(doubled, seed=1)))
         self.plan = find_head(self.gm, self.values, self.modules, input_size, self.in_channels,
                               self.capture.method)
         self.nodes = {n.name: n for n in self.gm.graph.nodes}
+
+    def _regroup(self) -> None:
+        """Space-to-depth as the convolution it is (:mod:`.regroup`), proven to give the same
+        outputs at the native size."""
+        before = self.expected
+        if not regroup_space_to_depth(self.gm, self.modules):
+            return
+        self.expected = g.propagate_shapes(self.gm, self.example)
+        pairs = list(zip(tensor_leaves(before), tensor_leaves(self.expected)))
+        if any(relative_error(b.double().cpu().numpy(), a.double().cpu().numpy()) > tolerance(str(self.dtype))
+               for a, b in pairs):
+            raise NotConvolutionalizable("reading a space-to-depth as a convolution changed the "
+                                         "model's outputs at the native size")
 
     def _image_channels(self, input_size: tuple[int, int]) -> bool:
         """Where the first convolution's channels are not the image's (a space-to-depth stem,
