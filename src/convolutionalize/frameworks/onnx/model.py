@@ -115,6 +115,21 @@ def _session(model: onnx.ModelProto):  # -> onnxruntime.InferenceSession
                                         providers=["CPUExecutionProvider"])
 
 
+HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+
+
+def _precision(model: onnx.ModelProto, io_dtype: type) -> str:
+    """The precision the graph computes in: its input's, or half where its weights are half
+    (a float16 graph with float32 inputs and outputs casts inside)."""
+    graph = model.graph
+    halves = [HALF_TYPES[t.data_type] for t in graph.initializer if t.data_type in HALF_TYPES]
+    halves += [HALF_TYPES[a.i] for n in graph.node if n.op_type == "Cast"
+               for a in n.attribute if a.name == "to" and a.i in HALF_TYPES]
+    if "bfloat16" in halves:
+        return "bfloat16"
+    return "float16" if halves else np.dtype(io_dtype).name
+
+
 class Predictor:
     """An onnxruntime session over ``model`` for repeated NCHW float32 predictions (verify,
     dense maps): one session, many calls. NHWC graphs get the batch transposed."""
@@ -126,7 +141,7 @@ class Predictor:
         self.input = image.name
         self.dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(
             image.type, np.float32)
-        self.precision = np.dtype(self.dtype).name  # the self-check's tolerance follows it
+        self.precision = _precision(model, self.dtype)  # the self-check's tolerance follows it
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """The first output."""
