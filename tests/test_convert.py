@@ -1113,3 +1113,37 @@ def test_image_channels_are_found_where_the_first_conv_does_not_read_the_image()
     assert fcn.plan.in_channels == 3 and fcn.native_error < CROP_RTOL
     report = cz.verify(model, 32, image_size=(40, 56))
     assert report.passed and report.crop_error is not None and report.crop_error < CROP_RTOL
+
+
+class TestTimePooled(nn.Module):
+    """Test-time pooling: a stride-1 average pool of the native feature size, a 1x1 conv
+    classifier, then a global pool of the class map (timm's TestTimePoolHead, avg, max or
+    their mean)."""
+
+    def __init__(self, reduce: str) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2), nn.ReLU())
+        self.fc = nn.Conv2d(16, 5, 1)
+        self.reduce = reduce
+
+    def class_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.avg_pool2d(self.body(x), 6, stride=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.class_map(x)
+        pools = {"avg": y.mean((2, 3)), "max": y.amax((2, 3)),
+                 "avgmax": 0.5 * (F.adaptive_avg_pool2d(y, 1) + F.adaptive_max_pool2d(y, 1)).flatten(1)}
+        return pools[self.reduce]
+
+
+@pytest.mark.parametrize("reduce", ["avg", "max", "avgmax"])
+def test_test_time_pooling_gives_the_class_map_before_its_global_pool(reduce: str) -> None:
+    torch.manual_seed(0)
+    model = TestTimePooled(reduce).eval()
+    fcn = convolutionalize(model, 15)
+    image = torch.randn(1, 3, 15 + 2 * 2, 15 + 3 * 2)
+    with torch.no_grad():
+        dense, expected = fcn(image), model.class_map(image)
+    assert dense.shape == expected.shape == (1, 5, 3, 4)
+    assert rel_error(dense, expected) < 1e-4
+    assert fcn.geometry.crop_equivalent and fcn.self_check.crop_error < 1e-4

@@ -360,6 +360,31 @@ def test_paddle2onnx_graph_with_symbolic_dims_converts_with_input_size() -> None
     assert not {n.op_type for n in fcn.graph.node} & {"Shape", "Cast", "Slice", "Concat", "Reshape"}
 
 
+def test_model_local_functions_are_inlined() -> None:
+    """A flatten written as a model-local function (a custom op defined in the file, computing
+    its target shape) is read through: the function's nodes are inlined first."""
+    net = Net(opset=13, dims=(-1, 3, "h", "w"))
+    x = net.op("Identity", [net.body()])
+    const = [helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64,
+                                                                                [1], [v]))
+             for name, v in (("zero", 0), ("one", 1), ("rest", -1))]
+    flatten = helper.make_function("custom", "MyFlatten", ["X"], ["Y"], [
+        helper.make_node("Shape", ["X"], ["s"]), *const,
+        helper.make_node("Slice", ["s", "zero", "one"], ["b"]),
+        helper.make_node("Concat", ["b", "rest"], ["t"], axis=0),
+        helper.make_node("Reshape", ["X", "t"], ["Y"])], [helper.make_opsetid("", 13)])
+    net.nodes.append(helper.make_node("MyFlatten", [x], ["flat"], domain="custom", name="flatten"))
+    out = net.gemm("flat", int(np.prod(FEATURE)), CLASSES)
+    graph = helper.make_graph(net.nodes, "net", [net.input],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], net.inits)
+    model = helper.make_model(graph, functions=[flatten], opset_imports=[
+        helper.make_opsetid("", 13), helper.make_opsetid("custom", 1)])
+    model.ir_version = 8
+    fcn = convolutionalize_onnx(model, NATIVE, "window")
+    onnx.checker.check_model(fcn, full_check=True)
+    check_maps(model, fcn)
+
+
 # --------------------------------------------------------------------------- Caffe2-era files
 
 

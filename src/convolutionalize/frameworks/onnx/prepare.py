@@ -5,6 +5,8 @@
 - Initializers also listed as graph inputs (IR version < 4, Caffe2-era model-zoo files,
   ``torch.onnx.export(keep_initializers_as_inputs=True)``) are constants: they leave the
   input list, and the IR version rises to 4, the first that allows that.
+- Model-local functions (a custom op defined in the file) are inlined: the analysis reads
+  their nodes like any other.
 - Constant subgraphs (``Constant``, ``ConstantOfShape``, ``Cast``, ``Reshape`` / ``Unsqueeze``
   / ``Identity`` of initializers, ...) are evaluated once with onnx's reference evaluator and
   replaced by initializers, so every weight the head reads is an initializer.
@@ -16,6 +18,7 @@ import logging
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper, numpy_helper
 
 from ...errors import NotConvolutionalizable, first_line
@@ -40,6 +43,8 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
             "upgrade it first (onnx.version_converter.convert_version(model, 13))")
     private = onnx.ModelProto()
     private.CopyFrom(model)
+    if private.functions:  # model-local functions: their nodes, in the graph
+        private = onnx.inliner.inline_local_functions(private)
     _initializers_as_constants(private)
     fold_constants(private)
     return private
