@@ -29,6 +29,7 @@ from ...plan import HeadPlan
 from .geometry import CONVS, window_args
 from .graph import arg, op_name, tensor_inputs
 from .layers import DilatedAvgPool2d
+from .quantized import QUANTIZED_CONVS
 
 __all__ = ["Atrous", "plan_atrous"]
 
@@ -107,7 +108,8 @@ def _input_jump(node: fx.Node, spans: dict[fx.Node, tuple[Span, Span]]) -> Pair:
 
 def _is_window(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     module = modules.get(str(node.target)) if node.op == "call_module" else None
-    return op_name(node, modules) in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))
+    return op_name(node, modules) in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d,
+                                                                  *QUANTIZED_CONVS))
 
 
 def _stride(node: fx.Node, modules: dict[str, nn.Module]) -> Pair:
@@ -154,6 +156,10 @@ def _rewrite_node(gm: fx.GraphModule, node: fx.Node, modules: dict[str, nn.Modul
 
 def _rewrite_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, unstride: bool,
                     factor: Pair) -> None:
+    if isinstance(module, QUANTIZED_CONVS):
+        raise NotConvolutionalizable(f"output_stride: '{node.target}' is a quantized convolution "
+                                     f"({type(module).__name__}), whose stride and dilation are packed "
+                                     "with its weights; only the network stride is possible")
     if isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
         if unstride:
             module.stride = (1, 1) if isinstance(module, nn.Conv2d) else 1

@@ -27,6 +27,7 @@ from .graph import (
     tensor_inputs,
 )
 from .head import REDUCTIONS, Value
+from .quantized import QUANTIZED_CONVS
 
 __all__ = ["CONVS", "body_geometry", "body_spans", "window_args"]
 
@@ -136,7 +137,7 @@ def _apply(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mo
     if name in ("avg_pool2d", "max_pool2d") and is_spatial_size_of(arg(node, 1, "kernel_size"), node.args[0]):
         geo.global_context.append(node.name)  # F.avg_pool2d(x, x.shape[2:]) in a squeeze-excitation
         return ys, xs
-    if name in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+    if name in CONVS or isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, *QUANTIZED_CONVS)):
         kernel, stride, pad, dil, ceil, same = window_args(node, name, modules)
         if same and in_shape is not None and src.axes is not None:
             pad = tuple(same_padding(in_shape[a], k, s, d)[0]  # type: ignore[assignment]

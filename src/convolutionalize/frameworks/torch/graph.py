@@ -15,6 +15,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ...errors import NotConvolutionalizable, first_line
+from .quantized import QUANTIZED_CONVS, QUANTIZED_OPS, QUANTIZED_PER_LOCATION, is_quantized_linear
 
 __all__ = [
     "ELEMENTWISE",
@@ -38,14 +39,14 @@ ELEMENTWISE = frozenset(
         "sigmoid_", "add_", "mul_", "hard_sigmoid", "hard_swish", "swish", "gelu_tanh",
         "quick_gelu", "where", "minimum", "maximum", "batch_norm", "identity", "floordiv",
     }
-)
+) | QUANTIZED_OPS
 
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
     nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
     nn.Softsign, nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
+    nn.FeatureAlphaDropout, *QUANTIZED_PER_LOCATION,
 )
 
 
@@ -240,14 +241,16 @@ def replace_module(gm: fx.GraphModule, target: str, new: nn.Module) -> None:
 
 def first_in_channels(gm: fx.GraphModule, modules: dict[str, nn.Module],
                       input_size: tuple[int, int]) -> int | None:
-    """The image channels: of the first convolution in graph order or, for a model that is
-    only a head (Flatten -> Linear), of the first Linear's input over the input area."""
+    """The image channels: of the first convolution (float or quantized) in graph order or,
+    for a model that is only a head (Flatten -> Linear), of the first Linear's input over the
+    input area."""
     area = input_size[0] * input_size[1]
     for node in gm.graph.nodes:
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
-            n_in = modules[node.target].in_features
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(module, nn.Linear) or is_quantized_linear(module):
+            n_in = int(module.in_features)  # type: ignore[union-attr]
             return n_in // area if n_in % area == 0 else None
-        if node.op == "call_module" and isinstance(modules[node.target], nn.Conv2d):
+        if isinstance(module, (nn.Conv2d, *QUANTIZED_CONVS)):
             return int(modules[node.target].in_channels)
         if node.op == "call_module" and hasattr(modules[node.target], "in_chans"):
             return int(modules[node.target].in_chans)

@@ -49,6 +49,7 @@ from .graph import (
     shape_of,
     tensor_inputs,
 )
+from .quantized import QUANTIZED_CONVS, is_quantized_linear, quantized_linear_refusal
 
 __all__ = ["Value", "find_head", "propagate_kinds"]
 
@@ -313,7 +314,7 @@ def _merged_max(node: fx.Node, name: str, kinds: list[Value]) -> Value | None:
 def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int, ...],
                      modules: dict[str, nn.Module]) -> Value:
     if src.kind == "flat":
-        if name in ("Linear", "linear"):
+        if name in ("Linear", "linear") or is_quantized_linear(modules.get(str(node.target))):
             return Value("vector")
         return src
     if len(out_shape) == 2:
@@ -476,7 +477,7 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
                                      "batch size 1; squeeze(-1).squeeze(-1) or flatten(1) keeps it")
     if name in FLATTENS and src.kind == "pooled":
         return HeadStep(node.name, "flatten", "flatten 1x1 pooled map -> removed")
-    if isinstance(module, nn.Linear) or name == "linear":
+    if isinstance(module, nn.Linear) or name == "linear" or is_quantized_linear(module):
         return _linear_step(node, module, src, where)
     if src.kind == "flat":
         if isinstance(module, ELEMENTWISE_MODULES) or name in ELEMENTWISE:
@@ -487,10 +488,10 @@ def _step(node: fx.Node, values: dict[fx.Node, Value], modules: dict[str, nn.Mod
 
 
 def linear_weight(node: fx.Node, module: nn.Module | None) -> tuple[int, int] | None:
-    """(in_features, out_features) of an nn.Linear or of F.linear / aten.linear on a
-    parameter (a get_attr), else None."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
+    """(in_features, out_features) of an nn.Linear (float or quantized) or of F.linear /
+    aten.linear on a parameter (a get_attr), else None."""
+    if isinstance(module, nn.Linear) or is_quantized_linear(module):
+        return int(module.in_features), int(module.out_features)  # type: ignore[union-attr]
     weight = arg(node, 1, "weight")
     shape = shape_of(weight) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
     bias = arg(node, 2, "bias")
@@ -504,17 +505,24 @@ def _linear_step(node: fx.Node, module: nn.Module | None, src: Value, where: str
     if src.kind == "pooled":
         raise NotConvolutionalizable(f"{where} reads a 4-D pooled map, not a feature vector; "
                                      "flatten before the Linear")
+    refusal = quantized_linear_refusal(module) if is_quantized_linear(module) else None
+    if refusal is not None:
+        raise NotConvolutionalizable(f"{where} {refusal}")
     features = linear_weight(node, module)
     if features is None:
         raise NotConvolutionalizable(f"{where}: a functional linear whose weight or bias is "
                                      "computed, not a parameter, has no fixed convolution kernel")
     n_in, n_out = features
+    linear, conv = "Linear", "Conv2d"
+    if is_quantized_linear(module):  # LinearReLU -> ConvReLU2d
+        linear = f"quantized {type(module).__name__}"
+        conv = f"quantized {type(module).__name__.replace('Linear', 'Conv')}2d"
     if src.kind == "flat":
         assert src.flat is not None
         c, h, w = src.flat
-        return HeadStep(node.name, "linear", f"Linear {n_in}->{n_out} -> Conv2d {c}->{n_out} "
+        return HeadStep(node.name, "linear", f"{linear} {n_in}->{n_out} -> {conv} {c}->{n_out} "
                         f"kernel {h}x{w}", kernel=(h, w))
-    return HeadStep(node.name, "linear", f"Linear {n_in}->{n_out} -> Conv2d 1x1", kernel=(1, 1))
+    return HeadStep(node.name, "linear", f"{linear} {n_in}->{n_out} -> {conv} 1x1", kernel=(1, 1))
 
 
 def _adaptive_step(node: fx.Node, name: str, value: Value, fmap: FeatureMap) -> HeadStep:
@@ -553,6 +561,9 @@ def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
         return HeadStep(node.name, "reshape", f"{name} of the {src.kind} features (no-op) -> removed")
     if isinstance(module, nn.LayerNorm) or name == "layer_norm":
         shape = module.normalized_shape if module is not None else arg(node, 1, "normalized_shape")
+        if vector and hasattr(module, "scale") and hasattr(module, "zero_point"):
+            raise NotConvolutionalizable(f"{where} is a quantized LayerNorm over a feature vector; "
+                                         "its per-location form is not built for quantized maps")
         if len(tuple(shape)) != 1:
             raise NotConvolutionalizable(f"{where} normalizes over {tuple(shape)}; only a "
                                          "LayerNorm over the feature dimension can slide")
@@ -593,7 +604,7 @@ def _vector_step(node: fx.Node, name: str, module: nn.Module | None, src: Value,
 
 def _per_location_module(module: nn.Module | None) -> bool:
     """Modules that act on each location of a pooled (1x1) map the same way at any size."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (nn.Conv2d, *QUANTIZED_CONVS)):
         return module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in (
             (0, 0), "valid")
     return isinstance(module, (nn.BatchNorm2d, *ELEMENTWISE_MODULES)) or (

@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from ...errors import ArgumentError, NotConvolutionalizable
 from ...geometry import BodyGeometry, Geometry, PoolMode, Span, at_output_stride, geometry_from_plan
@@ -83,6 +84,7 @@ class Analysis:
                     f"{type(model).__name__} does not run at the native input size "
                     f"{input_size[0]}x{input_size[1]}: {str(exc).splitlines()[0] if str(exc) else exc!r}"
                 ) from exc
+        self.precision = _precision(self.gm, self.dtype)
         self._regroup()
         doubled = (2 * input_size[0], 2 * input_size[1])
         self.values = propagate_kinds(self.gm, self.modules,
@@ -99,7 +101,7 @@ class Analysis:
             return
         self.expected = g.propagate_shapes(self.gm, self.example)
         pairs = list(zip(tensor_leaves(before), tensor_leaves(self.expected)))
-        if any(relative_error(b.double().cpu().numpy(), a.double().cpu().numpy()) > tolerance(str(self.dtype))
+        if any(relative_error(_float64(b), _float64(a)) > tolerance(self.precision)
                for a, b in pairs):
             raise NotConvolutionalizable("reading a space-to-depth as a convolution changed the "
                                          "model's outputs at the native size")
@@ -143,6 +145,17 @@ class Analysis:
         return dataclasses.replace(geometry, notes=(*geometry.notes, note))
 
 
+def _precision(gm: fx.GraphModule, dtype: torch.dtype) -> str:
+    """The precision the self-check's tolerance is chosen by: ``"quantized"`` where any tensor
+    of the model is quantized (static quantization rounds every layer's output to its scale),
+    else the dtype the model computes in."""
+    for node in gm.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata) and meta.is_quantized:
+            return "quantized"
+    return str(dtype)
+
+
 def _cfg_channels(model: nn.Module) -> int | None:
     """Image channels from timm's ``pretrained_cfg`` or a transformers ``config``."""
     cfg = getattr(model, "pretrained_cfg", None)
@@ -170,7 +183,7 @@ def convolutionalize_module(model: nn.Module, input_size: object = None, pool: P
         atrous = analysis.atrous(output_stride)
         geometry = at_output_stride(geometry, atrous.stride, atrous.head_dilation)
     reference = Reference(_numpy(analysis.gm, analysis), analysis.plan, geometry,  # before the rewrite
-                          precision=str(analysis.dtype), network_stride=atrous is None)
+                          precision=analysis.precision, network_stride=atrous is None)
     if atrous is not None:
         atrous.apply(analysis.gm)
     fix_same_padding(analysis.gm, size_dependent_pads=atrous is None)  # the map's cells stay put
@@ -194,9 +207,16 @@ def _numpy(module: nn.Module, analysis: Analysis) -> Run:
     def run(x: np.ndarray) -> list[np.ndarray]:
         with torch.no_grad():
             out = module(torch.from_numpy(x).to(analysis.device, analysis.dtype))
-        return [t.detach().double().cpu().numpy() for t in tensor_leaves(out)]
+        return [_float64(t) for t in tensor_leaves(out)]
 
     return run
+
+
+def _float64(t: torch.Tensor) -> np.ndarray:
+    """An output as float64 numpy; a quantized output (a model without a final DeQuantize)
+    by the values its integers stand for."""
+    t = t.detach()
+    return (t.dequantize() if t.is_quantized else t).double().cpu().numpy()
 
 
 # Plain attributes a converted model keeps from the original: timm's normalization and input

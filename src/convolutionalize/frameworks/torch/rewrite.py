@@ -6,6 +6,7 @@ uses, erase nodes, then ``graph.lint()`` and ``recompile()``.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ from ...plan import HeadPlan, HeadStep
 from ...weights import linear_to_oihw
 from . import graph as g
 from .layers import ChannelLayerNorm, WindowCells, WindowPool, channel_layer_norm
+from .quantized import is_quantized_linear, quantized_conv_from_linear
 
 __all__ = ["REWRITES", "crop_to_windows", "rewrite"]
 
@@ -89,9 +91,16 @@ def _flatten(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
 
 
 def _linear(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
-    """nn.Linear, F.linear or aten.linear on parameters -> Conv2d with the kernel reordered."""
+    """nn.Linear, F.linear or aten.linear on parameters -> Conv2d with the kernel reordered;
+    a quantized Linear -> the quantized Conv2d with the same integers (:mod:`.quantized`)."""
     assert step.kernel is not None
     module = rw.modules[str(node.target)] if node.op == "call_module" else None
+    if is_quantized_linear(module):
+        layout = rw.plan.feature.layout[1:] if step.kernel != (1, 1) else "CHW"
+        dilation = rw.dilation if step.kernel != (1, 1) else (1, 1)
+        g.replace_module(rw.gm, str(node.target), quantized_conv_from_linear(
+            module, step.kernel, layout, dilation))  # type: ignore[arg-type]
+        return
     if isinstance(module, nn.Linear):
         weight, bias = module.weight.detach(), module.bias
     else:
@@ -147,8 +156,9 @@ def _set_dim(node: fx.Node, index: int, value: int = 1) -> None:
 
 def _softmax(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
     if node.op == "call_module":
-        module = rw.modules[str(node.target)]
-        g.replace_module(rw.gm, str(node.target), type(module)(dim=1))
+        module = copy.copy(rw.modules[str(node.target)])  # a quantized Softmax keeps its scale
+        module.dim = 1
+        g.replace_module(rw.gm, str(node.target), module)
     else:
         _set_dim(node, 1)
 

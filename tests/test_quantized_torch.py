@@ -1,0 +1,310 @@
+"""Eager-mode quantized PyTorch classifiers (torch.ao.quantization prepare -> calibrate -> convert).
+
+A statically quantized Linear head becomes a quantized convolution holding the same int8
+weights (per-tensor or per-channel), the same bias and output scale; quantized convolutions,
+Quantize/DeQuantize and QFunctional's add/add_relu/cat are read as what they are. Quantized
+arithmetic is integer arithmetic: the converted model gives the same integers as the original,
+so the stated tolerance (``selfcheck.TOLERANCES["quantized"]``) is exactness, and the tests
+measure errors in steps of the output's scale (0 everywhere, on every engine tried).
+
+Random weights, seeded, calibrated on a few random batches; small inputs keep the file quick.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+import torch.ao.nn.intrinsic.quantized as nniq
+import torch.ao.nn.quantized as nnq
+import torch.ao.quantization as tq
+import torchvision
+from torch import nn
+
+from convolutionalize import NotConvolutionalizable, convolutionalize
+from convolutionalize.frameworks.torch.model import analyse
+from convolutionalize.selfcheck import tolerance
+
+NATIVE = (14, 14)
+
+
+@pytest.fixture(autouse=True)
+def x86_engine() -> Iterator[None]:
+    """The x86 engine (the default on x86 CPUs), restored afterwards; torch's deprecation
+    warnings about eager-mode quantization are not this library's."""
+    saved = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    torch.backends.quantized.engine = saved
+
+
+class ValidCNN(nn.Module):
+    """Padding-free: QuantStub -> conv -> relu -> conv/2 -> relu -> flatten -> fc -> relu -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(8, 16, 3, stride=2), nn.ReLU()
+        self.flatten = nn.Flatten()
+        self.fc1, self.relu3 = nn.Linear(16 * 5 * 5, 32), nn.ReLU()
+        self.fc2 = nn.Linear(32, 10)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(self.quant(x)))))
+        return self.dequant(self.fc2(self.relu3(self.fc1(self.flatten(x)))))
+
+    def fuse(self) -> None:
+        tq.fuse_modules(self, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"]], inplace=True)
+
+
+class ValidGapCNN(nn.Module):
+    """Padding-free with a global average pool head: the pool becomes a quantized window pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.quant = tq.QuantStub()
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(8, 16, 3, stride=2), nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+        self.dequant = tq.DeQuantStub()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu2(self.conv2(self.relu1(self.conv1(self.quant(x)))))
+        return self.dequant(self.fc(torch.flatten(self.pool(x), 1)))
+
+    def fuse(self) -> None:
+        tq.fuse_modules(self, [["conv1", "relu1"], ["conv2", "relu2"]], inplace=True)
+
+
+QCONFIGS = {"per-channel": lambda: tq.get_default_qconfig("x86"), "per-tensor": lambda: tq.default_qconfig}
+
+
+def quantized(model: nn.Module, size: tuple[int, int], fuse: Callable[[], None],
+              qconfig: str = "per-channel") -> nn.Module:
+    """``model`` statically quantized in eager mode: fused, prepared, calibrated, converted."""
+    model.eval()
+    fuse()
+    model.qconfig = QCONFIGS[qconfig]()
+    tq.prepare(model, inplace=True)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(2, 3, *size, generator=gen))
+    tq.convert(model, inplace=True)
+    return model
+
+
+def valid_cnn(cls: type[nn.Module] = ValidCNN, qconfig: str = "per-channel") -> nn.Module:
+    torch.manual_seed(0)
+    model = cls()
+    return quantized(model, NATIVE, model.fuse, qconfig)  # type: ignore[arg-type]
+
+
+def torchvision_quantized(name: str, size: tuple[int, int]) -> nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models.quantization, name)(weights=None, quantize=False)
+    return quantized(model, size, lambda: model.fuse_model())
+
+
+def qfingerprint(model: nn.Module) -> str:
+    """Structure, modes, and every tensor of a quantized model's state (a quantized tensor by
+    its integers and quantization parameters; packed Linear weights are tuples)."""
+    digest = hashlib.sha256(repr(model).encode())
+
+    def add(value: object) -> None:
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                add(v)
+        elif isinstance(value, torch.Tensor) and value.is_quantized:
+            add(value.int_repr())
+            params = ((value.q_scale(), value.q_zero_point()) if value.qscheme() == torch.per_tensor_affine
+                      else (value.q_per_channel_scales(), value.q_per_channel_zero_points()))
+            add(list(params))
+        elif isinstance(value, torch.Tensor):
+            digest.update(value.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(repr(value).encode())
+
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        add(value)
+    return digest.hexdigest() + "".join("T" if m.training else "E" for m in model.modules())
+
+
+def steps(actual: torch.Tensor, expected: torch.Tensor, scale: float) -> float:
+    """The largest difference in steps of the output's quantization scale."""
+    return float((actual.double() - expected.double()).abs().max() / scale)
+
+
+def relative(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.double(), expected.double()
+    return float((a - e).abs().max() / e.abs().max().clamp_min(1e-30))
+
+
+def assert_stays_quantized(fcn: nn.Module) -> None:
+    """Quantized convolutions throughout, the head among them; no float or quantized Linear and
+    no float Conv2d left."""
+    kinds = [type(m) for m in fcn.modules()]
+    assert any(issubclass(k, nnq.Conv2d) for k in kinds)
+    assert not any(issubclass(k, (nn.Linear, nnq.Linear, nn.Conv2d)) for k in kinds), kinds
+
+
+@pytest.mark.parametrize("qconfig", list(QCONFIGS))
+def test_quantized_valid_cnn_cells_equal_crops(qconfig: str) -> None:
+    model = valid_cnn(ValidCNN, qconfig)
+    before = qfingerprint(model)
+    probe = torch.randn(4, 3, *NATIVE, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = model(probe)
+
+    fcn = convolutionalize(model, input_size=NATIVE)
+
+    assert qfingerprint(model) == before  # the caller's model is left alone
+    with torch.no_grad():
+        assert torch.equal(model(probe), reference)
+    assert_stays_quantized(fcn)
+    assert isinstance(fcn.net.fc1, nniq.ConvReLU2d) and fcn.net.fc1.kernel_size == (5, 5)
+    assert type(fcn.net.fc2) is nnq.Conv2d and fcn.net.fc2.kernel_size == (1, 1)
+    assert (fcn.net.fc2.scale, fcn.net.fc2.zero_point) == (model.fc2.scale, model.fc2.zero_point)
+    weight = fcn.net.fc1.weight()
+    assert weight.qscheme() == model.fc1.weight().qscheme()
+    assert torch.equal(weight.int_repr().flatten(1), model.fc1.weight().int_repr())  # the same integers
+    assert fcn.geometry.crop_equivalent and fcn.geometry.stride == (2, 2)
+    assert fcn.self_check.native_error == 0.0 and fcn.self_check.crop_error == 0.0
+    assert tolerance("quantized") < 1 / 255  # below one step of any 8-bit output: exactness
+
+    scale = model.fc2.scale
+    with torch.no_grad():
+        native = fcn(probe)
+    assert native.shape == (4, 10, 1, 1)
+    assert steps(native.flatten(1), reference, scale) == 0  # measured: 0 steps
+    assert relative(native.flatten(1), reference) <= tolerance("quantized")
+
+    size = (NATIVE[0] + 2 * 2, NATIVE[1] + 3 * 2)  # native + 2 strides down, 3 across
+    image = 1.5 * torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = fcn(image)
+        assert dense.shape[-2:] == fcn.geometry.cells(*size) == (3, 4)
+        for i in range(3):
+            for j in range(4):
+                x0, y0, x1, y1 = fcn.geometry.box(i, j)
+                crop = model(image[:, :, y0:y1, x0:x1])
+                assert steps(dense[:, :, i, j], crop, scale) == 0, (i, j)
+                assert relative(dense[:, :, i, j], crop) <= tolerance("quantized")
+
+
+def test_quantized_global_pool_head_is_a_quantized_window_pool() -> None:
+    """The quantized adaptive average pool becomes a stride-1 quantized average pool over the
+    native feature window; each cell equals the original on its crop, integer for integer."""
+    model = valid_cnn(ValidGapCNN)
+    fcn = convolutionalize(model, input_size=NATIVE)
+    assert_stays_quantized(fcn)
+    assert [s.op for s in fcn.plan.steps][:2] == ["global_pool", "flatten"]
+    assert fcn.geometry.crop_equivalent and fcn.geometry.window == NATIVE
+    assert fcn.self_check.native_error == 0.0 and fcn.self_check.crop_error == 0.0
+    size = (NATIVE[0] + 4, NATIVE[1] + 6)
+    image = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dense = fcn(image)
+        assert dense.shape[-2:] == (3, 4)
+        for i, j in [(0, 0), (1, 2), (2, 3)]:
+            x0, y0, x1, y1 = fcn.geometry.box(i, j)
+            assert steps(dense[:, :, i, j], model(image[:, :, y0:y1, x0:x1]), model.fc.scale) == 0
+
+
+@pytest.mark.parametrize("pool", ["none", "global"])
+def test_quantized_pool_modes(pool: str) -> None:
+    model = valid_cnn()
+    fcn = convolutionalize(model, input_size=NATIVE, pool=pool)
+    assert_stays_quantized(fcn)
+    probe = torch.randn(2, 3, *NATIVE, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        out, reference = fcn(probe), model(probe)
+    # a flatten head has only the window meaning: "none" is the window map, "global" its mean
+    assert steps(out.reshape(reference.shape), reference, model.fc2.scale) == 0
+    with torch.no_grad():
+        bigger = fcn(torch.randn(1, 3, 18, 20))
+    assert bigger.shape == ((1, 10, 3, 4) if pool == "none" else (1, 10))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "mobilenet_v3_large"])
+def test_torchvision_quantized_classifiers_convert(name: str) -> None:
+    size = (64, 64)
+    model = torchvision_quantized(name, size)
+    before = qfingerprint(model)
+    probe = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference = model(probe)
+
+    assert analyse(model, size).precision == "quantized"
+    fcn = convolutionalize(model, input_size=size)
+
+    assert qfingerprint(model) == before
+    assert_stays_quantized(fcn)
+    linear = [s for s in fcn.plan.steps if s.op == "linear"]
+    assert linear and all(s.kernel == (1, 1) and "quantized" in s.detail for s in linear)
+    assert fcn.geometry.stride == (32, 32) and fcn.self_check.native_error == 0.0
+    scale = model.fc.scale if name == "resnet18" else model.classifier[-1].scale
+    with torch.no_grad():
+        native = fcn(probe)
+        assert steps(native.flatten(1), reference, scale) == 0
+        larger = (size[0] + 2 * 32, size[1] + 3 * 32)
+        assert fcn.geometry.cells(*larger) == (3, 4)
+        assert fcn(torch.randn(1, 3, *larger)).shape == (1, 1000, 3, 4)
+
+
+def test_dynamically_quantized_linear_is_refused_by_name() -> None:
+    """A dynamic Linear quantizes its input with a scale measured on the whole input: a cell
+    of a large map would get the whole map's scale, not its crop's; no exact sliding form."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 12 * 12, 5)).eval()
+    dynamic = tq.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    with pytest.raises(NotConvolutionalizable, match=r"'_2' \(Linear\) is dynamically quantized"):
+        convolutionalize(dynamic, input_size=NATIVE)
+
+
+def test_quantized_output_stride_is_refused_by_name() -> None:
+    with pytest.raises(NotConvolutionalizable, match=r"'conv2' is a quantized convolution \(ConvReLU2d\)"):
+        convolutionalize(valid_cnn(), input_size=NATIVE, output_stride=1)
+
+
+def test_quantized_output_without_dequantize_stays_quantized() -> None:
+    """A model that returns its quantized scores (no final DeQuantize) is checked by the values
+    its integers stand for, and returns a quantized map."""
+    model = valid_cnn()
+    model.dequant = nn.Identity()
+    fcn = convolutionalize(model, input_size=NATIVE)
+    assert fcn.self_check.native_error == 0.0 and fcn.self_check.crop_error == 0.0
+    image = torch.randn(1, 3, 18, 20, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        dense = fcn(image)
+        crop = model(image[:, :, 2:16, 4:18])  # cell (1, 2): the window at (2, 4)
+    assert dense.is_quantized and dense.shape == (1, 10, 3, 4)
+    assert torch.equal(dense[:, :, 1, 2].int_repr(), crop.int_repr())
+
+
+def test_quantized_class_activation_map_is_the_linear_at_every_cell() -> None:
+    """pool="none" on a global-pool head ending in a quantized Linear: each cell is the quantized
+    Linear on that feature cell (integer for integer). The mean of those rounded scores is not
+    the rounded logits, so the self-check does not compare it with them (native_error None)."""
+    model = valid_cnn(ValidGapCNN)
+    model.dequant = nn.Identity()  # the head ends in the quantized Linear itself
+    fcn = convolutionalize(model, input_size=NATIVE, pool="none")
+    assert fcn.self_check.native_error is None
+    assert_stays_quantized(fcn)
+    image = torch.randn(1, 3, 18, 20, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        cam = fcn(image)
+        features = model.conv2(model.conv1(model.quant(image)))  # fused: the ReLUs are inside
+        assert cam.shape[-2:] == features.shape[-2:] == (7, 8)
+        for i, j in [(0, 0), (3, 5), (6, 7)]:
+            expected = model.fc(features[:, :, i, j].contiguous())
+            assert torch.equal(cam[:, :, i, j].int_repr(), expected.int_repr()), (i, j)
