@@ -8,6 +8,7 @@ import tempfile
 import threading
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -38,6 +39,7 @@ PER_LOCATION = ELEMENTWISE | SHAPE_OPS | frozenset({
     "BatchNormalization", "Concat", "Split", "LayerNormalization", "Softmax", "LogSoftmax",
     "Hardmax", "LRN",
     "Slice", "Expand", "Where", "MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"})
+QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
 def input_layout(model: onnx.ModelProto) -> Layout:
@@ -94,6 +96,28 @@ def dims_of(value: onnx.ValueInfoProto) -> tuple[int | None, ...] | None:
         return None
     return tuple(d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None
                  for d in t.shape.dim)
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A quantized weight: ``(values - zero_point) * scale``, per tensor (scalar scale) or per
+    slice along ``axis``."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.scale.size == 1
+
+    def dequantized(self) -> np.ndarray:
+        shape = [1] * self.values.ndim
+        if not self.per_tensor:
+            shape[self.axis % self.values.ndim] = -1
+        values = self.values.astype(np.float32) - self.zero_point.astype(np.float32).reshape(shape)
+        return (values * self.scale.reshape(shape)).astype(self.scale.dtype)
 
 
 class Graph:
@@ -160,9 +184,23 @@ class Graph:
 
     def const(self, name: str) -> np.ndarray | None:
         """The value of an initializer (constant subgraphs were folded into initializers
-        before the analysis), else None."""
+        before the analysis) or of a quantized weight's ``DequantizeLinear``, else None."""
         init = self.inits.get(name)
-        return None if init is None else numpy_helper.to_array(init)
+        if init is not None:
+            return numpy_helper.to_array(init)
+        quantized = self.quantized(name)
+        return None if quantized is None else quantized.dequantized()
+
+    def quantized(self, name: str) -> Quantized | None:
+        """``name`` as a quantized weight (``DequantizeLinear`` of integer initializers, which
+        the preparation keeps so that the graph stays quantized), else None."""
+        node = self.producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or not all(
+                n in self.inits for n in node.input if n):
+            return None
+        arrays = [numpy_helper.to_array(self.inits[n]) for n in node.input if n]
+        zero = arrays[2] if len(arrays) > 2 else np.zeros_like(arrays[1], dtype=arrays[0].dtype)
+        return Quantized(arrays[0], arrays[1], zero, int(attr_value(node, "axis", 1)))  # type: ignore[arg-type]
 
     def shape(self, name: str) -> tuple[int | None, ...] | None:
         return self.shapes.get(name)

@@ -24,6 +24,7 @@ from ...weights import FlattenLayout
 from .graph import (
     BINARY,
     ELEMENTWISE,
+    QDQ,
     SHAPE_OPS,
     Graph,
     Kind,
@@ -184,6 +185,9 @@ def _head_start(graph: Graph, chain: list[onnx.NodeProto], output: str, stop: st
             while i > 0 and chain[i - 1].op_type in ("Transpose", "Identity"):
                 i -= 1
             return i
+    dynamic = next((n for n in graph.model.graph.node if n.op_type == "DynamicQuantizeLinear"), None)
+    if dynamic is not None:  # its scale and zero point feed the head as a second data input
+        _dynamic_quantize(graph, dynamic, Value("vector"))
     stop = f"; walking back from it, {stop}" if stop else ""
     raise NotConvolutionalizable(
         f"no classifier head: no global pool or flatten of a 4-D feature map leads to the output "
@@ -328,7 +332,7 @@ def _step(graph: Graph, node: onnx.NodeProto, value: Value, fmap: FeatureMap,
     if value.transposed:
         raise NotConvolutionalizable(f"{where} reads the features laid out (features, batch); only a "
                                      "Gemm with transA=1 can")
-    if value.kind == "flat" and op not in ELEMENTWISE:
+    if value.kind == "flat" and op not in ELEMENTWISE | QDQ:
         raise NotConvolutionalizable(f"{where} acts on the flattened map before any Linear; it "
                                      "has no sliding equivalent")
     rule = HEAD_OPS.lookup(op, graph.opset)
@@ -438,6 +442,32 @@ def _unused_extra_outputs(graph: Graph, node: onnx.NodeProto, what: str) -> None
         if extra and graph.users(extra):
             raise NotConvolutionalizable(f"{describe_node(node)}: its {what} output '{extra}' is "
                                          "used; only the inference output has a sliding form")
+
+
+@HEAD_OPS.register(*sorted(QDQ))
+def _quantize(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
+    """(De)quantization: per element with one scale; per channel where the axis is the
+    features' (a vector's or a pooled map's channels), which stay the channels of the map."""
+    scale = graph.const(node.input[1])
+    if scale is None:
+        raise NotConvolutionalizable(f"{describe_node(node)}: its scale '{node.input[1]}' is "
+                                     "computed, not a constant")
+    if scale.size == 1:
+        return HeadStep(node.name, "keep", f"{node.op_type} (per tensor: elementwise)")
+    axis = int(attr_value(node, "axis", 1))  # type: ignore[arg-type]
+    if value.kind != "flat" and axis % _rank(value) == _channel_axis(value):
+        return HeadStep(node.name, "keep", f"{node.op_type} (per channel)")
+    where = "the flattened map" if value.kind == "flat" else f"axis {axis}, not the channels"
+    raise NotConvolutionalizable(f"{describe_node(node)} quantizes per slice of {where}; only "
+                                 "per-tensor or per-channel quantization can slide")
+
+
+@HEAD_OPS.register("DynamicQuantizeLinear")
+def _dynamic_quantize(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
+    raise NotConvolutionalizable(
+        f"{describe_node(node)} computes its scale from the whole tensor it quantizes: on a map "
+        "that is every window at once, so no window would be quantized as the original "
+        "quantizes its one crop; quantize the model statically (onnxruntime quantize_static)")
 
 
 @HEAD_OPS.register("Dropout", versions=(7, 10))

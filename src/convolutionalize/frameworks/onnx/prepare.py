@@ -9,7 +9,8 @@
   their nodes like any other.
 - Constant subgraphs (``Constant``, ``ConstantOfShape``, ``Cast``, ``Reshape`` / ``Unsqueeze``
   / ``Identity`` of initializers, ...) are evaluated once with onnx's reference evaluator and
-  replaced by initializers, so every weight the head reads is an initializer.
+  replaced by initializers, so every weight the head reads is an initializer, except the
+  ``DequantizeLinear`` of an integer weight (QDQ graphs), kept so that the graph stays quantized.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def fold_constants(model: onnx.ModelProto) -> None:
     """Replace every node computed from constants alone by initializers (in place)."""
     g = model.graph
     constant = {i.name for i in g.initializer}
+    initial = {i.name: i for i in g.initializer}
     outputs = {o.name for o in g.output}
     folded: list[onnx.NodeProto] = []
     for node in g.node:  # graph order is topological
@@ -76,6 +78,8 @@ def fold_constants(model: onnx.ModelProto) -> None:
                        for a in node.attribute)
                 or any(o in outputs for o in node.output)):
             continue
+        if node.op_type == "DequantizeLinear" and ins[0] in initial and _integer(initial[ins[0]]):
+            continue  # a quantized weight stays quantized (the rewrite reshapes its integers)
         if node.op_type == "Constant" or (ins and all(n in constant for n in ins)):
             folded.append(node)
             constant.update(o for o in node.output if o)
@@ -92,6 +96,10 @@ def fold_constants(model: onnx.ModelProto) -> None:
     g.node.extend(rest)
     g.initializer.extend(numpy_helper.from_array(v, name) for name, v in zip(needed, values))
     logger.debug("folded %d constant nodes into %d initializers", len(folded), len(needed))
+
+
+def _integer(tensor: onnx.TensorProto) -> bool:
+    return np.issubdtype(helper.tensor_dtype_to_np_dtype(tensor.data_type), np.integer)
 
 
 def _evaluate(model: onnx.ModelProto, nodes: list[onnx.NodeProto],

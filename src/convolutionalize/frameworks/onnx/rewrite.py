@@ -16,7 +16,18 @@ from ...geometry import PoolMode, Span
 from ...plan import HeadPlan
 from ...weights import linear_to_oihw
 from .geometry import same_pads
-from .graph import BINARY, ELEMENTWISE, SHAPE_OPS, Graph, all_inputs, attr_value, describe_node, set_attribute
+from .graph import (
+    BINARY,
+    ELEMENTWISE,
+    QDQ,
+    SHAPE_OPS,
+    Graph,
+    Quantized,
+    all_inputs,
+    attr_value,
+    describe_node,
+    set_attribute,
+)
 from .head import SOFTMAX_OPS, Head, HeadNode, Value, linear_weight
 from .registry import Registry, since_version
 
@@ -132,16 +143,56 @@ def _rewrite_linear(rw: _Rewrite, hn: HeadNode) -> None:
         return
     weight = linear_weight(rw.graph, hn.node)
     out_f = weight.shape[0]
+    quantized = rw.graph.quantized(hn.node.input[1])
+    kernel, kernel_shape = (_kernel(rw, hn, weight) if quantized is None
+                            else _quantized_kernel(rw, hn, quantized))
+    inputs = [rw.src(hn.node.input[0]), kernel]
+    if hn.node.op_type == "Gemm" and len(hn.node.input) > 2 and hn.node.input[2]:
+        bias = rw.graph.quantized(hn.node.input[2])
+        beta = float(attr_value(hn.node, "beta", 1.0))  # type: ignore[arg-type]
+        if bias is not None and beta == 1.0 and bias.per_tensor and bias.values.size == out_f:
+            inputs.append(_dequantized(rw, "bias", bias.values.reshape(-1), bias, 0))
+        else:
+            inputs.append(rw.constant("bias", _gemm_bias(rw.graph, hn.node, out_f)))
+    dilated = {"dilations": list(rw.dilation)} if rw.dilation != (1, 1) and hn.before.kind == "flat" else {}
+    rw.add("Conv", inputs, [hn.node.output[0]], kernel_shape=kernel_shape, **dilated)
+
+
+def _oihw(hn: HeadNode, weight: np.ndarray) -> np.ndarray:
+    """The ``(out, in)`` Linear weight as the Conv kernel of the head's input."""
     if hn.before.kind == "flat":
         assert hn.before.flat is not None
-        kernel = linear_to_oihw(weight, *hn.before.flat, layout=hn.before.flat_layout)
-    else:
-        kernel = weight.reshape(out_f, -1, 1, 1)
-    inputs = [rw.src(hn.node.input[0]), rw.constant("weight", kernel)]
-    if hn.node.op_type == "Gemm" and len(hn.node.input) > 2 and hn.node.input[2]:
-        inputs.append(rw.constant("bias", _gemm_bias(rw.graph, hn.node, out_f)))
-    dilated = {"dilations": list(rw.dilation)} if rw.dilation != (1, 1) and hn.before.kind == "flat" else {}
-    rw.add("Conv", inputs, [hn.node.output[0]], kernel_shape=list(kernel.shape[2:]), **dilated)
+        return linear_to_oihw(weight, *hn.before.flat, layout=hn.before.flat_layout)
+    return weight.reshape(weight.shape[0], -1, 1, 1)
+
+
+def _kernel(rw: _Rewrite, hn: HeadNode, weight: np.ndarray) -> tuple[str, list[int]]:
+    """The float kernel and its (height, width)."""
+    kernel = _oihw(hn, weight)
+    return rw.constant("weight", kernel), list(kernel.shape[2:])
+
+
+def _quantized_kernel(rw: _Rewrite, hn: HeadNode, quantized: Quantized) -> tuple[str, list[int]]:
+    """A quantized weight stays quantized: its integers laid out as the kernel (the same moves
+    as the float weight), dequantized per tensor or per output channel (axis 0)."""
+    node = hn.node
+    trans_b = node.op_type == "Gemm" and bool(attr_value(node, "transB", 0))
+    out_axis = 0 if trans_b else 1  # where the outputs are in the stored weight
+    if float(attr_value(node, "alpha", 1.0)) != 1.0 or not (  # type: ignore[arg-type]
+            quantized.per_tensor or quantized.axis % 2 == out_axis):
+        raise NotConvolutionalizable(f"{describe_node(node)}: its quantized weight is scaled by alpha "
+                                     "or quantized per input feature; only per-tensor or per-output "
+                                     "quantization keeps the kernel quantized")
+    kernel = _oihw(hn, np.ascontiguousarray(quantized.values if trans_b else quantized.values.T))
+    return _dequantized(rw, "weight", kernel, quantized, 0), list(kernel.shape[2:])
+
+
+def _dequantized(rw: _Rewrite, name: str, values: np.ndarray, quantized: Quantized, axis: int) -> str:
+    out = rw.fresh(f"{name}_dequantized")
+    inputs = [rw.constant(f"{name}_quantized", values), rw.constant(f"{name}_scale", quantized.scale),
+              rw.constant(f"{name}_zero_point", quantized.zero_point)]
+    rw.add("DequantizeLinear", inputs, [out], **({} if quantized.per_tensor else {"axis": axis}))
+    return out
 
 
 def _gemm_bias(graph: Graph, node: onnx.NodeProto, out_f: int) -> np.ndarray:
@@ -199,6 +250,13 @@ def _rewrite_softmax_coerced(rw: _Rewrite, hn: HeadNode) -> None:
     rw.add("Transpose", [done], [hn.node.output[0]], perm=[0, 3, 1, 2])
 
 
+def _rewrite_quantize(rw: _Rewrite, hn: HeadNode) -> None:
+    """Unchanged; per channel of a vector, the channels are axis 1 of the map."""
+    rw.keep(hn)
+    if hn.before.kind == "vector" and attr_value(hn.node, "axis") is not None:
+        set_attribute(rw.nodes[-1], "axis", 1)
+
+
 def _rewrite_dropout(rw: _Rewrite, hn: HeadNode) -> None:
     """The identity at inference (its mask, unused, goes with it)."""
     rw.bypass(hn)
@@ -232,6 +290,7 @@ REWRITES.register("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax
 REWRITES.register(*SHAPE_OPS)(_rewrite_shape)
 REWRITES.register(*(ELEMENTWISE - {"Dropout"}), "Conv", "LRN")(_rewrite_keep)
 REWRITES.register("Dropout", versions=(7, 10, 12, 13, 22))(_rewrite_dropout)
+REWRITES.register(*sorted(QDQ))(_rewrite_quantize)
 REWRITES.register("Gemm", "MatMul")(_rewrite_linear)
 REWRITES.register("LayerNormalization", versions=(17,))(_rewrite_layernorm)
 REWRITES.register(*SOFTMAX_OPS, versions=(1, 11))(_rewrite_softmax_coerced)
