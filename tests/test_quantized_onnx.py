@@ -80,3 +80,11 @@ def test_dynamic_quantization_is_refused_naming_why(tmp_path: Path) -> None:
     q.quantize_dynamic(str(_float_model(tmp_path)), str(quantized))
     with pytest.raises(NotConvolutionalizable, match="DynamicQuantizeLinear"):
         convolutionalize(onnx.load(str(quantized)), INPUT_SIZE)
+
+
+def test_qoperator_graphs_are_refused_naming_the_op(tmp_path: Path) -> None:
+    quantized = tmp_path / "tiny_qop.onnx"
+    q.quantize_static(str(_float_model(tmp_path)), str(quantized), _Batches(),
+                      quant_format=q.QuantFormat.QOperator)
+    with pytest.raises(NotConvolutionalizable, match=r"\(QGemm\) is a quantized operator of .*QOperator"):
+        convolutionalize(onnx.load(str(quantized)), INPUT_SIZE)

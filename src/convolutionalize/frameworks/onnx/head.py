@@ -324,6 +324,11 @@ def _step(graph: Graph, node: onnx.NodeProto, value: Value, fmap: FeatureMap,
         return (HeadStep(node.name, "global_pool", f"{op}: global {reduce} pool over "
                          f"{fmap.size[0]}x{fmap.size[1]} ({value.layout})", reduce=reduce),
                 Value("pooled", value.layout) if keep else Value("vector"))
+    if op.startswith("QLinear") or op in QOPERATOR:
+        raise NotConvolutionalizable(
+            f"{where} is a quantized operator of onnxruntime's QOperator format, which the head "
+            "rewrite does not read; quantize in the QDQ format (quantize_static's default, "
+            "quant_format=QuantFormat.QDQ), which converts")
     if value.kind == "map":
         raise NotConvolutionalizable(f"{where} acts on the feature map before it is pooled or "
                                      "flattened; it is not part of a classifier head")
@@ -392,6 +397,7 @@ def linear_weight(graph: Graph, node: onnx.NodeProto) -> np.ndarray:
 
 # --------------------------------------------------------------------------- per-op rules
 
+QOPERATOR = frozenset({"QGemm", "MatMulInteger", "ConvInteger", "QAttention"})
 HeadRule = Callable[[Graph, onnx.NodeProto, Value], HeadStep]
 HEAD_OPS: Registry[HeadRule] = Registry("head rule")
 SOFTMAX_OPS = ("Softmax", "LogSoftmax", "Hardmax")
