@@ -207,7 +207,7 @@ BAD_INPUT = {
     "garbage-model-file": (["inspect", "{files}/garbage.pth"], "cannot read"),
     "untrusted-pickle": (["inspect", "{files}/tiny.pt", "--input-size", "12", "12"], TRUST),
     "state-dict-as-model": (["inspect", "{files}/tiny_state.pth"], "--weights"),
-    "torchscript": (["inspect", "{files}/scripted.pt"], "torch.save(model"),
+    "torchscript": (["inspect", "{files}/scripted.pt"], "pass --input-size H W"),
     "untraceable": (["inspect", "{files}/branchy.pt", TRUST, "--input-size", "12", "12"], "trace"),
     "no-input-size": (["inspect", "{files}/tiny.pt", TRUST], "--input-size"),
     "missing-weights": (["inspect", "torchvision:resnet18", "--weights", "{files}/none.pth"],
