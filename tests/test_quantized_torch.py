@@ -43,45 +43,51 @@ def x86_engine() -> Iterator[None]:
     torch.backends.quantized.engine = saved
 
 
-class ValidCNN(nn.Module):
-    """Padding-free: QuantStub -> conv -> relu -> conv/2 -> relu -> flatten -> fc -> relu -> fc."""
+class ValidBody(nn.Module):
+    """Padding-free: QuantStub -> conv -> relu -> conv/2 -> relu (16 channels)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.quant = tq.QuantStub()
         self.conv1, self.relu1 = nn.Conv2d(3, 8, 3), nn.ReLU()
         self.conv2, self.relu2 = nn.Conv2d(8, 16, 3, stride=2), nn.ReLU()
-        self.flatten = nn.Flatten()
-        self.fc1, self.relu3 = nn.Linear(16 * 5 * 5, 32), nn.ReLU()
-        self.fc2 = nn.Linear(32, 10)
         self.dequant = tq.DeQuantStub()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu2(self.conv2(self.relu1(self.conv1(self.quant(x)))))
-        return self.dequant(self.fc2(self.relu3(self.fc1(self.flatten(x)))))
-
-    def fuse(self) -> None:
-        tq.fuse_modules(self, [["conv1", "relu1"], ["conv2", "relu2"], ["fc1", "relu3"]], inplace=True)
-
-
-class ValidGapCNN(nn.Module):
-    """Padding-free with a global average pool head: the pool becomes a quantized window pool."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.quant = tq.QuantStub()
-        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3), nn.ReLU()
-        self.conv2, self.relu2 = nn.Conv2d(8, 16, 3, stride=2), nn.ReLU()
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(16, 10)
-        self.dequant = tq.DeQuantStub()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu2(self.conv2(self.relu1(self.conv1(self.quant(x)))))
-        return self.dequant(self.fc(torch.flatten(self.pool(x), 1)))
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu2(self.conv2(self.relu1(self.conv1(self.quant(x)))))
 
     def fuse(self) -> None:
         tq.fuse_modules(self, [["conv1", "relu1"], ["conv2", "relu2"]], inplace=True)
+
+
+class ValidCNN(ValidBody):
+    """The padding-free body -> flatten -> fc -> relu -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.fc1, self.relu3 = nn.Linear(16 * 5 * 5, 32), nn.ReLU()
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc2(self.relu3(self.fc1(self.flatten(self.features(x))))))
+
+    def fuse(self) -> None:
+        super().fuse()
+        tq.fuse_modules(self, [["fc1", "relu3"]], inplace=True)
+
+
+class ValidGapCNN(ValidBody):
+    """The padding-free body with a global average pool head: the pool becomes a quantized
+    window pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequant(self.fc(torch.flatten(self.pool(self.features(x)), 1)))
 
 
 QCONFIGS = {"per-channel": lambda: tq.get_default_qconfig("x86"), "per-tensor": lambda: tq.default_qconfig}

@@ -187,7 +187,7 @@ def _head_start(graph: Graph, chain: list[onnx.NodeProto], output: str, stop: st
             return i
     dynamic = next((n for n in graph.model.graph.node if n.op_type == "DynamicQuantizeLinear"), None)
     if dynamic is not None:  # its scale and zero point feed the head as a second data input
-        _dynamic_quantize(graph, dynamic, Value("vector"))
+        raise _dynamic_refusal(dynamic)
     stop = f"; walking back from it, {stop}" if stop else ""
     raise NotConvolutionalizable(
         f"no classifier head: no global pool or flatten of a 4-D feature map leads to the output "
@@ -470,7 +470,11 @@ def _quantize(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
 
 @HEAD_OPS.register("DynamicQuantizeLinear")
 def _dynamic_quantize(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
-    raise NotConvolutionalizable(
+    raise _dynamic_refusal(node)
+
+
+def _dynamic_refusal(node: onnx.NodeProto) -> NotConvolutionalizable:
+    return NotConvolutionalizable(
         f"{describe_node(node)} computes its scale from the whole tensor it quantizes: on a map "
         "that is every window at once, so no window would be quantized as the original "
         "quantizes its one crop; quantize the model statically (onnxruntime quantize_static)")

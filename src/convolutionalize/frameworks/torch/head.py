@@ -51,7 +51,7 @@ from .graph import (
 )
 from .quantized import QUANTIZED_CONVS, is_quantized_linear, quantized_linear_refusal
 
-__all__ = ["Value", "find_head", "propagate_kinds"]
+__all__ = ["Value", "find_head", "permutation", "propagate_kinds"]
 
 Kind = Literal["map", "pooled", "vector", "flat", "merged", "half", "context", "seq"]
 FLATTENS = frozenset({"flatten", "view", "reshape", "squeeze", "Flatten"})
@@ -147,7 +147,7 @@ def _from_map(node: fx.Node, name: str, src: Value, in_shape: tuple[int, ...],
     if name in REDUCTIONS:
         return _channel_reduction(node, name, src, in_shape, out_shape)
     if name in ("permute", "transpose"):
-        perm = _permutation(node, name, len(in_shape))
+        perm = permutation(node, name, len(in_shape))
         if perm is None:
             return Value("seq")
         return Value("map", (perm.index(ay), perm.index(ax)))
@@ -188,7 +188,7 @@ def _channel_reduction(node: fx.Node, name: str, src: Value, in_shape: tuple[int
     return Value("map", (ay, ax))
 
 
-def _permutation(node: fx.Node, name: str, rank: int) -> list[int] | None:
+def permutation(node: fx.Node, name: str, rank: int) -> list[int] | None:
     """The axis order after ``permute`` / ``transpose`` (``name``), if given by constants."""
     if name == "permute":
         dims = node.args[1:] if node.op == "call_method" else (arg(node, 1, "dims"),)
@@ -322,7 +322,7 @@ def _from_head_value(node: fx.Node, name: str, src: Value, out_shape: tuple[int,
     if src.kind == "vector" and name in RESHAPES and len(out_shape) == 4 and out_shape[2:] == (1, 1):
         return Value("pooled", (2, 3))  # x.view(b, c, 1, 1), x[..., None, None]
     if src.kind == "pooled" and name in ("permute", "transpose") and src.axes is not None:
-        perm = _permutation(node, name, len(out_shape))
+        perm = permutation(node, name, len(out_shape))
         if perm is not None and len(out_shape) == 4:
             return Value("pooled", (perm.index(src.axes[0]), perm.index(src.axes[1])))
     if src.kind == "pooled":

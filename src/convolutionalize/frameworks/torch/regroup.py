@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import op_name, shape_of
+from .head import permutation
 
 __all__ = ["regroup_space_to_depth"]
 
@@ -76,21 +77,12 @@ def _view_permute_view(node: fx.Node, modules: dict[str, nn.Module]):
         return None
     n, c, h, w = four
     k = six[3]
-    perm = _dims(permuted)
+    perm = permutation(permuted, "permute", 6)
     if (k < 2 or six != (n, c, h // k, k, w // k, k) or h % k or w % k or perm is None
             or perm[0] != 0 or perm[4:] != [2, 4] or sorted(perm[1:4]) != [1, 3, 5]
             or out != (n, c * k * k, h // k, w // k) or any(len(u.users) > 1 for u in (split, permuted))):
         return None
     return source, node, k, tuple(perm[1:4])
-
-
-def _dims(node: fx.Node) -> list[int] | None:
-    dims = list(node.args[1:])
-    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
-        dims = list(dims[0])
-    if "dims" in node.kwargs:
-        dims = list(node.kwargs["dims"])
-    return [d % 6 for d in dims] if len(dims) == 6 and all(isinstance(d, int) for d in dims) else None
 
 
 def _replace(gm: fx.GraphModule, source: fx.Node, last: fx.Node, k: int, order: tuple[int, ...]) -> None:
