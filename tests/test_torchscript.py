@@ -114,3 +114,23 @@ def test_cli_converts_an_archive_and_reads_it_back(tmp_path: Path,
     assert main(["inspect", str(tmp_path / "out.pt")]) == 0  # no --input-size: the file says it
     out = capsys.readouterr().out
     assert "window: 12x12  stride: 2x2" in out
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".onnx"])
+def test_a_model_converted_from_torchscript_maps_from_every_format(suffix: str, tmp_path: Path) -> None:
+    """Its weights come from TorchScript as buffers that require grad; saved in any format and
+    read back, ``predict`` maps with it (a copy of such weights was not a leaf and failed)."""
+    import numpy as np
+    from PIL import Image
+
+    torch.manual_seed(0)
+    scripted = _archive(_scripted(TinyNet().eval(), "trace", torch.randn(1, 1, *INPUT_SIZE)),
+                        tmp_path / "in.pt")
+    fcn = convolutionalize(scripted, INPUT_SIZE)
+    save(fcn, tmp_path / f"out{suffix}")
+    page = np.random.default_rng(0).integers(0, 256, (20, 26), dtype=np.uint8)
+    Image.fromarray(page).save(tmp_path / "page.png")
+    out = tmp_path / "map.npy"
+    assert main(["predict", str(tmp_path / f"out{suffix}"), str(tmp_path / "page.png"), "-o", str(out),
+                 "--no-progress"]) == 0
+    assert np.load(out).shape == (10, 5, 8)

@@ -46,7 +46,7 @@ from torch import nn
 
 from .api import load_model_file
 from .errors import first_line
-from .frameworks.base import META_KEY
+from .frameworks.base import META_KEY, Conversion
 
 __all__ = ["MODEL_SUFFIXES", "default_input_size", "load_model"]
 
@@ -351,7 +351,9 @@ def _exported_module(path: Path) -> nn.Module:
             try:
                 extra = {META_KEY: ""}
                 module = torch.export.load(str(path), extra_files=extra).module()
-                return _converted(module, extra[META_KEY]) if extra[META_KEY] else module
+                if not extra[META_KEY]:
+                    return module
+                return _converted(module, Conversion.from_json(extra[META_KEY]))
             except Exception as exc:  # the deserializer raises many types (KeyError, ...)
                 if attempt == 0 and _import_output_type(messages):
                     continue
@@ -361,15 +363,13 @@ def _exported_module(path: Path) -> nn.Module:
     raise AssertionError("unreachable")
 
 
-def _converted(module: nn.Module, meta: str) -> nn.Module:
-    """A converted model's exported program, with the conversion it was saved with."""
-    from .frameworks.base import Conversion
+def _converted(module: nn.Module, conversion: Conversion, out_spec: Any = None) -> nn.Module:
+    """A converted model's saved graph, with the conversion it was saved with."""
     from .frameworks.torch.layers import ConvolutionalizedModule
     from .selfcheck import SelfCheck
 
-    conversion = Conversion.from_json(meta)
     check = conversion.self_check or SelfCheck(None, conversion.geometry.input_size, (1, 1), None)
-    fcn = ConvolutionalizedModule(module, conversion.geometry, conversion.plan, check)
+    fcn = ConvolutionalizedModule(module, conversion.geometry, conversion.plan, check, out_spec)
     fcn.training = False  # the program keeps the mode it was exported in (it refuses .eval())
     return fcn
 
@@ -415,6 +415,9 @@ def _is_torchscript(path: Path) -> bool:
 def _script_module(path: Path) -> nn.Module:
     """A TorchScript archive (no pickle trust needed): the ScriptModule, or the converted model
     it holds with its conversion."""
+    from .errors import NotConvolutionalizable
+    from .frameworks.base import Conversion
+    from .frameworks.torch.capture import capture
     from .frameworks.torch.script import TORCHSCRIPT
 
     extra = {META_KEY: ""}
@@ -426,7 +429,14 @@ def _script_module(path: Path) -> nn.Module:
         raise ValueError(f"cannot read the TorchScript file {path}: {first_line(exc)}") from exc
     if not extra[META_KEY]:
         return module
-    fcn = _converted(module, extra[META_KEY])
+    # lifted to a graph (as a conversion lifts it), so that dense maps fuse, stream and measure
+    # it like any converted model
+    conversion = Conversion.from_json(extra[META_KEY])
+    try:
+        captured = capture(module, conversion.plan.in_channels, conversion.geometry.input_size)
+    except NotConvolutionalizable as exc:
+        raise ValueError(f"cannot read the TorchScript file {path}: {first_line(exc)}") from exc
+    fcn = _converted(captured.gm, conversion, captured.out_spec)
     fcn.source_format = TORCHSCRIPT
     return fcn
 

@@ -27,7 +27,7 @@ from torch.utils._pytree import TreeSpec
 
 from ...errors import NotConvolutionalizable, first_line
 from . import graph as g
-from .script import is_script, lift, script_name
+from .script import is_script, lift, lifted_module, script_name
 
 __all__ = ["Capture", "capture", "quiet_torch_logs"]
 
@@ -54,7 +54,7 @@ def capture(model: nn.Module, channels: int | None, input_size: tuple[int, int])
     """
     if is_script(model):  # TorchScript: torch's converter lifts it to an exported program
         program, _ = lift(model, channels, input_size)
-        return _captured(program.module(), script_name(model), program.call_spec.out_spec)
+        return _captured(lifted_module(program), script_name(model), program.call_spec.out_spec)
     if isinstance(model, fx.GraphModule) and getattr(model, "_out_spec", None) is not None:
         # already exported (torch.export.load(...).module(), a .pt2 file): use its graph
         return _captured(model, type(model).__name__, model._out_spec)  # type: ignore[arg-type]

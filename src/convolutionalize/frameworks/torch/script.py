@@ -18,7 +18,7 @@ from torch import fx, nn
 from ...errors import NotConvolutionalizable, first_line
 from ...selfcheck import relative_error, tolerance
 
-__all__ = ["TORCHSCRIPT", "is_script", "lift", "script_name"]
+__all__ = ["TORCHSCRIPT", "is_script", "lift", "lifted_module", "script_name"]
 
 TORCHSCRIPT = "torchscript"  # a converted model's ``source_format`` when it came from TorchScript
 
@@ -32,6 +32,21 @@ def is_script(model: object) -> bool:
 def script_name(model: object) -> str:
     """The scripted class's own name (``RecursiveScriptModule`` says nothing)."""
     return str(getattr(model, "original_name", None) or type(model).__name__)
+
+
+def lifted_module(program: torch.export.ExportedProgram) -> nn.Module:
+    """The lifted program as a module whose weights need no gradient: TorchScript's weights
+    come as buffers that require one, and what is computed from them (a folded batch norm,
+    a reshaped kernel) would then not be a leaf that can be copied or saved."""
+    module = program.module()
+    for sub in module.modules():
+        for name, tensor in sub._buffers.items():
+            if tensor is not None:
+                sub._buffers[name] = tensor.detach()
+        for name, param in sub._parameters.items():
+            if param is not None:
+                sub._parameters[name] = nn.Parameter(param.detach(), requires_grad=False)
+    return module
 
 
 def lift(model: nn.Module, channels: int | None, input_size: tuple[int, int]
