@@ -97,7 +97,8 @@ def plan_atrous(graph: Graph, plan: HeadPlan, body: BodyGeometry,
             nodes[name] = (unstride, factor)
         elif node.op_type == "Pad":
             nodes[name] = (False, factor)
-        elif node.op_type in ("LpPool", "ConvInteger", "QLinearConv", "ConvTranspose", "MaxUnpool"):
+        elif node.op_type in ("LpPool", "ConvInteger", "QLinearConv", "QLinearAveragePool",
+                              "ConvTranspose", "MaxUnpool"):
             raise NotConvolutionalizable(
                 f"output_stride={s}: {describe_node(node)} has no dilated form here; possible "
                 f"output strides: {', '.join(map(str, allowed))}")

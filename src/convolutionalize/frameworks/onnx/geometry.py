@@ -126,8 +126,9 @@ def _rescale(span: Span, ratio: float) -> Span:
 def _window_args(graph: Graph, node: onnx.NodeProto) -> tuple[tuple[int, int], ...]:
     """The kernel, strides and dilations of a window node."""
     kernel = attr_value(node, "kernel_shape")
-    if kernel is None and len(node.input) > 1:
-        kernel = (graph.shape(node.input[1]) or (0, 0, 1, 1))[2:]
+    weight = 3 if node.op_type == "QLinearConv" else 1  # QLinearConv: x, its scale, zero point, w
+    if kernel is None and len(node.input) > weight:
+        kernel = (graph.shape(node.input[weight]) or (0, 0, 1, 1))[2:]
     return (_pair(kernel, 1), _pair(attr_value(node, "strides"), 1), _pair(attr_value(node, "dilations"), 1))
 
 

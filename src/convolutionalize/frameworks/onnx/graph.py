@@ -31,15 +31,28 @@ BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mea
 SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Gather",
                        "Identity"})
 WINDOW_OPS = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool", "ConvInteger",
-                        "QLinearConv"})
+                        "QLinearConv", "QLinearAveragePool"})
 GLOBAL_OPS = frozenset({"GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool",
                         "InstanceNormalization", "GroupNormalization",
-                        "MeanVarianceNormalization", "Einsum", "Attention"})
-PER_LOCATION = ELEMENTWISE | SHAPE_OPS | frozenset({
-    "BatchNormalization", "Concat", "Split", "LayerNormalization", "Softmax", "LogSoftmax",
-    "Hardmax", "LRN",
-    "Slice", "Expand", "Where", "MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"})
+                        "MeanVarianceNormalization", "Einsum", "Attention",
+                        "QLinearGlobalAveragePool", "QAttention"})
 QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+# onnxruntime's QOperator format: ops on quantized tensors that requantize their result with
+# the output scale and zero point they take as inputs (com.microsoft, but QLinearMatMul/Conv)
+QLINEAR_BINARY = frozenset({"QLinearAdd", "QLinearMul"})
+QLINEAR_ELEMENTWISE = QLINEAR_BINARY | frozenset({"QLinearSigmoid", "QLinearLeakyRelu"})
+QLINEAR_LINEAR = frozenset({"QGemm", "QLinearMatMul"})  # weight at input 3, its scale and zero point after
+PER_LOCATION = ELEMENTWISE | SHAPE_OPS | QLINEAR_ELEMENTWISE | frozenset({
+    "BatchNormalization", "Concat", "Split", "LayerNormalization", "Softmax", "LogSoftmax",
+    "Hardmax", "LRN", "QLinearConcat",
+    "Slice", "Expand", "Where", "MatMul", "Gemm", "QuantizeLinear", "DequantizeLinear"})
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """Whether the graph computes on quantized tensors (QDQ or QOperator, static or dynamic)."""
+    return any(n.op_type in QDQ | QLINEAR_LINEAR | {"DynamicQuantizeLinear", "MatMulInteger",
+                                                    "ConvInteger"} or n.op_type.startswith("QLinear")
+               for n in model.graph.node)
 
 
 def input_layout(model: onnx.ModelProto) -> Layout:
@@ -170,6 +183,7 @@ class Graph:
                 dims[axis].dim_value = value
         for out in fixed.graph.output:
             out.type.tensor_type.ClearField("shape")
+        _shape_proxies(fixed.graph)
         try:
             inferred = onnx.shape_inference.infer_shapes(fixed, data_prop=True)
         except Exception as exc:
@@ -202,6 +216,19 @@ class Graph:
         zero = arrays[2] if len(arrays) > 2 else np.zeros_like(arrays[1], dtype=arrays[0].dtype)
         return Quantized(arrays[0], arrays[1], zero, int(attr_value(node, "axis", 1)))  # type: ignore[arg-type]
 
+    def qoperator_weight(self, node: onnx.NodeProto) -> Quantized | None:
+        """The integer weight of a ``QGemm``/``QLinearMatMul`` with its scale and zero point
+        (inputs 3-5), per tensor or per output column; None when they are not initializers."""
+        names = list(node.input[3:6])
+        if node.op_type not in QLINEAR_LINEAR or len(names) < 2 or not all(
+                n in self.inits for n in names if n):
+            return None
+        values, scale = (numpy_helper.to_array(self.inits[n]) for n in names[:2])
+        zero = (numpy_helper.to_array(self.inits[names[2]]) if len(names) > 2 and names[2]
+                else np.zeros_like(scale, dtype=values.dtype))
+        trans_b = node.op_type == "QGemm" and bool(attr_value(node, "transB", 0))
+        return Quantized(values, scale, zero, 0 if trans_b else 1)
+
     def shape(self, name: str) -> tuple[int | None, ...] | None:
         return self.shapes.get(name)
 
@@ -230,6 +257,36 @@ class Graph:
             seen.add(node.name)
             stack.extend(n for n in node.input if n)
         return seen
+
+
+def _shape_proxies(g: onnx.GraphProto) -> None:
+    """Replace onnxruntime's com.microsoft QOperator ops, which neither onnx's nor
+    onnxruntime's shape inference knows, by standard ops with the same output shapes (in a
+    copy made for the inference only)."""
+    for node in g.node:
+        proxy = _shape_proxy(node)
+        if proxy is not None:
+            proxy.name = node.name
+            node.CopyFrom(proxy)
+
+
+def _shape_proxy(node: onnx.NodeProto) -> onnx.NodeProto | None:
+    if node.domain != "com.microsoft" or attr_value(node, "channels_last", 0):
+        return None
+    ins, outs, op = list(node.input), list(node.output[:1]), node.op_type
+    kept = [a for a in node.attribute if a.name not in ("channels_last", "alpha", "opset")]
+    if op in QLINEAR_BINARY:
+        return helper.make_node("Add", [ins[0], ins[3]], outs)
+    if op in ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"):
+        return helper.make_node("Identity", ins[:1], outs)
+    if op in ("QLinearConcat", "QLinearGlobalAveragePool", "QLinearAveragePool", "QGemm"):
+        standard = {"QLinearConcat": ("Concat", ins[2::3]), "QGemm": ("Gemm", ins[0:4:3]),
+                    "QLinearGlobalAveragePool": ("GlobalAveragePool", ins[:1]),
+                    "QLinearAveragePool": ("AveragePool", ins[:1])}[op]
+        proxy = helper.make_node(standard[0], standard[1], outs)
+        proxy.attribute.extend(kept)
+        return proxy
+    return None
 
 
 def _shapes_of(g: onnx.GraphProto) -> tuple[dict, dict]:

@@ -25,6 +25,9 @@ from .graph import (
     BINARY,
     ELEMENTWISE,
     QDQ,
+    QLINEAR_BINARY,
+    QLINEAR_ELEMENTWISE,
+    QLINEAR_LINEAR,
     SHAPE_OPS,
     Graph,
     Kind,
@@ -80,6 +83,8 @@ def _global_reduce(graph: Graph, node: onnx.NodeProto) -> Literal["avg", "max"] 
     op = node.op_type
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
         return "avg" if op == "GlobalAveragePool" else "max"
+    if op == "QLinearGlobalAveragePool" and not attr_value(node, "channels_last", 0):
+        return "avg"
     if op in ("ReduceMean", "ReduceMax"):
         axes = attr_value(node, "axes")
         if axes is None and len(node.input) > 1 and node.input[1]:
@@ -320,24 +325,24 @@ def _step(graph: Graph, node: onnx.NodeProto, value: Value, fmap: FeatureMap,
     op, where = node.op_type, describe_node(node)
     reduce = _global_reduce(graph, node) if value.kind == "map" else None
     if reduce is not None and first:
-        keep = op.startswith(("Global", "Average", "Max")) or attr_value(node, "keepdims", 1) == 1
+        keep = op.startswith(("Global", "Average", "Max", "QLinear")) or attr_value(node, "keepdims", 1) == 1
         return (HeadStep(node.name, "global_pool", f"{op}: global {reduce} pool over "
                          f"{fmap.size[0]}x{fmap.size[1]} ({value.layout})", reduce=reduce),
                 Value("pooled", value.layout) if keep else Value("vector"))
-    if op.startswith("QLinear") or op in QOPERATOR:
+    if op in QOPERATOR or (op.startswith("QLinear") and op not in QLINEAR_ELEMENTWISE | QLINEAR_LINEAR):
         raise NotConvolutionalizable(
-            f"{where} is a quantized operator of onnxruntime's QOperator format, which the head "
-            "rewrite does not read; quantize in the QDQ format (quantize_static's default, "
-            "quant_format=QuantFormat.QDQ), which converts")
+            f"{where} is a quantized operator that the head rewrite does not read; QOperator heads "
+            f"convert through {', '.join(sorted(QLINEAR_LINEAR | QLINEAR_ELEMENTWISE))} and "
+            "QLinearGlobalAveragePool, and QDQ graphs (quantize_static's default) convert")
     if value.kind == "map":
         raise NotConvolutionalizable(f"{where} acts on the feature map before it is pooled or "
                                      "flattened; it is not part of a classifier head")
-    if op in ("Gemm", "MatMul") and value.kind in ("flat", "vector"):
+    if op in ("Gemm", "MatMul", *QLINEAR_LINEAR) and value.kind in ("flat", "vector"):
         return _linear_step(graph, node, value), Value("vector")
     if value.transposed:
         raise NotConvolutionalizable(f"{where} reads the features laid out (features, batch); only a "
                                      "Gemm with transA=1 can")
-    if value.kind == "flat" and op not in ELEMENTWISE | QDQ:
+    if value.kind == "flat" and op not in ELEMENTWISE | QDQ | QLINEAR_ELEMENTWISE:
         raise NotConvolutionalizable(f"{where} acts on the flattened map before any Linear; it "
                                      "has no sliding equivalent")
     rule = HEAD_OPS.lookup(op, graph.opset)
@@ -356,7 +361,7 @@ def _no_equivalent(graph: Graph, node: onnx.NodeProto, value: Value) -> NotConvo
 
 def _linear_step(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
     where = describe_node(node)
-    trans_a = node.op_type == "Gemm" and bool(attr_value(node, "transA", 0))
+    trans_a = node.op_type in ("Gemm", "QGemm") and bool(attr_value(node, "transA", 0))
     if trans_a and not value.transposed:
         raise NotConvolutionalizable(f"{where} has transA=1 but its features are laid out (batch, "
                                      "features); the features must be the rows")
@@ -378,12 +383,15 @@ def _linear_step(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
 
 
 def linear_weight(graph: Graph, node: onnx.NodeProto) -> np.ndarray:
-    """The ``(out, in)`` weight of a Gemm or MatMul (alpha applied), or a refusal. ``transA``
-    only says how the features are laid out, not the weight."""
+    """The ``(out, in)`` weight of a Gemm or MatMul (alpha applied), or of a QGemm or
+    QLinearMatMul (dequantized), or a refusal. ``transA`` only says how the features are laid
+    out, not the weight."""
     where = describe_node(node)
     if graph.data_inputs(node) != [node.input[0]]:
         raise NotConvolutionalizable(f"{where}: its weight is not an initializer (or the features "
                                      "are not its first input)")
+    if node.op_type in QLINEAR_LINEAR:
+        return _qoperator_weight(graph, node)
     weight = graph.const(node.input[1])
     if weight is None or weight.ndim != 2:
         raise NotConvolutionalizable(f"{where}: weight '{node.input[1]}' is not a 2-D initializer")
@@ -395,9 +403,30 @@ def linear_weight(graph: Graph, node: onnx.NodeProto) -> np.ndarray:
     return np.ascontiguousarray(weight)
 
 
+def _qoperator_weight(graph: Graph, node: onnx.NodeProto) -> np.ndarray:
+    """A QGemm/QLinearMatMul's ``(out, in)`` weight, dequantized, where the rewrite can give
+    it to a QLinearConv as it is: integers quantized per tensor or per output, no alpha, and a
+    quantized output (a QGemm without ``y_scale`` returns floats, which QLinearConv cannot)."""
+    where, quantized = describe_node(node), graph.qoperator_weight(node)
+    if quantized is None or quantized.values.ndim != 2:
+        raise NotConvolutionalizable(f"{where}: its weight, scale and zero point are not "
+                                     "initializers of a 2-D integer weight")
+    out_axis = quantized.axis  # QGemm transB=1: (out, in); otherwise (in, out)
+    if not quantized.per_tensor and quantized.scale.size != quantized.values.shape[out_axis]:
+        raise NotConvolutionalizable(f"{where} quantizes its weight per input feature; only "
+                                     "per-tensor or per-output quantization keeps the kernel quantized")
+    if float(attr_value(node, "alpha", 1.0)) != 1.0:  # type: ignore[arg-type]
+        raise NotConvolutionalizable(f"{where} scales its product by alpha, which QLinearConv cannot")
+    y_scale = 7 if node.op_type == "QGemm" else 6
+    if len(node.input) <= y_scale or not node.input[y_scale]:
+        raise NotConvolutionalizable(f"{where} returns floats (no y_scale), which QLinearConv cannot")
+    weight = quantized.dequantized()
+    return np.ascontiguousarray(weight if out_axis == 0 else weight.T)
+
+
 # --------------------------------------------------------------------------- per-op rules
 
-QOPERATOR = frozenset({"QGemm", "MatMulInteger", "ConvInteger", "QAttention"})
+QOPERATOR = frozenset({"MatMulInteger", "ConvInteger", "QAttention"})  # no sliding rewrite here
 HeadRule = Callable[[Graph, onnx.NodeProto, Value], HeadStep]
 HEAD_OPS: Registry[HeadRule] = Registry("head rule")
 SOFTMAX_OPS = ("Softmax", "LogSoftmax", "Hardmax")
@@ -412,7 +441,7 @@ def _rank(value: Value) -> int:
     return 2 if value.kind == "vector" else 4
 
 
-@HEAD_OPS.register(*sorted(ELEMENTWISE - {"Dropout"}))
+@HEAD_OPS.register(*sorted(ELEMENTWISE - {"Dropout"}), *sorted(QLINEAR_ELEMENTWISE))
 def _elementwise(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
     _check_constants(graph, node, value)
     return HeadStep(node.name, "keep", f"{node.op_type} (elementwise)")
@@ -420,7 +449,7 @@ def _elementwise(graph: Graph, node: onnx.NodeProto, value: Value) -> HeadStep:
 
 def _check_constants(graph: Graph, node: onnx.NodeProto, value: Value) -> None:
     """Constant operands of elementwise ops must broadcast the same way over a map."""
-    if node.op_type not in BINARY:
+    if node.op_type not in BINARY | QLINEAR_BINARY:
         return
     for name in node.input:
         if not name or name not in graph.static:

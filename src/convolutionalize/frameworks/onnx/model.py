@@ -48,7 +48,7 @@ from ...selfcheck import Reference, Run, SelfCheck
 from ..base import META_KEY, Conversion
 from .atrous import crop_to_windows, plan_atrous
 from .geometry import body_geometry
-from .graph import dims_of, image_input, input_layout, symbolic_shape_inference
+from .graph import dims_of, image_input, input_layout, is_quantized, symbolic_shape_inference
 from .head import analyse
 from .rewrite import rewrite
 
@@ -120,7 +120,9 @@ HALF_TYPES = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "b
 
 def _precision(model: onnx.ModelProto, io_dtype: type) -> str:
     """The precision the graph computes in: its input's, or half where its weights are half
-    (a float16 graph with float32 inputs and outputs casts inside)."""
+    (a float16 graph with float32 inputs and outputs casts inside), or "quantized"."""
+    if is_quantized(model):
+        return "quantized"
     graph = model.graph
     halves = [HALF_TYPES[t.data_type] for t in graph.initializer if t.data_type in HALF_TYPES]
     halves += [HALF_TYPES[a.i] for n in graph.node if n.op_type == "Cast"

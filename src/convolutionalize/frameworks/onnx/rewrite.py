@@ -20,6 +20,9 @@ from .graph import (
     BINARY,
     ELEMENTWISE,
     QDQ,
+    QLINEAR_BINARY,
+    QLINEAR_ELEMENTWISE,
+    QLINEAR_LINEAR,
     SHAPE_OPS,
     Graph,
     Quantized,
@@ -118,6 +121,20 @@ def _dilated_window_pool(rw: _Rewrite, hn: HeadNode, src: str, out: str) -> None
            dilations=dilations, group=channels)
 
 
+def _rewrite_quantized_pool(rw: _Rewrite, hn: HeadNode) -> None:
+    """QLinearGlobalAveragePool -> onnxruntime's QLinearAveragePool over the native feature
+    size at stride 1, with the same scales and zero points: it averages the same integers and
+    requantizes them alike (measured: the same integers on random int8 maps). With pool="none"
+    a 1x1 window, which still requantizes each cell to the pooled scale the head reads."""
+    if rw.dilation != (1, 1):
+        raise NotConvolutionalizable(f"output_stride: {describe_node(hn.node)} has no dilated form")
+    kernel = [1, 1] if rw.pool == "none" else list(rw.plan.feature.size)
+    node = helper.make_node("QLinearAveragePool", [rw.src(n) for n in hn.node.input], [hn.node.output[0]],
+                            name=rw.fresh("qlinearaveragepool"), domain="com.microsoft",
+                            kernel_shape=kernel, strides=[1, 1])
+    rw.nodes.append(node)
+
+
 def _rewrite_shape(rw: _Rewrite, hn: HeadNode) -> None:
     """A shape run disappears; only a pooled map's layout change survives as a Transpose."""
     if not hn.run_end:
@@ -141,6 +158,9 @@ def _rewrite_linear(rw: _Rewrite, hn: HeadNode) -> None:
     if hn.before.kind == "pooled":  # MatMul on a channels-last pooled map: per location
         rw.keep(hn)
         return
+    if hn.node.op_type in QLINEAR_LINEAR:
+        _rewrite_qoperator_linear(rw, hn)
+        return
     weight = linear_weight(rw.graph, hn.node)
     out_f = weight.shape[0]
     quantized = rw.graph.quantized(hn.node.input[1])
@@ -156,6 +176,38 @@ def _rewrite_linear(rw: _Rewrite, hn: HeadNode) -> None:
             inputs.append(rw.constant("bias", _gemm_bias(rw.graph, hn.node, out_f)))
     dilated = {"dilations": list(rw.dilation)} if rw.dilation != (1, 1) and hn.before.kind == "flat" else {}
     rw.add("Conv", inputs, [hn.node.output[0]], kernel_shape=kernel_shape, **dilated)
+
+
+def _rewrite_qoperator_linear(rw: _Rewrite, hn: HeadNode) -> None:
+    """QGemm/QLinearMatMul -> QLinearConv: the same int8 integers laid out as the kernel, the
+    same input, weight and output scales and zero points (per output channel stays per output
+    channel). QGemm's int32 bias C is quantized with scale a_scale * b_scale and zero point 0,
+    as QLinearConv's B is: it carries over as it is."""
+    node, graph = hn.node, rw.graph
+    quantized = graph.qoperator_weight(node)
+    assert quantized is not None  # the analysis refused it otherwise
+    values = quantized.values if quantized.axis == 0 else quantized.values.T
+    kernel = _oihw(hn, np.ascontiguousarray(values))
+    x, x_scale, x_zero = (rw.src(n) for n in node.input[:3])
+    w_scale, w_zero = node.input[4], node.input[5] if len(node.input) > 5 else ""
+    if not w_zero:
+        w_zero = rw.constant("weight_zero_point", np.zeros_like(quantized.scale, kernel.dtype))
+    y_scale, y_zero = (node.input[7:9] if node.op_type == "QGemm" else node.input[6:8])
+    inputs = [x, x_scale, x_zero, rw.constant("weight_quantized", kernel), w_scale, w_zero, y_scale,
+              y_zero]
+    if node.op_type == "QGemm" and len(node.input) > 6 and node.input[6]:
+        inputs.append(rw.constant("bias_quantized", _qgemm_bias(graph, node, kernel.shape[0])))
+    dilated = {"dilations": list(rw.dilation)} if rw.dilation != (1, 1) and hn.before.kind == "flat" else {}
+    rw.add("QLinearConv", inputs, [node.output[0]], kernel_shape=list(kernel.shape[2:]), **dilated)
+
+
+def _qgemm_bias(graph: Graph, node: onnx.NodeProto, out_f: int) -> np.ndarray:
+    bias = graph.inits.get(node.input[6])
+    array = None if bias is None else numpy_helper.to_array(bias)
+    if array is None or array.dtype != np.int32 or array.size not in (1, out_f):
+        raise NotConvolutionalizable(f"{describe_node(node)}: bias '{node.input[6]}' is not an int32 "
+                                     f"initializer of {out_f} values")
+    return np.ascontiguousarray(np.broadcast_to(array.reshape(-1), (out_f,)))
 
 
 def _oihw(hn: HeadNode, weight: np.ndarray) -> np.ndarray:
@@ -208,7 +260,7 @@ def _gemm_bias(graph: Graph, node: onnx.NodeProto, out_f: int) -> np.ndarray:
 def _rewrite_keep(rw: _Rewrite, hn: HeadNode) -> None:
     """Elementwise and per-location ops: unchanged, a feature-vector constant as (F, 1, 1)."""
     inputs = [rw.src(n) for n in hn.node.input]
-    if hn.before.kind == "vector" and hn.node.op_type in BINARY:
+    if hn.before.kind == "vector" and hn.node.op_type in BINARY | QLINEAR_BINARY:
         for i, name in enumerate(hn.node.input):
             array = rw.graph.const(name) if name in rw.graph.static else None
             if array is not None and array.size > 1:
@@ -288,10 +340,11 @@ REWRITES: Registry[Rewriter] = Registry("head rewrite")
 REWRITES.register("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax", "AveragePool",
                   "MaxPool")(_rewrite_pool)
 REWRITES.register(*SHAPE_OPS)(_rewrite_shape)
-REWRITES.register(*(ELEMENTWISE - {"Dropout"}), "Conv", "LRN")(_rewrite_keep)
+REWRITES.register(*(ELEMENTWISE - {"Dropout"}), *QLINEAR_ELEMENTWISE, "Conv", "LRN")(_rewrite_keep)
+REWRITES.register("QLinearGlobalAveragePool")(_rewrite_quantized_pool)
 REWRITES.register("Dropout", versions=(7, 10, 12, 13, 22))(_rewrite_dropout)
 REWRITES.register(*sorted(QDQ))(_rewrite_quantize)
-REWRITES.register("Gemm", "MatMul")(_rewrite_linear)
+REWRITES.register("Gemm", "MatMul", *QLINEAR_LINEAR)(_rewrite_linear)
 REWRITES.register("LayerNormalization", versions=(17,))(_rewrite_layernorm)
 REWRITES.register(*SOFTMAX_OPS, versions=(1, 11))(_rewrite_softmax_coerced)
 REWRITES.register(*SOFTMAX_OPS, versions=(13,))(_rewrite_softmax)
