@@ -71,6 +71,10 @@ def flatten_graph(fn: Any, inputs: list[Any], canon: dict[int, Any], calls: list
                 continue
             ins = [canon.get(id(t), t) for t in node.input_tensors]
             nested = graph_of(node.operation)
+            if nested is None and isinstance(node.operation, keras.Model):  # subclassed: trace it
+                from .trace import traced_on
+
+                nested = traced_on(node.operation, *(keras.Input(batch_shape=t.shape) for t in ins))
             if nested is not None:
                 if len(nested.inputs) != len(ins):
                     raise NotConvolutionalizable(f"nested model '{node.operation.name}' is called "

@@ -59,6 +59,7 @@ from .graph import (
 )
 from .head import Analysis
 from .rewrite import rebuild
+from .trace import is_subclassed, traced
 
 __all__ = ["activation_shapes", "convolutionalize_keras", "input_channels", "load_keras", "model_digest",
            "predict_nchw", "save_keras"]
@@ -98,6 +99,9 @@ def convolutionalize_keras(model: keras.Model, input_size: object = None,
     carrying ``geometry``, ``plan``, ``native_error`` and ``self_check`` attributes.
     Before returning it checks itself (:class:`convolutionalize.selfcheck.Reference`).
     """
+    original = model
+    if is_subclassed(model):
+        model = traced(model, input_size)
     analysis = Analysis(model, input_size)
     geometry = analysis.geometry(pool)
     atrous = None
@@ -107,7 +111,8 @@ def convolutionalize_keras(model: keras.Model, input_size: object = None,
                              body.global_context, body.unproven)
         geometry = at_output_stride(geometry, atrous.stride, atrous.head_dilation)
     precision = str(getattr(analysis.model, "compute_dtype", "float32"))
-    reference = Reference(_nchw(analysis.model, analysis.layout), analysis.plan, geometry,
+    reference = Reference(_nchw(original if original is not model else analysis.model, analysis.layout),
+                          analysis.plan, geometry,
                           precision=precision, network_stride=atrous is None)
     fcn = rebuild(analysis, geometry.pool, model.name, atrous, geometry.window)
     check = reference.check(_nchw(fcn, analysis.layout))
