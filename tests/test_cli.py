@@ -175,7 +175,7 @@ def test_verify_padded_squeezenet_passes_but_is_not_crop_equivalent(
     code, out, _ = run(["verify", "torchvision:squeezenet1_1", "--weights", "random"], capsys)
     assert code == 0
     assert "crop equivalent: no" in out
-    assert "zero padding" in out
+    assert "padding in" in out
 
 
 def test_verify_failure_exits_1(capsys: pytest.CaptureFixture[str], files: Path,
@@ -334,4 +334,4 @@ def test_verify_at_an_output_stride_passes(capsys: pytest.CaptureFixture[str], f
 def test_impossible_output_stride_exits_2(capsys: pytest.CaptureFixture[str], files: Path) -> None:
     code, out, err = run(["inspect", *tiny(files, "--output-stride", "3")], capsys)
     assert code == 2 and out == ""
-    _assert_one_error_line(err, "output_stride=3 is not possible")
+    _assert_one_error_line(err, "--output-stride 3 is not possible")  # the option, not the keyword

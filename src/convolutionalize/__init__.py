@@ -4,6 +4,7 @@ equivalent convolutions, so it runs densely over images of any size.
 >>> from convolutionalize import convolutionalize
 >>> fcn = convolutionalize(model, input_size=(224, 224))   # doctest: +SKIP
 >>> scores = fcn(image)   # (N, classes, rows, cols)          # doctest: +SKIP
+>>> save(fcn, "model.pt2")   # load_model("model.pt2") reads it back   # doctest: +SKIP
 
 The public names are imported on first use (PEP 562), so that ``import convolutionalize``
 and the command line's ``--help`` load no deep-learning framework.
@@ -19,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .api import convolutionalize, geometry_of
     from .errors import NotConvolutionalizable
+    from .export import save
     from .geometry import Geometry, Span
     from .inference import dense_map
+    from .models import load_model
     from .plan import FeatureMap, HeadPlan, HeadStep
     from .verify import VerifyReport, verify
 
@@ -35,6 +38,8 @@ __all__ = [
     "convolutionalize",
     "dense_map",
     "geometry_of",
+    "load_model",
+    "save",
     "verify",
 ]
 
@@ -51,6 +56,8 @@ _SOURCES = {  # public name -> the module that defines it
     "convolutionalize": ".api",
     "dense_map": ".inference",
     "geometry_of": ".api",
+    "load_model": ".models",
+    "save": ".export",
     "verify": ".verify",
 }
 

@@ -49,7 +49,7 @@ from .geometry import Geometry
 from .inference import ScaledGeometry, ScaledMap, dense_map
 from .outputs import OutputKey, select_output
 
-__all__ = ["BOX_DECODERS", "BoxDecoder", "Detection", "box_iou", "class_probabilities", "detect",
+__all__ = ["BOX_DECODERS", "BoxDecoder", "Detection", "as_numpy", "box_iou", "class_probabilities", "detect",
            "detect_objects", "detection_maps", "mtcnn_boxes"]
 
 logger = logging.getLogger(__name__)
@@ -211,6 +211,17 @@ def _candidates(levels: list[_Level], threshold: float, background_class: int | 
     return torch.cat(labels), torch.cat(scores), torch.cat(smooth), torch.cat(found)
 
 
+def as_numpy(values: Any, dtype: Any = None) -> np.ndarray:
+    """``values`` as a numpy array: a tensor detached from autograd and moved to the CPU first
+    (a map computed without ``torch.no_grad`` requires grad), anything else as ``np.asarray``."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if values.dtype == torch.bfloat16:
+            values = values.float()
+        values = values.numpy()
+    return np.asarray(values, dtype=dtype)
+
+
 def _levels(probabilities: Any, geometry: Geometry | ScaledGeometry | None, boxes: Any) -> list[_Level]:
     """The maps to search: one with ``geometry``, or each scale of a pyramid."""
     pyramid = isinstance(probabilities, (list, tuple)) and all(
@@ -233,13 +244,12 @@ def _levels(probabilities: Any, geometry: Geometry | ScaledGeometry | None, boxe
 
 
 def _level(probabilities: Any, geometry: Geometry | ScaledGeometry, boxes: Any, where: str) -> _Level:
-    probs = torch.as_tensor(np.asarray(probabilities, dtype=np.float64))
+    probs = torch.as_tensor(as_numpy(probabilities, np.float64))
     if probs.dim() != 3:
         raise ValueError(f"probabilities must be (classes, rows, cols), got shape {tuple(probs.shape)}")
     if boxes is None:
         return _Level(probs, geometry, None)
-    offsets = torch.as_tensor(np.asarray(boxes.map if isinstance(boxes, ScaledMap) else boxes,
-                                         dtype=np.float64))
+    offsets = torch.as_tensor(as_numpy(boxes.map if isinstance(boxes, ScaledMap) else boxes, np.float64))
     if offsets.dim() != 3 or offsets.shape[1:] != probs.shape[1:]:
         raise ValueError(f"the box map{where} has shape {tuple(offsets.shape)} but the class map "
                          f"{tuple(probs.shape)}: it must be (channels, {probs.shape[1]}, "

@@ -31,9 +31,10 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
-from .detect import Detection
+from .detect import Detection, as_numpy
 
-__all__ = ["CellGrid", "class_name", "draw_detections", "heatmap", "overlay", "paint_map", "rank_classes"]
+__all__ = ["CellGrid", "class_name", "colour_span", "draw_detections", "heatmap", "overlay", "paint_map",
+           "rank_classes"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def paint_map(values: np.ndarray, geometry: CellGrid, size: tuple[int, int], *,
     Raises:
         ValueError: a scale that is not a positive finite number.
     """
-    values = np.asarray(values, np.float64)
+    values = as_numpy(values, np.float64)
     rows, cols = (_cell_index(length, factor, geometry.window[k], geometry.stride[k], geometry.offset[k],
                               values.shape[k])
                   for k, (length, factor) in enumerate(zip(size, _factors(scale))))
@@ -113,7 +114,8 @@ def overlay(image: ImageLike, values: np.ndarray, geometry: CellGrid, *, title: 
 def heatmap(image: ImageLike, probabilities: np.ndarray, geometry: CellGrid, *,
             class_index: int | None = None, top: int = 1, labels: Sequence[str] | None = None,
             background_class: int | None = None, any_object: bool = False,
-            zoom: int = 1, scale: Scale = 1.0) -> Image.Image:
+            zoom: int = 1, scale: Scale = 1.0, vmin: float | None = None,
+            vmax: float | None = None) -> Image.Image:
     """Heatmap panels of a ``(classes, rows, cols)`` probability map over ``image``, side by side.
 
     ``class_index`` draws that class; otherwise the ``top`` classes with the highest peak
@@ -122,10 +124,17 @@ def heatmap(image: ImageLike, probabilities: np.ndarray, geometry: CellGrid, *,
     :func:`overlay`: the image enlarged ``zoom`` times, then a colour-scale strip to its right;
     ``image`` may be a thumbnail, the image scaled by ``scale``. ``NaN`` cells are left out.
 
+    The colours span ``vmin`` to ``vmax``; either left out is the panel's own least / greatest
+    value (so a map that peaks at 0.02 still shows where it peaks), and the panel's title says
+    the span: ``colours 0.0013..0.02 (the map's range)``, or ``(fixed)`` where both are given.
+    The colour bar's ticks are in that span.
+
     Raises:
-        ValueError: an unknown class index or a ``top`` below 1.
+        ValueError: an unknown class index, a ``top`` below 1, or ``vmin`` not below ``vmax``.
     """
-    probabilities = np.asarray(probabilities)
+    if vmin is not None and vmax is not None and not vmin < vmax:
+        raise ValueError(f"vmin={vmin} must be below vmax={vmax}")
+    probabilities = as_numpy(probabilities)
     classes = probabilities.shape[0]
     if class_index is not None:
         _check_class(class_index, classes, "class")
@@ -135,13 +144,32 @@ def heatmap(image: ImageLike, probabilities: np.ndarray, geometry: CellGrid, *,
     panels = []
     if any_object and background_class is not None:
         _check_class(background_class, classes, "background class")
-        panels.append(overlay(image, 1.0 - probabilities[background_class], geometry,
-                              title="any object: 1 - P(background)", zoom=zoom, scale=scale))
+        values = 1.0 - probabilities[background_class]
+        low, high, span = colour_span(values, vmin, vmax)
+        panels.append(overlay(image, values, geometry, title=f"any object: 1 - P(background)  {span}",
+                              zoom=zoom, scale=scale, vmin=low, vmax=high))
     for k in chosen:
         peak = _peaks(probabilities[k:k + 1])[0]
-        panels.append(overlay(image, probabilities[k], geometry, zoom=zoom, scale=scale,
-                              title=f"P({class_name(k, labels)})  peak {peak:.2f}"))
+        low, high, span = colour_span(probabilities[k], vmin, vmax)
+        panels.append(overlay(image, probabilities[k], geometry, zoom=zoom, scale=scale, vmin=low, vmax=high,
+                              title=f"P({class_name(k, labels)})  peak {peak:.3g}  {span}"))
     return _side_by_side(panels)
+
+
+def colour_span(values: np.ndarray, vmin: float | None = None,
+                vmax: float | None = None) -> tuple[float, float, str]:
+    """The values a heatmap's colours span: ``vmin`` and ``vmax`` where given, else the least
+    and greatest finite value of ``values`` (``NaN`` cells ignored; a flat or empty map spans
+    one unit around its value), and a caption that says which."""
+    finite = np.asarray(values, np.float64)
+    finite = finite[np.isfinite(finite)]
+    low = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
+    high = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    if not low < high:
+        low, high = (low, low + 1.0) if vmax is None else (high - 1.0, high)
+    source = ("fixed" if vmin is not None and vmax is not None
+              else "the map's range" if vmin is None and vmax is None else "the map's range, clipped")
+    return low, high, f"colours {low:.3g}..{high:.3g} ({source})"
 
 
 def rank_classes(probabilities: np.ndarray, top: int, background_class: int | None = None) -> list[int]:
@@ -189,7 +217,7 @@ def to_rgb(image: ImageLike) -> Image.Image:
     """A PIL RGB image from a PIL image or an ``(H, W)`` / ``(H, W, 3)`` array (uint8, or float 0..1)."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
-    array = np.asarray(image)
+    array = as_numpy(image)
     if array.dtype != np.uint8:
         array = np.round(np.clip(array, 0.0, 1.0) * 255).astype(np.uint8)
     return Image.fromarray(array).convert("RGB")

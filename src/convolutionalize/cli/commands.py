@@ -19,7 +19,20 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from .. import __version__
 from ..geometry import PoolMode
-from .options import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, PROG, SAVE_FORMATS, Deferred, Parser, int_at_least
+from .options import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    PROG,
+    SAVE_FORMATS,
+    Deferred,
+    Parser,
+    cli_words,
+    int_at_least,
+    seeded,
+)
+from .predict import check_outputs
 from .predict import register as register_predict
 from .render import register as register_render
 
@@ -56,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return command(args)
         except (ValueError, TypeError, OSError) as exc:  # NotConvolutionalizable is a ValueError
-            print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"{PROG}: error: {cli_words(_one_line(exc))}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        except KeyboardInterrupt:  # Ctrl-C: a store being written stays resumable (its .partial name)
+            print(f"\n{PROG}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
 
 
 # --------------------------------------------------------------------------- subcommands
@@ -101,6 +117,7 @@ def _image_lines(args: argparse.Namespace, model: object, fcn: object, info: Con
 
 
 def _convert_command(args: argparse.Namespace) -> int:
+    check_outputs([(None, args.output)], make=False)  # before the model is loaded and converted
     _library.load()
     _, fcn = _convert(args)
     path = save(fcn, args.output)
@@ -116,7 +133,8 @@ def _convert_command(args: argparse.Namespace) -> int:
 
 def _verify_command(args: argparse.Namespace) -> int:
     _library.load()
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    with seeded(args.seed):
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     report = verify(
         model,
         _input_size(args, model),
@@ -134,7 +152,8 @@ def _verify_command(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> tuple[Any, Any]:
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    with seeded(args.seed):
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     return model, convolutionalize(model, _input_size(args, model), pool=args.pool,
                                    output_stride=args.output_stride)
 
@@ -262,8 +281,6 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--samples", type=int_at_least(1), default=8, metavar="K",
                        help="map cells compared with crops (default: 8)")
     _image_size_option(check, "image size for the crop check (default: native + 3 strides)")
-    check.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
-                       help="random seed for the image and the cells (default: 0)")
     check.set_defaults(command=_verify_command)
     register_predict(sub, common)
     register_render(sub, common)
@@ -279,6 +296,9 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--weights", metavar="W", help="'random', a state_dict file (loaded "
                         "weights-only, no trust needed), or a torchvision weights name "
                         "(default: the pretrained weights, downloaded once)")
+    common.add_argument("--seed", type=int_at_least(0), default=0, metavar="S",
+                        help="random seed: of --weights random's initialisation, and of verify's "
+                        "image and cells (default: 0; the same seed gives the same figures)")
     common.add_argument("--trust-pickle", action="store_true", help="load a .pt/.pth "
                         "full-module pickle, running the code it holds: only for files you trust")
     common.add_argument("--input-size", nargs=2, type=int_at_least(1), metavar=("H", "W"),

@@ -9,16 +9,20 @@ are repeated here (``tests/test_startup.py`` checks that they agree).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import math
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_OK", "PRECISIONS", "PROG", "SAVE_FORMATS", "Deferred",
-           "Parser", "add_model_output", "int_at_least", "model_output"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "FLAGS", "PRECISIONS", "PROG",
+           "SAVE_FORMATS", "Deferred", "Parser", "add_model_output", "cli_words", "fraction", "int_at_least",
+           "model_output", "seeded"]
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT (128 + 2)
 PROG = "convolutionalize"
 SAVE_FORMATS = (".onnx", ".pt2", ".pt")  # the suffixes of export.FORMATS
 PRECISIONS = ("fp32", "bf16")  # inference's Precision
@@ -75,6 +79,67 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
         return value
 
     return parse
+
+
+def fraction(low_open: bool) -> Callable[[str], float]:
+    """An argparse type: a number in ``(0, 1]`` (``low_open``: a probability threshold) or ``[0, 1]``."""
+    interval = "(0, 1]" if low_open else "[0, 1]"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not (math.isfinite(value) and (0 < value if low_open else 0 <= value) and value <= 1):
+            raise argparse.ArgumentTypeError(f"{text!r} must be in {interval}")
+        return value
+
+    return parse
+
+
+# The library's keyword arguments and the options that pass them: a library message quoted by
+# the command line (``pass a larger image or pool='global'``) names the option instead
+# (``--pool global``). Keywords that are ordinary words are replaced only as ``name=``.
+FLAGS = {
+    "input_size": "--input-size", "output_stride": "--output-stride", "pool": "--pool",
+    "bands": "--bands", "tile": "--tile", "precision": "--precision", "batch_size": "--batch-size",
+    "mpp": "--mpp", "mask": "--mask", "output": "--model-output", "scales": "--scales",
+    "mean": "--mean", "std": "--std", "threshold": "--threshold", "iou": "--iou",
+    "exclusive_iou": "--exclusive-iou", "class_index": "--class", "top": "--top",
+    "box_output": "--box-output", "background_class": "--background-class", "image_size": "--image-size",
+    "samples": "--samples", "seed": "--seed", "scheduler": "--scheduler", "vmin": "--vmin", "vmax": "--vmax",
+}
+_NAMES = "|".join(FLAGS)
+_KEYWORD = re.compile(rf"\b({_NAMES})=(?:(['\"])(.*?)\2|([^\s,;)'\"]+))?")
+_BARE = re.compile(r"(?<![\w.=-])({})\b(?!=)".format("|".join(k for k in FLAGS if "_" in k)))
+_TUPLE = re.compile(r"(--[a-z-]+) \(([0-9, ]+)\)")  # --bands (1, 2, 3) -> --bands 1 2 3
+
+
+def cli_words(message: str) -> str:
+    """``message`` (a library error) in the command line's words: each ``keyword=value`` of a
+    library argument becomes ``--flag value`` (``pool='global'`` -> ``--pool global``,
+    ``bands=(1, 2, 3)`` -> ``--bands 1 2 3``) and a bare ``input_size`` ``--input-size``."""
+
+    def keyword(match: re.Match[str]) -> str:
+        value = match.group(3) if match.group(2) else match.group(4)
+        flag = FLAGS[match.group(1)]
+        return flag if not value else f"{flag} {value}"
+
+    text = _KEYWORD.sub(keyword, message)
+    text = _TUPLE.sub(lambda m: f"{m.group(1)} {m.group(2).replace(',', '')}", text)
+    return _BARE.sub(lambda m: FLAGS[m.group(1)], text)
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Torch's random numbers drawn from ``seed`` inside the block (``--weights random`` is a
+    model initialised from it: the same seed, the same weights, the same figures), and as they
+    were after it."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def model_output(text: str) -> int | str:

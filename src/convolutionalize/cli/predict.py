@@ -6,27 +6,38 @@ model is converted once: ``dense_map`` remembers it), move each result into plac
 line per map. IMAGE may be several paths, folders (every image file in them) or globs; with
 more than one image ``-o`` is a folder and each map is named after its image. A map is
 written under a temporary name next to its output and renamed on success, so bad input or a
-failed run never leaves a file at the output path. An interrupted ``.zarr`` run leaves
-``OUTPUT.partial.zarr`` (``.partial.ome.zarr``); the same command resumes it.
+failed run never leaves a file at the output path (nor a folder it made). An interrupted
+``.zarr`` run (Ctrl-C: exit 130) leaves ``OUTPUT.partial.zarr`` (``.partial.ome.zarr``); the
+same command resumes it. Run again once finished, it says the store is complete and keeps it
+(``--overwrite`` computes it again).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._files import atomic_path
-from .options import PRECISIONS, Deferred, add_model_output, int_at_least
+from .._status import status
+from .options import PRECISIONS, Deferred, add_model_output, int_at_least, seeded
+from .status import add_progress, shown, status_lines
 
 if TYPE_CHECKING:
     from ..api import convolutionalize, geometry_of
     from ..inference import dense_map
     from ..models import default_input_size, load_model
 
-__all__ = ["add_normalization", "predict", "register"]
+__all__ = ["PARTIAL", "add_normalization", "check_outputs", "image_jobs", "made_folders", "partial_path",
+           "predict", "register"]
+
+PARTIAL = ".partial"  # MAP.partial.zarr until complete: inference.store.PARTIAL (not imported: --help)
 
 SUFFIXES = (".npy", ".zarr", ".ome.zarr", ".tif", ".tiff")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy", ".zarr", ".tif", ".tiff", ".svs", ".ndpi", ".mrxs",
@@ -70,8 +81,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     predict_parser.add_argument("--scheduler", metavar="ADDRESS", help="run tiles as dask tasks: "
                                 "a dask.distributed scheduler address, or threads/processes")
     add_normalization(predict_parser)
-    predict_parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                                help="a progress bar over tiles on stderr (default: on)")
+    add_progress(predict_parser, "a progress bar over tiles (and over images)")
+    predict_parser.add_argument("--overwrite", action="store_true", help="compute a map again where "
+                                "a finished one is at its output (default: say it is complete and "
+                                "keep it)")
     add_model_output(predict_parser)
     predict_parser.set_defaults(command=predict)
 
@@ -89,42 +102,83 @@ def add_normalization(parser: argparse.ArgumentParser) -> None:
 
 
 def predict(args: argparse.Namespace) -> int:
-    """Run ``predict``; errors (ValueError, TypeError, OSError) propagate to ``cli.main``."""
+    """Run ``predict``; errors (ValueError, TypeError, OSError) propagate to ``cli.main``.
+
+    Everything that can be checked without the model is checked first (the images, the
+    outputs' suffixes and folders); a store that a finished run left at its output is kept
+    (``--overwrite`` computes it again)."""
     jobs = image_jobs(args.images, args.output, args.format)
-    for _, output in jobs:
-        if _suffix(output).endswith(".zarr") and output.exists():
-            raise ValueError(f"output {output} exists; remove it or pass another -o")
-    _library.load()
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    check_outputs(jobs)
+    done = [] if args.overwrite else [(image, output) for image, output in jobs if _finished(output)]
+    for _, output in done:
+        print(f"{output} is complete (a finished map is there): nothing to do; pass --overwrite "
+              "to compute it again")
+    todo = [job for job in jobs if job not in done]
+    if not todo:
+        return 0
+    show = shown(args)
+    with status_lines(show):
+        _library.load()
+        model, input_size = _converted(args)
+        from tqdm.auto import tqdm
+
+        with made_folders(todo):
+            for image, output in tqdm(todo, unit="image", desc="images", disable=not show or len(todo) < 2):
+                _predict_one(args, model, input_size, image, output, show)
+    return 0
+
+
+def _converted(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The model, converted once for every image (it keeps timm's normalization and labels),
+    and its native input size."""
+    status.info("loading %s", args.model)
+    with seeded(args.seed):
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
     input_size = (tuple(args.input_size) if args.input_size is not None
                   else default_input_size(args.model, model))
     try:
         geometry_of(model)  # already converted
-    except TypeError:  # converted once for every image (it keeps timm's normalization and labels)
+    except TypeError:
+        status.info("converting the model")
         model = convolutionalize(model, input_size, pool=args.pool, output_stride=args.output_stride)
-    from tqdm.auto import tqdm
-
-    bar = not args.progress or len(jobs) < 2
-    make_folders(jobs)
-    for image, output in tqdm(jobs, unit="image", desc="images", disable=bar):
-        _predict_one(args, model, input_size, image, output)
-    return 0
+    return model, input_size
 
 
-def _predict_one(args: argparse.Namespace, model: Any, input_size: Any, image: Path, output: Path) -> None:
+def _finished(output: Path) -> bool:
+    """Whether a finished map is at ``output``: a zarr store (a run still under way or
+    interrupted is at its ``.partial`` name, see :func:`partial_path`)."""
+    return _suffix(output).endswith(".zarr") and output.exists()
+
+
+def partial_path(output: Path) -> Path:
+    """Where a store is written until it is complete, and an interrupted run resumes:
+    ``MAP.partial.zarr`` for ``MAP.zarr`` (``.partial.ome.zarr`` for ``.ome.zarr``)."""
+    kind = _suffix(output)
+    return output.with_name(output.name[:-len(kind)] + PARTIAL + kind)
+
+
+def _predict_one(args: argparse.Namespace, model: Any, input_size: Any, image: Path, output: Path,
+                 show: bool) -> None:
     """One image's map, written to ``output`` only once complete (a GeoTIFF is written to a
     temporary file and renamed by ``dense_map`` itself)."""
     kind = _suffix(output)
-    zarr = kind.endswith("zarr")
-    partial = output.with_name(output.name[:-len(kind)] + ".partial" + kind) if zarr else None
-    result = dense_map(model, image, input_size=input_size, pool=geometry_of(model).pool, tile=args.tile,
-                       out=partial if partial is not None else (None if kind == ".npy" else output),
-                       precision=args.precision, batch_size=args.batch_size, mean=args.mean, std=args.std,
-                       scheduler=args.scheduler, progress=args.progress, output=args.model_output,
-                       output_stride=args.output_stride, mpp=args.mpp, mask=args.mask,
-                       bands=None if args.bands is None else tuple(args.bands))
+    partial = partial_path(output) if kind.endswith("zarr") else None
+    try:
+        result = dense_map(model, image, input_size=input_size, pool=geometry_of(model).pool, tile=args.tile,
+                           out=partial if partial is not None else (None if kind == ".npy" else output),
+                           precision=args.precision, batch_size=args.batch_size, mean=args.mean, std=args.std,
+                           scheduler=args.scheduler, progress=show, output=args.model_output,
+                           output_stride=args.output_stride, mpp=args.mpp, mask=args.mask,
+                           bands=None if args.bands is None else tuple(args.bands))
+    except KeyboardInterrupt:
+        if partial is not None and partial.exists():
+            raise KeyboardInterrupt(f"interrupted; {partial} keeps the finished tiles: the same command "
+                                    "resumes it") from None
+        raise
     cells = getattr(result, "map", result)  # a ScaledMap with --mpp
     if partial is not None:
+        if output.exists():  # --overwrite: the finished map replaced by the new one
+            shutil.rmtree(output)
         os.replace(partial, output)
     elif kind == ".npy":
         _save_npy(cells, output)
@@ -170,7 +224,8 @@ def image_jobs(given: list[Path], output: Path, fmt: str,
     images = find_images(given)
     several = len(given) > 1 or any((entry.is_dir() and _suffix(entry) != ".zarr")
                                     or glob.has_magic(str(entry)) for entry in given)
-    if not several and not output.is_dir():
+    store = bool(suffixes) and _suffix(output) in suffixes  # a map's name, even as a folder (a zarr store)
+    if not several and (store or not output.is_dir()):
         if suffixes and _suffix(output) not in suffixes:
             raise ValueError(f"output {output} must end in {', '.join(suffixes[:-1])} or {suffixes[-1]} "
                              "(or be a folder)")
@@ -185,10 +240,48 @@ def image_jobs(given: list[Path], output: Path, fmt: str,
     return [(image, output / f"{stem}.{fmt}") for image, stem in zip(images, stems)]
 
 
-def make_folders(jobs: list[tuple[Path, Path]]) -> None:
-    """Make the folders the outputs go to (after every check has passed)."""
+@contextlib.contextmanager
+def made_folders(jobs: list[tuple[Path, Path]]) -> Iterator[None]:
+    """The folders the outputs go to, made for the block (after every check has passed); those
+    made here are removed again when the block fails before anything was written in them."""
+    made: list[Path] = []
     for _, output in jobs:
+        missing = [p for p in (output.parent, *output.parent.parents) if not p.exists()]
         output.parent.mkdir(parents=True, exist_ok=True)
+        made.extend(p for p in missing if p not in made)
+    try:
+        yield
+    except BaseException:
+        for folder in made:  # the deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        raise
+
+
+def check_outputs(jobs: list[tuple[Any, Path]], make: bool = True) -> None:
+    """Fail before the work when an output cannot be written: a folder in its path that is a
+    file, a folder that is not writable (tried: a file made there and removed), an output
+    that is a folder. Folders still to be made (``make``; else they must exist) are checked
+    where they will be made."""
+    for folder in dict.fromkeys(output.parent for _, output in jobs):
+        if not make and not folder.is_dir():
+            problem = "is a file, not a directory" if folder.exists() else "does not exist"
+            raise ValueError(f"cannot write in {folder}: it {problem}")
+        _check_folder(folder)
+    for _, output in jobs:
+        if output.is_dir() and not _suffix(output).endswith(".zarr"):
+            raise ValueError(f"cannot write {output}: it is a folder")
+
+
+def _check_folder(folder: Path) -> None:
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ValueError(f"cannot write in {folder}: {existing} is a file, not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".convolutionalize-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write in {folder}: {exc.strerror or exc}") from None
 
 
 def _suffix(path: Path) -> str:

@@ -19,14 +19,15 @@ import argparse
 import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .._files import atomic_path
-from .options import EXIT_OK, add_model_output, int_at_least, model_output
-from .predict import add_normalization, image_jobs, make_folders
+from .._status import status
+from .options import EXIT_OK, add_model_output, fraction, int_at_least, model_output, seeded
+from .predict import add_normalization, check_outputs, image_jobs, made_folders
+from .status import add_progress, shown, status_lines
 
 if TYPE_CHECKING:  # the commands import the library when they run: --help imports no framework
     import numpy as np
@@ -56,8 +57,12 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                       "tissue by colour saturation; or a mask of the whole image); the rest stays unpainted")
     heat.add_argument("--width", type=int_at_least(16), metavar="PX", help="the picture's width: the "
                       "image is drawn scaled to it (default: the image's own; 1200 for slides)")
-    heat.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                      help="progress bars over a slide's tiles and over images (default: on)")
+    add_progress(heat, "progress bars over a slide's tiles and over images")
+    heat.add_argument("--vmin", type=float, metavar="V", help="the probability at the colour scale's "
+                      "bottom (default: the map's least; the panel's title and colour bar show the span)")
+    heat.add_argument("--vmax", type=float, metavar="V", help="the probability at the colour scale's "
+                      "top (default: the map's greatest, so a map that peaks at 0.02 still shows where; "
+                      "--vmin 0 --vmax 1 compares pictures on one scale)")
     which = heat.add_mutually_exclusive_group()
     which.add_argument("--class", dest="class_index", type=int_at_least(0), metavar="K",
                        help="draw class K")
@@ -69,17 +74,19 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     find = sub.add_parser("detect", parents=[common], help="find objects in IMAGE: local "
                           "maxima of each class map, boxes, non-maximum suppression (JSON)")
     _image_options(find)
-    find.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.json",
-                      help="the JSON to write: a list of {label, name, score, box: [x0, y0, x1, y1]}")
+    find.add_argument("-o", "--output", required=True, type=Path, metavar="OUT.json|OUT.png",
+                      help="its suffix picks what is written: .json, a list of {label, name, score, "
+                      "box: [x0, y0, x1, y1]}; .png, the boxes drawn on the image (a folder of "
+                      ".json for several images)")
     find.add_argument("--draw", type=Path, metavar="OUT.png", help="also draw the boxes on the image "
                       "(a folder for several images)")
-    find.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                      help="a progress bar over several images (default: on)")
-    find.add_argument("--threshold", type=float, default=0.5, metavar="T",
+    add_progress(find, "a progress bar over several images")
+    find.add_argument("--threshold", type=fraction(True), default=0.5, metavar="T",
                       help="minimum class probability, in (0, 1] (default: 0.5)")
-    find.add_argument("--iou", type=float, default=0.3, metavar="IOU",
-                      help="same-class boxes overlapping more than this are suppressed (default: 0.3)")
-    find.add_argument("--exclusive-iou", type=float, default=None, metavar="IOU",
+    find.add_argument("--iou", type=fraction(False), default=0.3, metavar="IOU",
+                      help="same-class boxes overlapping more than this are suppressed, in [0, 1] "
+                      "(default: 0.3)")
+    find.add_argument("--exclusive-iou", type=fraction(False), default=None, metavar="IOU",
                       help="also suppress boxes of other classes overlapping a better box by "
                       "more than this (one object per place; default: off)")
     find.add_argument("--scales", type=_positive_float, nargs="+", metavar="S", help="look at "
@@ -130,14 +137,18 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
 
 def _heatmap_command(args: argparse.Namespace) -> int:
     jobs = image_jobs(args.images, args.output, "png", ())
-    _check_outputs(jobs)
-    loaded = _load(args)
-    make_folders(jobs)
-    for path, output in _progress(jobs, args):
-        picture = _heatmap_picture(args, loaded, path)
-        with atomic_path(output) as tmp:
-            picture.save(tmp, format="PNG")
-        print(f"wrote {output} ({picture.width}x{picture.height})")
+    _check_suffixes(jobs, (".png",), "heatmap draws PNG pictures")
+    check_outputs(jobs)
+    if args.vmin is not None and args.vmax is not None and not args.vmin < args.vmax:
+        raise ValueError(f"--vmin {args.vmin} must be below --vmax {args.vmax}")
+    with status_lines(shown(args)):
+        loaded = _load(args)
+        with made_folders(jobs):
+            for path, output in _progress(jobs, args):
+                picture = _heatmap_picture(args, loaded, path)
+                with atomic_path(output) as tmp:
+                    picture.save(tmp, format="PNG")
+                print(f"wrote {output} ({picture.width}x{picture.height})")
     return EXIT_OK
 
 
@@ -153,7 +164,7 @@ def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> I
 
     if _is_slide(path, args):
         result = dense_map(loaded.fcn, path, mpp=args.mpp, mask=args.mask, output=args.model_output,
-                           mean=args.mean, std=args.std, progress=args.progress)
+                           mean=args.mean, std=args.std, progress=shown(args))
         logits, geometry = ((result.map, result.geometry) if args.mpp is not None
                             else (result, loaded.geometry))
         picture, scale = thumbnail(path, args.width or SLIDE_WIDTH)
@@ -168,38 +179,58 @@ def _heatmap_picture(args: argparse.Namespace, loaded: _Loaded, path: Path) -> I
             height = max(round(image.height * args.width / image.width), 1)
             picture = image.resize((args.width, height), Image.Resampling.LANCZOS)
             scale = (height / image.height, args.width / image.width)
-    labels, background = _classes(args, loaded, probs.shape[0])
+    labels, background = loaded.labels, loaded.background
     return heatmap(picture, probs, geometry, class_index=args.class_index, top=args.top, labels=labels,
-                   background_class=background, scale=scale)
+                   background_class=background, scale=scale, vmin=args.vmin, vmax=args.vmax)
 
 
 def _detect_command(args: argparse.Namespace) -> int:
     from ..detect import detect, detection_maps
-    from ..render import class_name, draw_detections
+    from ..render import class_name
 
     jobs = image_jobs(args.images, args.output, "json", ())
+    _check_suffixes(jobs, (".json", ".png"), "detect writes the detections as JSON (.json) or draws "
+                    "them (.png)")
     drawn = [] if args.draw is None else image_jobs(args.images, args.draw, "png", ())
+    _check_suffixes(drawn, (".png",), "--draw draws PNG pictures")
     drawings = [out for _, out in drawn] if drawn else [None] * len(jobs)
-    _check_outputs(jobs + drawn)
-    loaded = _load(args)
-    make_folders(jobs + drawn)
-    for (path, output), drawing in zip(_progress(jobs, args), drawings):
-        image, tensor = _image_and_tensor(args, loaded, path)
-        probs, boxes = detection_maps(loaded.fcn, tensor, scales=args.scales,
-                                      output=args.model_output, box_output=args.box_output)
-        labels, background = _classes(args, loaded, probs[0].map.shape[0])
-        found = detect(probs, threshold=args.threshold, background_class=background, iou=args.iou,
-                       exclusive_iou=args.exclusive_iou, boxes=boxes)
-        records = [{**d.to_dict(), "name": class_name(d.label, labels)} for d in found]
-        text = json.dumps(records, indent=2) + "\n"
-        picture = draw_detections(image, found, labels) if drawing is not None else None
-        with contextlib.ExitStack() as stack:  # both files appear only when both are written
-            tmp = stack.enter_context(atomic_path(output))
-            tmp.write_text(text)
-            if picture is not None:
-                picture.save(stack.enter_context(atomic_path(drawing)), format="PNG")
-        print(f"{len(found)} detections -> {output}" + (f", {drawing}" if drawing else ""))
+    check_outputs(jobs + drawn)
+    with status_lines(shown(args)):
+        loaded = _load(args)
+        with made_folders(jobs + drawn):
+            for (path, output), drawing in zip(_progress(jobs, args), drawings):
+                image, tensor = _image_and_tensor(args, loaded, path)
+                probs, boxes = detection_maps(loaded.fcn, tensor, scales=args.scales,
+                                              output=args.model_output, box_output=args.box_output)
+                found = detect(probs, threshold=args.threshold, background_class=loaded.background,
+                               iou=args.iou, exclusive_iou=args.exclusive_iou, boxes=boxes)
+                records = [{**d.to_dict(), "name": class_name(d.label, loaded.labels)} for d in found]
+                files = {output: records, **({} if drawing is None else {drawing: records})}
+                _write_detections(files, image, found, loaded.labels)
+                print(f"{len(found)} detections -> {', '.join(map(str, files))}")
     return EXIT_OK
+
+
+def _write_detections(files: dict[Path, list[dict[str, Any]]], image: Image.Image, found: list[Any],
+                      labels: list[str] | None) -> None:
+    """Each of ``files`` in the format its suffix names (JSON, or the boxes drawn in a PNG); all
+    of them appear only when all are written."""
+    from ..render import draw_detections
+
+    with contextlib.ExitStack() as stack:
+        for path, records in files.items():
+            tmp = stack.enter_context(atomic_path(path))
+            if path.suffix.lower() == ".png":
+                draw_detections(image, found, labels).save(tmp, format="PNG")
+            else:
+                tmp.write_text(json.dumps(records, indent=2) + "\n")
+
+
+def _check_suffixes(jobs: list[tuple[Path, Path]], suffixes: tuple[str, ...], what: str) -> None:
+    """The output's suffix picks its format: refuse one that names no format the command writes."""
+    for _, output in jobs:
+        if output.suffix.lower() not in suffixes:
+            raise ValueError(f"{what}: -o {output} must end in {' or '.join(suffixes)}")
 
 
 def _demo_command(args: argparse.Namespace) -> int:
@@ -230,21 +261,29 @@ class _Loaded:
     fcn: Any  # the converted model, any framework
     geometry: Geometry
     channels: int  # the image channels it takes
-    labels: list[str] | None  # from --labels
+    labels: list[str] | None  # from --labels, else the model's own
+    background: int | None  # --background-class, else the model's own
 
 
 def _load(args: argparse.Namespace) -> _Loaded:
-    """The model, converted, and the ``--labels`` (read before the work)."""
+    """The model, converted, with the ``--labels`` and the class options checked against its
+    class count (all before any map is computed)."""
     from ..api import conversion_info, convolutionalize
+    from ..inference._runner import dense_model
     from ..models import load_model
 
     labels = _read_labels(args.labels) if args.labels is not None else None
-    model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    status.info("loading %s", args.model)
+    with seeded(args.seed):
+        model = load_model(args.model, args.weights, trust_pickle=args.trust_pickle)
+    status.info("converting the model")
     fcn = convolutionalize(model, _input_size(args, model), pool=args.pool, output_stride=args.output_stride)
     info = conversion_info(fcn)
     if info.geometry.pool == "global":
         raise ValueError("heatmap and detect need a class map: use --pool window or none")
-    return _Loaded(model, fcn, info.geometry, info.in_channels, labels)
+    classes = dense_model(fcn, args.model_output).map_shape(info.geometry.input_size)[0]  # shapes only
+    labels, background = _classes(args, model, labels, classes)
+    return _Loaded(model, fcn, info.geometry, info.in_channels, labels, background)
 
 
 def _image_and_tensor(args: argparse.Namespace, loaded: _Loaded,
@@ -283,14 +322,13 @@ def _progress(jobs: list[Any], args: argparse.Namespace) -> Any:
     """A progress bar over several images (on stderr)."""
     from tqdm.auto import tqdm
 
-    return tqdm(jobs, unit="image", desc="images", disable=len(jobs) < 2 or not args.progress)
+    return tqdm(jobs, unit="image", desc="images", disable=len(jobs) < 2 or not shown(args))
 
 
-def _classes(args: argparse.Namespace, inputs: _Loaded,
+def _classes(args: argparse.Namespace, model: Any, labels: list[str] | None,
              classes: int) -> tuple[list[str] | None, int | None]:
     """Class names and the background class (given, else the model's own), checked against the
-    map's ``classes``."""
-    labels, model = inputs.labels, inputs.model
+    map's ``classes``, with ``--class``."""
     if labels is None and isinstance(getattr(model, "labels", None), (list, tuple)):
         labels = [str(name) for name in model.labels]  # type: ignore[union-attr]
     if labels is not None and len(labels) != classes:
@@ -300,7 +338,9 @@ def _classes(args: argparse.Namespace, inputs: _Loaded,
         background = int(model.background_class)  # type: ignore[arg-type]
     for name, index in (("class", getattr(args, "class_index", None)), ("background class", background)):
         if index is not None and not 0 <= index < classes:
-            raise ValueError(f"unknown {name} {index}: the model has {classes} classes (0..{classes - 1})")
+            flag = "--class" if name == "class" else "--background-class"
+            raise ValueError(f"unknown {name} {index} ({flag}): the model has {classes} classes "
+                             f"(0..{classes - 1})")
     return labels, background
 
 
@@ -321,23 +361,3 @@ def _input_size(args: argparse.Namespace, model: nn.Module) -> tuple[int, int] |
     if isinstance(carried, (tuple, list)) and len(carried) == 2:
         return (int(carried[0]), int(carried[1]))
     return default_input_size(args.model, model)
-
-
-def _check_outputs(jobs: list[tuple[Path, Path]]) -> None:
-    """Fail before the work when an output cannot be written (its folder made where missing)."""
-    for _, path in jobs:
-        if len(jobs) > 1 and not path.parent.exists():
-            _check_output(path.parent)  # the folder, to be made
-        else:
-            _check_output(path)
-
-
-def _check_output(path: Path) -> None:
-    """Fail before the work when ``path`` cannot be written."""
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ValueError(f"cannot write {path}: it is a directory")
-    if not parent.is_dir():
-        raise ValueError(f"cannot write {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write {path}: directory {parent} is not writable")

@@ -44,6 +44,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
+from .._status import status
 from ..api import check_output_stride, convolutionalize, geometry_of
 from ..errors import NotConvolutionalizable
 from ..frameworks import accepted, adapter_for
@@ -130,6 +131,7 @@ class Options:
     device: torch.device
     output: OutputChoice
     output_stride: int | None = None
+    lazy: bool | None = None  # see dense_map
 
 
 def dense_map(
@@ -155,6 +157,7 @@ def dense_map(
     mpp: float | None = None,
     mask: Any = None,
     bands: Sequence[int] | None = None,
+    lazy: bool | None = None,
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -188,7 +191,9 @@ def dense_map(
         device: where a PyTorch model runs (default CPU).
         scheduler: a dask scheduler name, a ``distributed.Client`` or its address: tiles
             run as dask tasks (also with a dask array input or an active Client).
-        progress: a progress bar over tiles.
+        progress: a progress bar over tiles; what runs before the first tile (converting the
+            model, the mask, planning the tiles) is logged as INFO records on the
+            ``convolutionalize.status`` logger, which the command line shows as a status line.
         fallback: ``"windows"`` evaluates models that cannot be converted crop by crop.
         stride: the window grid's stride for ``fallback="windows"``.
         output: which of a PyTorch model's outputs holds the class scores: an index or a key
@@ -213,9 +218,15 @@ def dense_map(
             touches no foreground are NaN, tiles without foreground cells are not computed
             (flagged skipped in a zarr ``out``).
         bands: the 1-based bands of a raster file (a GeoTIFF) to read, in this order.
+        lazy: ``True``: return a dask array of the map with nothing computed yet (its tiles are
+            dask tasks; ``.compute()`` runs them on the active or given ``scheduler``, e.g.
+            ``lazy.compute(scheduler=client)`` or ``client.compute(lazy)``); not with ``out``
+            or ``scales``. ``False``: always the computed numpy array. ``None`` (default): a
+            dask array for a dask input without a ``scheduler``, else computed.
 
     Returns:
-        A float32 numpy array; the zarr array with ``out``; a dask array for a dask input.
+        A float32 numpy array; the zarr array with ``out``; a dask array with ``lazy=True``, or
+        for a dask input without a ``scheduler`` where ``lazy`` is left out.
         With ``output="all"``: a dict of such maps by output key, each the map that
         ``output=key`` gives, from one set of passes. With ``scales``: a list of
         :class:`~convolutionalize.inference.ScaledMap`, one per scale kept, in the
@@ -235,7 +246,8 @@ def dense_map(
         NotConvolutionalizable: the model cannot be converted and ``fallback="error"``.
     """
     options = check_options(tile, precision, batch_size, fallback, stride, pool, device, output, out)
-    options = dataclasses.replace(options, output_stride=check_output_stride(output_stride, options.pool))
+    options = dataclasses.replace(options, output_stride=check_output_stride(output_stride, options.pool),
+                                  lazy=_check_lazy(lazy, out, scales))
     chosen = None if scales is None else check_scales(scales)
     fcn = dense_model(prepare_model(model, input_size, options), options.output)
     kind = output_kind(out)
@@ -243,6 +255,8 @@ def dense_map(
         raise ValueError(f"out={str(out)!r} holds one map; with scales=, pass a .zarr store (one map per "
                          "scale inside it)")
     frame = open_frame(image, fcn.channels, mean, std, model, mpp, bands)
+    if mask is not None:
+        status.info("computing the foreground mask")
     foreground = None if mask is None else frame.mask(mask)
     labels = class_labels(model, fcn.map_shape(fcn.geometry.input_size)[0])
     if kind == "geotiff":
@@ -324,12 +338,13 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     ``where`` says and names the channels ``labels``; a store at ``out`` being resumed keeps
     its tiles (unless ``tile`` is given: then they must be those). Warnings go to the frame
     ``stacklevel`` counts from here (``warnings.warn``'s count)."""
+    status.info("planning the tiles")
     key = _resume_key(fcn, source, options, mask)
     layout = None if options.tile is not None else _stored_layout(out, key)
     shape, grid = plan_map(fcn, source, options, stacklevel=stacklevel + 1, layout=layout)
     size = (source.height, source.width)
     runner = fcn.runner(options.precision, options.device)  # after the checks: it copies the model
-    dask = _use_dask(source, scheduler)
+    dask = options.lazy is True or _use_dask(source, scheduler)
     fixed = layout is not None
     columns = None if dask else plan_columns(fcn, runner, source, options, grid, mask is not None, fixed)
     keep = None if mask is None else mask.cells(fcn.geometry, size, shape[1:])
@@ -366,7 +381,8 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if dask:
         from .distributed import run_dask
 
-        result = run_dask(grid, works, skipped, source, runner, sink, shape, scheduler, progress)
+        result = run_dask(grid, works, skipped, source, runner, sink, shape, scheduler, progress,
+                          options.lazy)
     else:
         local = sink if sink is not None else MapSink(shape)
         if columns is not None:
@@ -446,6 +462,7 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
         geometry = geometry_of(model)  # already converted
         fcn = model
     except TypeError:
+        status.info("converting the model")
         try:
             fcn = remembered(model, input_size, options.pool, options.output_stride, ours)
         except NotConvolutionalizable as exc:
@@ -946,6 +963,17 @@ def _stored_layout(out: str | os.PathLike[str] | None, key: dict[str, Any]) -> t
     if out is None or output_kind(out) == "geotiff":
         return None
     return stored_ome_tiles(out, key) if output_kind(out) == "ome" else stored_tiles(out, key)
+
+
+def _check_lazy(lazy: object, out: object, scales: object) -> bool | None:
+    if lazy is not None and not isinstance(lazy, bool):
+        raise TypeError(f"lazy must be True, False or None, got {type(lazy).__name__}")
+    if lazy and out is not None:
+        raise ValueError("lazy=True returns a dask array, computed later; out= writes the map now: "
+                         "pass one of them")
+    if lazy and scales is not None:
+        raise ValueError("lazy=True maps one image; with scales=, map each scale's image yourself")
+    return lazy
 
 
 def _use_dask(source: ImageSource, scheduler: object) -> bool:

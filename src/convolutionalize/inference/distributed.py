@@ -37,13 +37,15 @@ LOCAL_SCHEDULERS = ("threads", "processes", "synchronous", "sync", "single-threa
 
 
 def run_dask(grid: TileGrid, works: list[Work], skipped: list[Tile], source: ImageSource, runner: Runner,
-             sink: ZarrSink | None, shape: tuple[int, int, int], scheduler: Any, progress: bool) -> Any:
+             sink: ZarrSink | None, shape: tuple[int, int, int], scheduler: Any, progress: bool,
+             lazy: bool | None = None) -> Any:
     """Run the tiles' ``works`` as dask tasks; the ``skipped`` tiles (no foreground) are NaN
     (flagged skipped in the sink).
 
     Returns:
-        With ``sink``: the zarr array, once every tile is written. Without: a dask array for
-        a dask input (nothing computed yet), else the computed numpy array.
+        With ``sink``: the zarr array, once every tile is written. Without: a dask array
+        (nothing computed yet) with ``lazy``, or for a dask input without a ``scheduler``
+        where ``lazy`` is ``None``; else the computed numpy array.
     """
     import dask
     import dask.array as da
@@ -62,7 +64,7 @@ def run_dask(grid: TileGrid, works: list[Work], skipped: list[Tile], source: Ima
         block = source.block(*work.part.read) if source.is_dask else lazy
         tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, work, sink))
         computed.append(work.tile)
-    if sink is None and source.is_dask and scheduler is None:  # lazy: a dask array of the map
+    if sink is None and (lazy or (lazy is None and source.is_dask and scheduler is None)):  # a dask array
         blocks: list[list[Any]] = [[_skipped(tile, shape) for tile in row] for row in _rows(grid)]
         for tile, task in zip(computed, tasks):
             blocks[tile.index[0]][tile.index[1]] = da.from_delayed(task, _cells(tile, shape), np.float32)

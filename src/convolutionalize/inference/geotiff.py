@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -161,8 +161,8 @@ def write_geotiff(path: str | os.PathLike[str], map: Any, transform: Affine, crs
     profile = dict(driver="GTiff", width=cols, height=rows, count=classes, dtype="float32", crs=crs,
                    transform=transform, nodata=float("nan"), tiled=True, blockxsize=block,
                    blockysize=block, compress="deflate", predictor=3, BIGTIFF="IF_SAFER")
-    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    temp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    temp.open("xb").close()  # the umask's permissions, as every other output (mkstemp's are 0600)
     try:
         with rasterio.Env(GDAL_PAM_ENABLED=False), rasterio.open(temp, "w", **profile) as out:
             out.descriptions = tuple(names)

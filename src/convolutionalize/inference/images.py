@@ -197,6 +197,12 @@ def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Seq
         from .geotiff import GeoRaster
 
         raster = GeoRaster(image, bands)
+        if bands is None and len(raster.bands) != channels:
+            names = ", ".join(f"{b}: {n}" for b, n in zip(raster.bands, raster.band_names))
+            example = ", ".join(map(str, raster.bands[:channels])) + ("," if channels == 1 else "")
+            raise ValueError(f"the model takes {channels} channels but {image} has {len(raster.bands)} bands "
+                             f"({names}); pick {channels} of them with bands=({example}), in the order "
+                             "the model was trained on")
         source = open_image(raster, channels, mean, std, model)
         size = (source.height, source.width)
         return Frame(source, size, size, None, lambda: low_resolution(raster), raster.transform, raster.crs)

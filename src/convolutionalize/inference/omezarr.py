@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .store import KEY_ATTR, ZarrSink, add_flags, map_compressors, reopen, same_tiles, stored_tiles
+from .store import KEY_ATTR, PARTIAL, ZarrSink, add_flags, map_compressors, reopen, same_tiles, stored_tiles
 from .tiling import TileGrid
 
 __all__ = ["OmeZarrSink", "Physical", "is_ome_zarr", "open_ome_zarr_sink", "stored_ome_tiles"]
@@ -94,7 +94,7 @@ class OmeZarrSink(ZarrSink):
             dask.compute(stored, scheduler="threads")
         write_multiscales_metadata(
             group, self._datasets(len(stores) + 1), axes=_axes(self.physical.unit),
-            name=Path(self.path).name.removesuffix(".ome.zarr").removesuffix(".zarr") or None,
+            name=image_name(self.path),
             metadata={"omero": _omero(self.labels, low, high)},
         )
 
@@ -113,6 +113,15 @@ class OmeZarrSink(ZarrSink):
 
     def __reduce__(self) -> tuple[Any, ...]:  # workers reopen the store by path
         return (_reopen, (self.path, self.physical, self.labels))
+
+
+def image_name(path: str | os.PathLike[str]) -> str | None:
+    """The multiscale image's name: the store's final name without its suffix, also while it is
+    written under its temporary ``NAME.partial.ome.zarr`` (``predict``'s resumable name)."""
+    name = Path(path).name
+    for suffix in (".ome.zarr", ".zarr", PARTIAL):
+        name = name.removesuffix(suffix)
+    return name or None
 
 
 def _reopen(path: str, physical: Physical, labels: tuple[str, ...]) -> OmeZarrSink:

@@ -32,10 +32,13 @@ import numpy as np
 
 from .tiling import Tile, TileGrid
 
-__all__ = ["MapSink", "ZarrSink", "add_flags", "map_compressors", "open_zarr_sink", "pyramid_paths", "reopen",
-           "same_tiles", "stored_tiles", "written_behind"]
+__all__ = ["PARTIAL", "MapSink", "ZarrSink", "add_flags", "map_compressors", "open_zarr_sink",
+           "pyramid_paths", "reopen", "same_tiles", "stored_tiles", "written_behind"]
 
 KEY_ATTR = "convolutionalize.key"
+# A store being written under a temporary name, renamed once complete (``predict`` writes
+# MAP.zarr as MAP.partial.zarr): what it records about itself names the final MAP.
+PARTIAL = ".partial"
 SCALES_ATTR = "convolutionalize.scales"
 S = TypeVar("S")
 Z = TypeVar("Z", bound="ZarrSink")
