@@ -71,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError, OSError) as exc:  # NotConvolutionalizable is a ValueError
             print(f"{PROG}: error: {cli_words(_one_line(exc))}", file=sys.stderr)
             return EXIT_BAD_INPUT
-        except KeyboardInterrupt:  # Ctrl-C: a store being written stays resumable (its .partial name)
-            print(f"\n{PROG}: interrupted", file=sys.stderr)
+        except KeyboardInterrupt as exc:  # Ctrl-C: a store being written stays resumable (.partial)
+            start = "\n" if sys.stderr.isatty() else ""  # below the ^C and any progress bar
+            print(f"{start}{PROG}: {str(exc) or 'interrupted'}", file=sys.stderr)
             return EXIT_INTERRUPTED
 
 

@@ -53,7 +53,7 @@ def run_dask(grid: TileGrid, works: list[Work], skipped: list[Tile], source: Ima
     model = dask.delayed(_load_runner)(pickle.dumps(runner),
                                        dask_key_name=f"convolutionalize-model-{id(runner):x}")
     reader = source.reader()
-    lazy = None if source.is_dask else dask.delayed(source, traverse=False)
+    whole = None if source.is_dask else dask.delayed(source, traverse=False)
     done = set() if sink is None else sink.done_tiles()
     if sink is not None:
         sink.skip_all([t for t in skipped if t.index not in done])
@@ -61,7 +61,7 @@ def run_dask(grid: TileGrid, works: list[Work], skipped: list[Tile], source: Ima
     for work in works:
         if work.tile.index in done:
             continue
-        block = source.block(*work.part.read) if source.is_dask else lazy
+        block = source.block(*work.part.read) if source.is_dask else whole
         tasks.append(dask.delayed(_run_tile, pure=True)(model, reader, block, work, sink))
         computed.append(work.tile)
     if sink is None and (lazy or (lazy is None and source.is_dask and scheduler is None)):  # a dask array
