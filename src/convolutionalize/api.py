@@ -119,7 +119,7 @@ def load_model_file(path: str | os.PathLike[str]) -> Any:
     ``.hdf5``, ``.pt2``): the kinds ``convolutionalize`` takes by path. A converted model
     comes back with its geometry, plan and self-check."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a file, or a directory such as a TensorFlow SavedModel
         raise ValueError(f"model file {path} does not exist")
     return adapter_for_path(path).load(path)
 

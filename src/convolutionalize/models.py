@@ -60,7 +60,8 @@ PROBE_TIMEOUT_S = 3.0  # how long a weights host may take to answer before we ca
 DOWNLOAD_TIMEOUT_S = 30.0  # socket timeout while downloading, so a stalled transfer fails
 
 _SPEC_HELP = ("use torchvision:NAME, timm:NAME, demo:digits, a .pt2 (torch.export) file, a .pt/.pth "
-              "file holding an nn.Module, or a .keras / .h5 / .onnx model file")
+              "file holding an nn.Module, a .keras / .h5 / .onnx model file or a TensorFlow SavedModel "
+              "directory")
 _UNSAFE_GLOBAL = "Unsupported global"  # how torch's weights-only unpickler names a pickled class
 _OFFLINE_HINT = (
     "pass --weights random (random initialisation) or --weights PATH (a state_dict file)"
@@ -112,7 +113,7 @@ def default_input_size(spec: str, model: nn.Module) -> tuple[int, int] | None:
     recorded = getattr(model, "input_size", None)  # e.g. demo:digits
     if isinstance(recorded, (tuple, list)) and len(recorded) == 2:
         return (int(recorded[0]), int(recorded[1]))
-    if Path(spec).suffix.lower() in _FILE_SUFFIXES:
+    if Path(spec).suffix.lower() in _FILE_SUFFIXES or Path(spec).is_dir():
         return None  # the file's static input shape says it (the converter asks otherwise)
     raise ValueError(
         f"{spec} does not record its native (training) input size; pass --input-size H W"
@@ -274,6 +275,11 @@ def _demo_model(name: str, weights: str | None) -> nn.Module:
 
 def _file_model(path: Path, weights: str | None, trust_pickle: bool) -> nn.Module:
     suffix = path.suffix.lower()
+    if path.is_dir():  # a TensorFlow SavedModel, recognised from its files by its adapter
+        if weights is not None:
+            raise ValueError(f"--weights {weights} does not apply to the SavedModel {path.name}: its "
+                             "weights are in the directory")
+        return load_model_file(path)
     if suffix not in MODEL_SUFFIXES and not path.is_file():
         raise ValueError(f"unknown model {str(path)!r}: {_SPEC_HELP}")
     if not path.is_file():

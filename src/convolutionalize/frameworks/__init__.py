@@ -59,11 +59,13 @@ def accepted() -> str:
 def _register_builtin() -> None:
     from .keras.adapter import KerasAdapter
     from .onnx.adapter import OnnxAdapter
+    from .tensorflow.adapter import TensorFlowAdapter
     from .torch.adapter import TorchAdapter
 
     register(TorchAdapter())
     register(KerasAdapter())
     register(OnnxAdapter())
+    register(TensorFlowAdapter())
 
 
 _register_builtin()

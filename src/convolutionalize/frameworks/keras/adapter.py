@@ -29,6 +29,11 @@ class KerasAdapter(Adapter):
         return any(c.__module__.startswith("keras") and c.__name__ in ("Model", "Functional", "Sequential")
                    for c in type(model).__mro__)
 
+    def claims_path(self, path: Path) -> bool:
+        from ..tensorflow.files import is_tf_keras_file
+
+        return super().claims_path(path) and not is_tf_keras_file(path)  # tf_keras': the TensorFlow adapter
+
     def load(self, path: Path) -> Any:
         from .model import load_keras
 
