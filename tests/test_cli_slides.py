@@ -108,7 +108,7 @@ def test_bad_input_exits_2_and_writes_nothing(model_file: Path, tmp_path: Path, 
         "unreadable slide": ([str(broken)], "cannot read the slide broken.svs"),
         "mpp finer than level 0": ([str(slide), "--mpp", "0.1"], "finer than the slide's level 0"),
         "mask of the wrong shape": ([str(slide), "--mask", str(tmp_path / "mask.npy")], "aspect ratio"),
-        "mpp on a png": ([str(png), "--mpp", "0.5"], "mpp= reads a slide file"),
+        "mpp on a png": ([str(png), "--mpp", "0.5"], "--mpp reads a slide file"),  # as the CLI names it
         "band out of range": ([str(scene), "--bands", "1", "2", "7"], "has 3 bands"),
         "several images to one file": ([str(png), str(slide)], "-o must be a folder"),
     }[case]
