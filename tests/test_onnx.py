@@ -321,7 +321,7 @@ def test_geometry_from_pads_ceil_mode_and_same_padding() -> None:
     assert geometry.stride == (4, 4) and geometry.window == (12, 12)
     assert geometry.receptive_field == (9 + 2 * 4, 9 + 2 * 4)
     assert not geometry.crop_equivalent
-    padded = next(n for n in geometry.notes if n.startswith("zero padding"))
+    padded = next(n for n in geometry.notes if n.startswith("padding in"))
     assert all(f"n{i}_" in padded for i in (5, 6, 7))  # pads, ceil_mode, SAME (after the body)
 
 

@@ -1072,7 +1072,7 @@ def test_padding_modules_are_padding_in_the_geometry() -> None:
     fcn = convolutionalize(model, (24, 24))
     geometry = fcn.geometry
     assert geometry.stride == (8, 8) and not geometry.crop_equivalent
-    assert [n for n in geometry.notes if n.startswith("zero padding")] and not [
+    assert [n for n in geometry.notes if n.startswith("padding in")] and not [
         n for n in geometry.notes if n.startswith("locality")]
     with torch.no_grad():
         assert tuple(fcn(_image((24 + 3 * 8, 24 + 5 * 8))).shape[-2:]) == geometry.cells(48, 64) == (4, 6)

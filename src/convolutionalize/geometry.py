@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .plan import HeadPlan
 
 __all__ = ["GEOMETRY_KEY", "BodyGeometry", "Geometry", "PoolMode", "Span", "at_output_stride", "check_pool",
-           "geometry_from_plan", "output_cells", "possible_output_strides"]
+           "geometry_from_plan", "output_cells", "padding_note", "possible_output_strides"]
 
 PoolMode = Literal["window", "none", "global"]
 GEOMETRY_KEY = "convolutionalize.geometry"  # where non-PyTorch models keep their geometry
@@ -184,16 +184,50 @@ class BodyGeometry:
     unproven: list[str] = field(default_factory=list)
 
     def notes(self) -> list[str]:
+        """What makes cells differ from crops, the padding excepted (:func:`padding_note` says
+        which cells its padding changes, once the map's window is known)."""
         out = []
-        if self.padded:
-            out.append(f"zero padding in {_names(self.padded)}: border cells see zeros in a "
-                       "crop but real neighbours in the dense map")
         if self.global_context:
             out.append(f"global context in {_names(self.global_context)}: every cell depends "
                        "on the whole input")
         if self.unproven:
             out.append(f"locality not proven for {_names(self.unproven)}")
         return out
+
+
+def padding_note(padded: list[str], reach: tuple[tuple[int, int], tuple[int, int]]) -> str:
+    """Which cells a body's padding makes differ from their crops, and why.
+
+    ``reach`` is, per axis, how far (input pixels) a cell's receptive field reaches (before,
+    after) its window. A crop is padded right at its window's edges (zeros; a max pool's padding
+    is never the maximum), where the dense map reads the neighbouring pixels: every cell whose
+    receptive field leaves its window on a side where the image goes on differs from its crop.
+    With a reach on both sides of an axis that is every cell, the image's edges included (each
+    crop is padded at its own far edge); with a reach on one side only, the cells on the image's
+    edge on that side are padded like their crop."""
+    (yb, ya), (xb, xa) = reach
+    where = f"padding in {_names(padded)}"
+    if not any((yb, ya, xb, xa)):
+        return f"{where}: no cell's receptive field reaches it at the native size"
+    reads = (f"a cell's receptive field reaches {yb} px above, {ya} px below, {xb} px left of and "
+             f"{xa} px right of its window, where a crop reads padding and the dense map the "
+             "neighbouring pixels")
+    ey, ex = _edge(yb, ya, "top", "bottom"), _edge(xb, xa, "left", "right")
+    if None in (ey, ex):
+        return f"{where}: {reads}; every cell differs from its crop, the image's edges included"
+    alike = (f"the {ey}-{ex} corner cell" if ey and ex else f"the cells of the {ey} row" if ey
+             else f"the cells of the {ex} column")
+    far = " (at the bottom or right where the image ends with that cell's window)" if ya or xa else ""
+    verb = "equals its crop" if ey and ex else "equal their crops"
+    return f"{where}: {reads}; only {alike}{far} {verb}"
+
+
+def _edge(before: int, after: int, first: str, last: str) -> str | None:
+    """The image edge along one axis whose cells are padded like their crops: none (``None``:
+    the reach is on both sides), every cell (``""``: no reach), or the first or last."""
+    if before and after:
+        return None
+    return first if before else last if after else ""
 
 
 def _names(nodes: list[str]) -> str:
@@ -219,7 +253,7 @@ def geometry_from_plan(plan: HeadPlan, pool: PoolMode, body: BodyGeometry) -> Ge
     if flatten_head and pool == "none":
         notes = [*notes, "a flatten head has no pooling to drop: pool='none' equals 'window'"]
     local = not any(n.startswith(("global context", "locality")) for n in notes)
-    padded = any(n.startswith("zero padding") for n in notes)
+    padded = bool(body.padded)
     if mode == "none":
         window, span_cells = (sy, sx), (1, 1)
     else:
@@ -228,6 +262,10 @@ def geometry_from_plan(plan: HeadPlan, pool: PoolMode, body: BodyGeometry) -> Ge
     rx = xs.size + (span_cells[1] - 1) * xs.jump
     inside = ys.lo >= 0 and xs.lo >= 0 and ys.lo + ry <= plan.input_size[0] and (
         xs.lo + rx <= plan.input_size[1])
+    if padded and mode != "global":  # how far the native window's receptive field leaves it
+        (h, w), (ny, nx) = plan.input_size, (ys.size + (fh - 1) * ys.jump, xs.size + (fw - 1) * xs.jump)
+        reach = ((max(-ys.lo, 0), max(ys.lo + ny - h, 0)), (max(-xs.lo, 0), max(xs.lo + nx - w, 0)))
+        notes = [padding_note(body.padded, reach), *notes]
     crop_equivalent = (mode == "window" or (fh, fw) == (1, 1)) and mode != "global" and (
         local and not padded and inside)
     if mode == "none" and (fh, fw) != (1, 1):
@@ -273,6 +311,6 @@ def at_output_stride(geometry: Geometry, stride: tuple[int, int], dilation: tupl
     if not geometry.crop_equivalent:
         notes.append(f"output stride {stride[0]} (a trous): cells whose receptive field stays "
                      "inside the image equal the shift-and-stitch maps; cells near the border differ "
-                     "(zero padding sits at other places)")
+                     "(padding sits at other places)")
     return replace(geometry, stride=stride, feature_size=((fh - 1) * ry + 1, (fw - 1) * rx + 1),
                    window=stride if geometry.pool == "none" else geometry.window, notes=tuple(notes))
