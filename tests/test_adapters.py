@@ -91,7 +91,7 @@ def test_no_framework_type_checks_outside_frameworks() -> None:
 
 
 def test_every_adapter_is_registered_once() -> None:
-    assert sorted(a.name for a in ADAPTERS) == ["Keras", "ONNX", "PyTorch"]
+    assert sorted(a.name for a in ADAPTERS) == ["Keras", "ONNX", "PyTorch", "TensorFlow"]
     assert adapter_for(_keras()).name == "Keras"  # a Keras model on the torch backend is an nn.Module too
 
 
