@@ -46,7 +46,14 @@ Run = Callable[[np.ndarray], list[np.ndarray]]  # NCHW float32 batch -> every ou
 # on true crops, with the x86, fbgemm, onednn and qnnpack engines). One step of an 8-bit output
 # is at least 1/255 of its largest magnitude, so 1e-4 asks for equality: the tolerance is
 # exactness: a conversion that changes one integer of an output is refused.
-TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2, "quantized": 1e-4}
+# A pt2e-quantized graph ("pt2e") computes in float32 between 8-bit quantize/dequantize pairs: its
+# converted head sums the same products in another order, so a value within a float rounding of a
+# quantization boundary can round to the neighbouring step, which later layers carry on. Measured
+# (15 random padding-free CNNs, X86Inductor and XNNPACK quantizers, 3150 cells): native size 0 to
+# 3e-7; cells vs true crops up to 1.4e-3 (float output) and 8.3e-3 (one step of an 8-bit output,
+# 1 cell in 3150); 2e-2 allows that step and still refuses a misread head (off by whole scores).
+TOLERANCES = {"float64": 1e-4, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2, "quantized": 1e-4,
+              "pt2e": 2e-2}
 CHECK_RTOL = TOLERANCES["float32"]
 
 
@@ -141,7 +148,7 @@ class Reference:
         self.tolerance = tolerance(precision)
         # a quantized head rounds the scores of every cell: the mean of a rounded map is not the
         # rounded mean, so a pool="none" map is not compared with the logits there
-        self.rounds = precision == "quantized"
+        self.rounds = precision in ("quantized", "pt2e")
         self.native_input = random_image(plan.in_channels, plan.input_size)
         self.native = original(self.native_input)
         self.crops: dict[tuple[int, int], list[tuple[tuple[int, int], list[np.ndarray]]]] = {}

@@ -27,6 +27,7 @@ from torch.utils._pytree import TreeSpec
 
 from ...errors import NotConvolutionalizable, first_line
 from . import graph as g
+from .pt2e import Pt2eTracer, is_pt2e
 from .script import is_script, lift, lifted_module, script_name
 
 __all__ = ["Capture", "capture", "quiet_torch_logs"]
@@ -136,7 +137,9 @@ def _plain_graph_module(exported: fx.GraphModule, name: str) -> fx.GraphModule:
         raise NotConvolutionalizable(f"the exported {name} takes {len(placeholders)} inputs; only a "
                                      "model with one image input can be converted")
     graph._codegen = fx.graph.CodeGen()  # flat outputs, no pytree (re)packing
-    graph._tracer_cls = None  # export's tracer cannot be rebuilt when the module is unpickled
+    # export's tracer cannot be rebuilt when the module is unpickled; a pt2e graph's int8
+    # weights must stay buffers when it is traced again there
+    graph._tracer_cls = Pt2eTracer if is_pt2e(exported) else None
     graph._tracer_extras = None
     gm = fx.GraphModule(exported, graph, name)
     gm.delete_all_unused_submodules()

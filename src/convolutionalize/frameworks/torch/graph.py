@@ -15,6 +15,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ...errors import NotConvolutionalizable, first_line
+from .pt2e import PT2E_OPS, dequantized_weight
 from .quantized import QUANTIZED_CONVS, QUANTIZED_OPS, QUANTIZED_PER_LOCATION, is_quantized_linear
 
 __all__ = [
@@ -39,7 +40,7 @@ ELEMENTWISE = frozenset(
         "sigmoid_", "add_", "mul_", "hard_sigmoid", "hard_swish", "swish", "gelu_tanh",
         "quick_gelu", "where", "minimum", "maximum", "batch_norm", "identity", "floordiv",
     }
-) | QUANTIZED_OPS
+) | QUANTIZED_OPS | PT2E_OPS
 
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -256,6 +257,7 @@ def first_in_channels(gm: fx.GraphModule, modules: dict[str, nn.Module],
             return int(modules[node.target].in_chans)
         if node.op == "call_function" and op_name(node, modules) == "conv2d":
             weight = arg(node, 1, "weight")
+            weight = dequantized_weight(weight) or weight  # pt2e: an int8 constant, dequantized
             if isinstance(weight, fx.Node) and weight.op == "get_attr":
                 w = attr(gm, weight)
                 return int(w.shape[1]) * int(arg(node, 6, "groups", 1))

@@ -49,6 +49,7 @@ from .graph import (
     shape_of,
     tensor_inputs,
 )
+from .pt2e import dequantized_weight
 from .quantized import QUANTIZED_CONVS, is_quantized_linear, quantized_linear_refusal
 
 __all__ = ["Value", "find_head", "permutation", "propagate_kinds"]
@@ -493,6 +494,7 @@ def linear_weight(node: fx.Node, module: nn.Module | None) -> tuple[int, int] | 
     if isinstance(module, nn.Linear) or is_quantized_linear(module):
         return int(module.in_features), int(module.out_features)  # type: ignore[union-attr]
     weight = arg(node, 1, "weight")
+    weight = dequantized_weight(weight) or weight  # pt2e: an int8 constant, dequantized
     shape = shape_of(weight) if isinstance(weight, fx.Node) and weight.op == "get_attr" else None
     bias = arg(node, 2, "bias")
     if shape is None or len(shape) != 2 or not (bias is None or (
@@ -514,6 +516,8 @@ def _linear_step(node: fx.Node, module: nn.Module | None, src: Value, where: str
                                      "computed, not a parameter, has no fixed convolution kernel")
     n_in, n_out = features
     linear, conv = "Linear", "Conv2d"
+    if dequantized_weight(arg(node, 1, "weight")) is not None:  # pt2e: int8 weights
+        linear, conv = "quantized linear (pt2e)", "quantized conv2d (pt2e)"
     if is_quantized_linear(module):  # LinearReLU -> ConvReLU2d
         linear = f"quantized {type(module).__name__}"
         conv = f"quantized {type(module).__name__.replace('Linear', 'Conv')}2d"

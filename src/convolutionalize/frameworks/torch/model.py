@@ -26,11 +26,12 @@ from .geometry import body_spans
 from .head import find_head, propagate_kinds
 from .layers import ConvolutionalizedModule
 from .padding import fix_same_padding
+from .pt2e import PT2E, is_pt2e, pt2e_refusal
 from .regroup import regroup_space_to_depth
 from .rewrite import crop_to_windows, rewrite
 from .script import TORCHSCRIPT, is_script
 
-__all__ = ["analyse", "convolutionalize_module", "native_input_size", "rewrite"]
+__all__ = ["analyse", "convolutionalize_module", "module_precision", "native_input_size", "rewrite"]
 
 def native_input_size(model: nn.Module, input_size: object) -> tuple[int, int]:
     """The model's training input size: given, or from timm's ``pretrained_cfg``."""
@@ -70,6 +71,9 @@ class Analysis:
         private = copy.deepcopy(model).eval()
         self.capture = capture(private, _cfg_channels(model), input_size)
         self.gm = self.capture.gm
+        refusal = pt2e_refusal(self.gm)
+        if refusal is not None:
+            raise NotConvolutionalizable(refusal)
         self.modules = dict(self.gm.named_modules())
         self.in_channels = _in_channels(model, self.gm, self.modules, input_size)
         param = next(private.parameters(), None)
@@ -153,7 +157,20 @@ def _precision(gm: fx.GraphModule, dtype: torch.dtype) -> str:
         meta = node.meta.get("tensor_meta")
         if isinstance(meta, TensorMetadata) and meta.is_quantized:
             return "quantized"
-    return str(dtype)
+    return PT2E if is_pt2e(gm) else str(dtype)
+
+
+def module_precision(module: nn.Module) -> str:
+    """The precision a (converted) module computes in, as :func:`_precision` names it for its
+    graph: ``"pt2e"`` for a pt2e-quantized graph, ``"quantized"`` for eager quantized modules,
+    else the dtype of its parameters."""
+    if any(isinstance(m, fx.GraphModule) and is_pt2e(m) for m in module.modules()):
+        return PT2E
+    if any(type(m).__module__.startswith(("torch.ao.nn.quantized", "torch.ao.nn.intrinsic.quantized"))
+           for m in module.modules()):
+        return "quantized"
+    param = next(module.parameters(), None)
+    return str(param.dtype) if param is not None and param.is_floating_point() else "float32"
 
 
 def _cfg_channels(model: nn.Module) -> int | None:

@@ -18,6 +18,7 @@ from ...plan import HeadPlan, HeadStep
 from ...weights import linear_to_oihw
 from . import graph as g
 from .layers import ChannelLayerNorm, WindowCells, WindowPool, channel_layer_norm
+from .pt2e import dequantized_weight, pt2e_conv_from_linear
 from .quantized import is_quantized_linear, quantized_conv_from_linear
 
 __all__ = ["REWRITES", "crop_to_windows", "rewrite"]
@@ -36,9 +37,14 @@ class _Rewrite:
         self.counter = 0
 
     def add_module(self, module: nn.Module) -> str:
+        name = self.new_name()
+        self.gm.add_submodule(name, module)
+        return name
+
+    def new_name(self) -> str:
+        """A fresh name for an added submodule or buffer."""
         name = f"convolutionalize_{self.counter}"
         self.counter += 1
-        self.gm.add_submodule(name, module)
         return name
 
     def swap(self, node: fx.Node, target: str) -> None:
@@ -92,7 +98,8 @@ def _flatten(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
 
 def _linear(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
     """nn.Linear, F.linear or aten.linear on parameters -> Conv2d with the kernel reordered;
-    a quantized Linear -> the quantized Conv2d with the same integers (:mod:`.quantized`)."""
+    a quantized Linear -> the quantized Conv2d with the same integers (:mod:`.quantized`); a
+    pt2e linear on a dequantized int8 weight -> conv2d on the same integers (:mod:`.pt2e`)."""
     assert step.kernel is not None
     module = rw.modules[str(node.target)] if node.op == "call_module" else None
     if is_quantized_linear(module):
@@ -100,6 +107,11 @@ def _linear(rw: _Rewrite, node: fx.Node, step: HeadStep) -> None:
         dilation = rw.dilation if step.kernel != (1, 1) else (1, 1)
         g.replace_module(rw.gm, str(node.target), quantized_conv_from_linear(
             module, step.kernel, layout, dilation))  # type: ignore[arg-type]
+        return
+    if module is None and dequantized_weight(g.arg(node, 1, "weight")) is not None:
+        layout = rw.plan.feature.layout[1:] if step.kernel != (1, 1) else "CHW"
+        dilation = rw.dilation if step.kernel != (1, 1) else (1, 1)
+        pt2e_conv_from_linear(rw.gm, node, step.kernel, layout, dilation, rw.new_name())
         return
     if isinstance(module, nn.Linear):
         weight, bias = module.weight.detach(), module.bias
