@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from .._files import atomic_path
 from .._status import status
 from .options import PRECISIONS, Deferred, add_model_output, int_at_least, seeded
-from .status import add_progress, shown, status_lines
+from .status import add_progress, say, shown, status_lines
 
 if TYPE_CHECKING:
     from ..api import convolutionalize, geometry_of
@@ -183,7 +183,7 @@ def _predict_one(args: argparse.Namespace, model: Any, input_size: Any, image: P
     elif kind == ".npy":
         _save_npy(cells, output)
     classes, rows, cols = cells.shape
-    print(f"wrote {output}: {classes} classes x {rows} x {cols} cells ({args.precision})")
+    say(f"wrote {output}: {classes} classes x {rows} x {cols} cells ({args.precision})")
 
 
 def find_images(given: list[Path]) -> list[Path]:

@@ -27,7 +27,7 @@ from .._files import atomic_path
 from .._status import status
 from .options import EXIT_OK, add_model_output, fraction, int_at_least, model_output, seeded
 from .predict import add_normalization, check_outputs, image_jobs, made_folders
-from .status import add_progress, shown, status_lines
+from .status import add_progress, say, shown, status_lines
 
 if TYPE_CHECKING:  # the commands import the library when they run: --help imports no framework
     import numpy as np
@@ -148,7 +148,7 @@ def _heatmap_command(args: argparse.Namespace) -> int:
                 picture = _heatmap_picture(args, loaded, path)
                 with atomic_path(output) as tmp:
                     picture.save(tmp, format="PNG")
-                print(f"wrote {output} ({picture.width}x{picture.height})")
+                say(f"wrote {output} ({picture.width}x{picture.height})")
     return EXIT_OK
 
 
@@ -207,7 +207,7 @@ def _detect_command(args: argparse.Namespace) -> int:
                 records = [{**d.to_dict(), "name": class_name(d.label, loaded.labels)} for d in found]
                 files = {output: records, **({} if drawing is None else {drawing: records})}
                 _write_detections(files, image, found, loaded.labels)
-                print(f"{len(found)} detections -> {', '.join(map(str, files))}")
+                say(f"{len(found)} detections -> {', '.join(map(str, files))}")
     return EXIT_OK
 
 

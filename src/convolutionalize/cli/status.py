@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from .._status import STATUS
 from .options import PROG
 
-__all__ = ["add_progress", "shown", "status_lines"]
+__all__ = ["add_progress", "say", "shown", "status_lines"]
 
 
 def add_progress(parser: argparse.ArgumentParser, what: str) -> None:
@@ -39,7 +39,7 @@ class _StatusHandler(logging.Handler):
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.live = False
+        self.live = False  # a status line is on the terminal, without its newline
 
     def emit(self, record: logging.LogRecord) -> None:
         stream = sys.stderr
@@ -55,6 +55,17 @@ class _StatusHandler(logging.Handler):
         if self.live:
             sys.stderr.write("\r\x1b[K")
             sys.stderr.flush()
+            self.live = False
+
+
+_handlers: list[_StatusHandler] = []  # the one status_lines shows, while it runs
+
+
+def say(text: str) -> None:
+    """Print a result line on stdout, below (in place of) a status line on the terminal."""
+    for handler in _handlers:
+        handler.clear()
+    print(text)
 
 
 @contextlib.contextmanager
@@ -68,9 +79,11 @@ def status_lines(show: bool) -> Iterator[None]:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False  # --verbose shows them once, here
+    _handlers.append(handler)
     try:
         yield
     finally:
+        _handlers.remove(handler)
         handler.clear()
         logger.removeHandler(handler)
         logger.setLevel(saved)
