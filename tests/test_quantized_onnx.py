@@ -135,10 +135,12 @@ def _as_matmul(path: Path) -> Path:
 
 
 def _qoperator(tmp_path: Path, float_path: Path, per_channel: bool,
-               shape: tuple[int, ...] = (1, 1, *INPUT_SIZE)) -> onnx.ModelProto:
+               shape: tuple[int, ...] = (1, 1, *INPUT_SIZE),
+               activations: q.QuantType = q.QuantType.QInt8) -> onnx.ModelProto:
     out = tmp_path / "qoperator.onnx"
     q.quantize_static(str(float_path), str(out), _Batches(shape, count=4),
-                      quant_format=q.QuantFormat.QOperator, per_channel=per_channel)
+                      quant_format=q.QuantFormat.QOperator, per_channel=per_channel,
+                      activation_type=activations)
     return onnx.load(str(out))
 
 
@@ -182,6 +184,26 @@ def test_qoperator_graph_converts_bit_exact_and_stays_quantized(head: str, per_c
     dense = _run(fcn, image)[0]
     assert dense.shape == (10, 4, 6)
     np.testing.assert_array_equal(dense, _true_crops(model, image, 4, 6))  # bit-exact
+
+
+class _Reshaped(TinyNet):
+    """TinyNet flattened by ``reshape(batch, -1)``: Shape -> Gather -> Concat -> Reshape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return self.classifier[1:](x.reshape(x.shape[0], -1))
+
+
+def test_qoperator_uint8_activations_through_a_computed_reshape(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _qoperator(tmp_path, _float_model(tmp_path, _Reshaped()), True,
+                       activations=q.QuantType.QUInt8)
+    assert "Reshape" in {n.op_type for n in model.graph.node}
+    fcn = convolutionalize(model, INPUT_SIZE)
+    assert len(_quantized_convs(fcn)) == 4
+    assert conversion_info(fcn).native_error == 0.0
+    image = np.random.default_rng(1).standard_normal((1, 1, *LARGER)).astype(np.float32)
+    np.testing.assert_array_equal(_run(fcn, image)[0], _true_crops(model, image, 4, 6))
 
 
 def _resnet18() -> torch.nn.Module:
