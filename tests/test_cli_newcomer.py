@@ -357,3 +357,12 @@ def test_status_lines_only_with_progress(files: Path, capsys: pytest.CaptureFixt
     for step in ("loading", "converting the model", "planning the tiles"):
         assert any(line.startswith(f"convolutionalize: {step}") for line in lines), err
     assert "dense map" in err  # the progress bar over tiles
+
+
+def test_dense_map_without_input_size_raises_one_error_not_a_chain(files: Path) -> None:
+    from convolutionalize import dense_map
+
+    model = torch.load(files / "tiny.pt", weights_only=False)  # carries no input size
+    with pytest.raises(ValueError, match="input_size is required") as raised:
+        dense_map(model, torch.rand(1, 20, 24))
+    assert raised.value.__context__ is None  # no "During handling of the above exception" TypeError

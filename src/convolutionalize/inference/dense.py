@@ -171,8 +171,10 @@ def dense_map(
             JPEG, ``.npy``, ``.zarr``, TIFF read lazily, a whole-slide image, a GeoTIFF), a
             PIL image, or a uint8/uint16 ``(H, W, C)`` numpy/zarr/dask array, scaled to [0, 1]
             and normalized with ``mean``/``std``.
-        input_size, pool, output_stride: passed to ``convolutionalize`` (see there) when the
-            model is converted here; a converted model's stride must match ``output_stride``.
+        input_size: passed to ``convolutionalize`` (see there) when the model is converted here.
+        pool: passed to ``convolutionalize`` (see there) when the model is converted here.
+        output_stride: passed to ``convolutionalize`` (see there) when the model is converted
+            here; a converted model's stride must match it.
         tile: input pixels between tile starts (whole strides); each tile also reads a halo.
             Default: one pass when the image fits ``MEMORY_BUDGET``, else tiles that fit
             ``TILE_BUDGET``. For a model with global context (``geometry.receptive_field is
@@ -187,7 +189,10 @@ def dense_map(
             and returned. OME-Zarr and GeoTIFF hold one map: not with ``scales``.
         precision: ``"fp32"`` (exact) or ``"bf16"`` (PyTorch: bfloat16 autocast, channels-last).
         batch_size: tiles of equal shape run together (default 1).
-        mean, std: normalization for images (default: the model's own, else ImageNet).
+        mean: normalization for images: the mean subtracted (default: the model's own, else
+            ImageNet).
+        std: normalization for images: the standard deviation divided by (default: the model's
+            own, else ImageNet).
         device: where a PyTorch model runs (default CPU).
         scheduler: a dask scheduler name, a ``distributed.Client`` or its address: tiles
             run as dask tasks (also with a dask array input or an active Client).
@@ -459,9 +464,11 @@ def prepare_model(model: Any, input_size: object, options: Options) -> Any:
     except TypeError as exc:
         raise TypeError(f"dense_map takes {accepted()}, got {type(model).__name__}") from exc
     try:
-        geometry = geometry_of(model)  # already converted
-        fcn = model
+        geometry: Geometry | None = geometry_of(model)  # already converted
     except TypeError:
+        geometry = None  # converted below, outside this handler: its errors come unchained
+    fcn = model
+    if geometry is None:
         status.info("converting the model")
         try:
             fcn = remembered(model, input_size, options.pool, options.output_stride, ours)
