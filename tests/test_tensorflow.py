@@ -123,6 +123,15 @@ class Classifier(tf.Module):
         return tf.nn.softmax(tf.matmul(tf.reshape(y, (-1, 7 * 7 * 4)), self.weights) + self.bias)
 
 
+class AnySize(Classifier):
+    """Traced for any height and width: the flattened features it multiplies have no fixed size."""
+
+    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.float32)])
+    def __call__(self, x: Any) -> Any:
+        y = tf.nn.max_pool2d(tf.nn.relu(tf.nn.conv2d(x, self.kernel, 1, "VALID")), 2, 2, "VALID")
+        return tf.matmul(tf.reshape(y, (-1, 7 * 7 * 4)), self.weights)
+
+
 class Untraced(tf.Module):
     def __call__(self, x: Any) -> Any:
         return x
@@ -225,6 +234,7 @@ def test_tf_keras_model_object_converts() -> None:
     assert_equals_original(fcn, lambda x: outputs(model(x, training=False)))
 
 
+@pytest.mark.filterwarnings("ignore:You are saving your model as an HDF5 file:UserWarning")
 @pytest.mark.parametrize("suffix", [".keras", ".h5"])
 def test_tf_keras_files_convert(suffix: str, tmp_path: Path) -> None:
     model = tf_keras_cnn()
@@ -270,6 +280,12 @@ def test_untraced_tf_module_is_refused_by_what_it_needs() -> None:
     with pytest.raises(cz.NotConvolutionalizable, match=r"has no traced __call__ graphs; decorate __call__ "
                                                         r"with @tf.function\(input_signature="):
         cz.convolutionalize(Untraced())
+
+
+def test_graph_traced_for_any_size_is_asked_for_the_native_one() -> None:
+    with pytest.raises(cz.NotConvolutionalizable, match=r"\(MatMul\) reads features whose number is not "
+                                                        r"fixed: the graph's input has no static height"):
+        cz.convolutionalize(AnySize(), (16, 16))
 
 
 def test_op_without_a_keras_equivalent_is_refused_by_name() -> None:

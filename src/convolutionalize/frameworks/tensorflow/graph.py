@@ -18,7 +18,9 @@ and type.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +55,7 @@ class Rebuild:
         return [self.constants[t.name] for t in op.inputs if t.name in self.constants]
 
 
+_NAMES: ContextVar[set[str]] = ContextVar("names")  # the layer names given in the current rebuild
 Handler = Callable[[Rebuild, Any], Any]
 OPS: dict[str, Handler] = {}
 
@@ -66,7 +69,14 @@ def handles(*types: str) -> Callable[[Handler], Handler]:
 
 
 def _name(op: Any) -> str:
-    return op.name.replace("/", "_").replace(":", "_")[-120:]
+    """A Keras layer name for ``op``: its TF name without the function-call scopes TensorFlow
+    adds (``StatefulPartitionedCall/``), which inspect and error messages would repeat."""
+    parts = [p for p in op.name.split("/") if not re.fullmatch(r"(Stateful)?PartitionedCall(_\d+)?", p)]
+    name = "_".join(parts or [op.name]).replace(":", "_")[-120:]
+    if name in _NAMES.get():
+        name = op.name.replace("/", "_").replace(":", "_")[-120:]  # the full name is unique in a graph
+    _NAMES.get().add(name)
+    return name
 
 
 def _padding(op: Any) -> str:
@@ -109,6 +119,11 @@ def _conv(r: Rebuild, op: Any) -> Any:
 @handles("MatMul")
 def _matmul(r: Rebuild, op: Any) -> Any:
     data, consts = r.data(op), r.const(op)
+    if len(data) == 1 and r.tensors[data[0].name].shape[-1] is None:
+        raise NotConvolutionalizable(
+            f"TensorFlow op '{op.name}' (MatMul) reads features whose number is not fixed: the graph's "
+            "input has no static height and width; save the function with the native input size, "
+            "input_signature=[tf.TensorSpec((None, H, W, C))]")
     if len(data) != 1 or len(consts) != 1 or op.inputs[0].name in r.constants or op.get_attr("transpose_a"):
         raise NotConvolutionalizable(f"TensorFlow op '{op.name}' (MatMul) is not a dense layer "
                                      "(data times constant weights)")
@@ -270,6 +285,7 @@ def rebuild_graph(function: Any, name: str) -> keras.Model:
         shapes = ", ".join(str(t.shape) for t in function.inputs)
         raise NotConvolutionalizable(f"TensorFlow function '{name}' takes ({shapes}); only a classifier "
                                      "of one (N, H, W, C) image batch can slide")
+    _NAMES.set(set())
     image = inputs[0]
     live, meta = _depending_on(graph, image)
     r = Rebuild(_constants(graph, live | meta))
