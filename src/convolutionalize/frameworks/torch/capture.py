@@ -55,7 +55,7 @@ def capture(model: nn.Module, channels: int | None, input_size: tuple[int, int])
     """
     if is_script(model):  # TorchScript: torch's converter lifts it to an exported program
         program, _ = lift(model, channels, input_size)
-        return _captured(lifted_module(program), script_name(model), program.call_spec.out_spec)
+        return _captured(lifted_module(program, model), script_name(model), program.call_spec.out_spec)
     if isinstance(model, fx.GraphModule) and getattr(model, "_out_spec", None) is not None:
         # already exported (torch.export.load(...).module(), a .pt2 file): use its graph
         return _captured(model, type(model).__name__, model._out_spec)  # type: ignore[arg-type]

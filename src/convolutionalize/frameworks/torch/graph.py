@@ -38,7 +38,7 @@ ELEMENTWISE = frozenset(
         "clamp", "clamp_min", "clamp_max", "clip", "dropout", "dropout2d", "alpha_dropout",
         "feature_alpha_dropout", "contiguous", "float", "to", "type_as", "clone", "detach",
         "sigmoid_", "add_", "mul_", "hard_sigmoid", "hard_swish", "swish", "gelu_tanh",
-        "quick_gelu", "where", "minimum", "maximum", "batch_norm", "identity", "floordiv",
+        "quick_gelu", "where", "minimum", "maximum", "batch_norm", "identity", "floordiv", "round",
     }
 ) | QUANTIZED_OPS | PT2E_OPS
 

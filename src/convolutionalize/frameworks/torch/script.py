@@ -2,6 +2,12 @@
 ``.pt`` archive loaded with ``torch.jit.load``) lifted to an ``fx.GraphModule`` by torch's own
 TorchScript -> ExportedProgram converter, which the analysis reads like any exported graph.
 
+A quantized ScriptModule (an eager-mode quantized model scripted or traced: ``quantized::conv2d``
+and ``quantized::linear`` on packed parameters) is lifted by the same converter to float
+operations that round like the quantized kernels; its weights are then read as their int8
+integers again, dequantized in the graph (:func:`integer_weights`), so it converts like a pt2e
+graph and stays quantized.
+
 A traced archive records convolutions as ``aten.convolution`` (with the transposed flag and
 output padding); those that are plain 2-D convolutions become ``aten.conv2d`` so that one set
 of geometry rules reads both. The lifted graph is compared with the ScriptModule at the native
@@ -17,6 +23,7 @@ from torch import fx, nn
 
 from ...errors import NotConvolutionalizable, first_line
 from ...selfcheck import relative_error, tolerance
+from .pt2e import PT2E
 
 __all__ = ["TORCHSCRIPT", "is_script", "lift", "lifted_module", "script_name"]
 
@@ -34,10 +41,11 @@ def script_name(model: object) -> str:
     return str(getattr(model, "original_name", None) or type(model).__name__)
 
 
-def lifted_module(program: torch.export.ExportedProgram) -> nn.Module:
+def lifted_module(program: torch.export.ExportedProgram, script: nn.Module | None = None) -> nn.Module:
     """The lifted program as a module whose weights need no gradient: TorchScript's weights
     come as buffers that require one, and what is computed from them (a folded batch norm,
-    a reshaped kernel) would then not be a leaf that can be copied or saved."""
+    a reshaped kernel) would then not be a leaf that can be copied or saved. The weights of a
+    quantized ``script`` are its int8 integers again (:func:`integer_weights`)."""
     module = program.module()
     for sub in module.modules():
         for name, tensor in sub._buffers.items():
@@ -46,7 +54,82 @@ def lifted_module(program: torch.export.ExportedProgram) -> nn.Module:
         for name, param in sub._parameters.items():
             if param is not None:
                 sub._parameters[name] = nn.Parameter(param.detach(), requires_grad=False)
+    if script is not None:
+        integer_weights(module, packed_weights(script))  # type: ignore[arg-type]
     return module
+
+
+def packed_weights(script: nn.Module) -> list[torch.Tensor]:
+    """The quantized weights of a quantized ScriptModule's packed parameters
+    (``quantized::conv2d_prepack`` / ``linear_prepack``: ``_packed_params`` of each quantized
+    Conv2d and Linear)."""
+    weights = []
+    for _, sub in script.named_modules():
+        packed = getattr(sub, "_packed_params", None)
+        if isinstance(packed, torch.ScriptObject) and packed._has_method("unpack"):
+            weight = packed.unpack()[0]
+            if isinstance(weight, torch.Tensor) and weight.is_quantized:
+                weights.append(weight)
+    return weights
+
+
+def integer_weights(gm: fx.GraphModule, quantized: list[torch.Tensor]) -> None:
+    """Torch's converter lifts a quantized TorchScript model's packed weights as float tensors
+    (each the dequantized int8 weight; its activations' quantize/dequantize become round,
+    clamp and casts). Each such weight of a convolution or linear is read again as its int8
+    integers dequantized in the graph (pt2e's ``dequantize_per_channel`` /
+    ``dequantize_per_tensor``), where that gives the same float tensor bit for bit, so the
+    graph, and the head converted from it, keep the int8 weights."""
+    from torch._export.passes.replace_quantized_ops_with_standard_ops_pass import get_tensor_from_qtensor
+
+    aten = torch.ops.aten
+    readers = {aten.conv2d.default, aten.linear.default, aten.convolution.default}
+    for node in list(gm.graph.nodes):
+        users = [u for u in node.users if u.target in readers and u.args[1] is node]
+        if node.op != "get_attr" or not users:
+            continue
+        value = _attr(gm, str(node.target))
+        match = next((q for q in quantized if q.shape == value.shape and q.dtype == torch.qint8
+                      and torch.equal(get_tensor_from_qtensor(q), value)), None)
+        if match is not None:
+            _dequantized_in_graph(gm, node, match)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _dequantized_in_graph(gm: fx.GraphModule, node: fx.Node, weight: torch.Tensor) -> None:
+    """Replace the float constant ``node`` by ``dequantize(int8 integers of weight)``."""
+    decomposed = torch.ops.quantized_decomposed
+    name = str(node.target).replace(".", "_")
+    gm.register_buffer(f"{name}_int8", weight.int_repr())
+    args: tuple[object, ...]
+    if weight.qscheme() == torch.per_channel_affine:
+        gm.register_buffer(f"{name}_scales", weight.q_per_channel_scales())
+        gm.register_buffer(f"{name}_zero_points", weight.q_per_channel_zero_points())
+        op, extra = decomposed.dequantize_per_channel.default, (weight.q_per_channel_axis(),)
+        qparams: tuple[object, ...] = (f"{name}_scales", f"{name}_zero_points")
+    else:
+        op, extra, qparams = decomposed.dequantize_per_tensor.default, (), (
+            weight.q_scale(), weight.q_zero_point())
+    with gm.graph.inserting_before(node):
+        integers = gm.graph.get_attr(f"{name}_int8")
+        params = [gm.graph.get_attr(p) if isinstance(p, str) else p for p in qparams]
+        args = (integers, *params, *extra, -128, 127, torch.int8)
+        dequantized = gm.graph.call_function(op, args)
+    expected = _attr(gm, str(node.target))
+    with torch.no_grad():
+        got = op(weight.int_repr(), *[_attr(gm, p) if isinstance(p, str) else p for p in qparams],
+                 *extra, -128, 127, torch.int8)
+    if got.dtype != expected.dtype or not torch.equal(got, expected):
+        gm.graph.erase_node(dequantized)  # not the same numbers: the float weight stays
+        return
+    node.replace_all_uses_with(dequantized)
+    gm.graph.erase_node(node)
+
+
+def _attr(gm: nn.Module, target: str) -> torch.Tensor:
+    module_path, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(module_path) if module_path else gm, name)
 
 
 def lift(model: nn.Module, channels: int | None, input_size: tuple[int, int]
@@ -71,14 +154,26 @@ def lift(model: nn.Module, channels: int | None, input_size: tuple[int, int]
         expected, lifted = model(example), program.module()(example)
     flat = [torch.as_tensor(t) for t in torch.utils._pytree.tree_leaves(expected)]
     got = torch.utils._pytree.tree_leaves(lifted)
-    limit = tolerance(str(example.dtype))
-    if len(flat) != len(got) or any(
-            a.shape != b.shape or relative_error(b.double().numpy(), a.double().numpy()) > limit
-            for a, b in zip(flat, got)):
+    # a quantized script's kernels requantize in integers, the lifted graph rounds in float
+    quantized = bool(packed_weights(model))
+    limit = tolerance(PT2E if quantized else str(example.dtype))
+    if len(flat) != len(got) or any(a.shape != b.shape for a, b in zip(flat, got)):
         raise NotConvolutionalizable(
             f"torch's TorchScript converter lifted the scripted {script_name(model)} to a graph "
-            "that computes something else at the native size"
-        )
+            "that computes something else at the native size")
+    error = max((relative_error(b.double().numpy(), a.double().numpy()) for a, b in zip(flat, got)),
+                default=0.0)
+    if error > limit and quantized:
+        raise NotConvolutionalizable(
+            f"quantized TorchScript: torch's TorchScript converter lifts the packed parameters of "
+            f"the scripted {script_name(model)} (quantized::conv2d / quantized::linear) to float "
+            "operations that do not round as its quantized kernels do (max relative error "
+            f"{error:.1e} at the native size, over the {limit:.0e} allowed); convert the eager "
+            "quantized model itself, or quantize it with pt2e")
+    if error > limit:
+        raise NotConvolutionalizable(
+            f"torch's TorchScript converter lifted the scripted {script_name(model)} to a graph "
+            "that computes something else at the native size")
     return program, example
 
 
