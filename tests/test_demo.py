@@ -154,7 +154,7 @@ def bad_cases(root: Path) -> dict[str, tuple[list[str], str]]:
         "unwritable output": (["detect", *MODEL, "{page}", "-o", str(root / "no" / "x.json")],
                               "does not exist"),
         "bad threshold": (["detect", *MODEL, "{page}", "--threshold", "0"],
-                          "threshold must be in"),
+                          "--threshold: '0' must be in (0, 1]"),
     }
 
 
@@ -165,8 +165,8 @@ def test_bad_input_exits_2_with_one_line(demo: tuple[Path, DemoResult], tmp_path
                                          capsys: pytest.CaptureFixture[str], case: str) -> None:
     args, message = bad_cases(tmp_path)[case]
     args = [a.format(weights=demo[0] / "digits.pth", page=demo[0] / "page00.png") for a in args]
-    if "-o" not in args:
-        args += ["-o", str(tmp_path / "out.json")]
+    if "-o" not in args:  # the output's suffix picks its format: heatmap draws PNG
+        args += ["-o", str(tmp_path / ("out.png" if args[0] == "heatmap" else "out.json"))]
     before = set(tmp_path.rglob("*"))
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -138,7 +138,7 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
 def _heatmap_command(args: argparse.Namespace) -> int:
     jobs = image_jobs(args.images, args.output, "png", ())
     _check_suffixes(jobs, (".png",), "heatmap draws PNG pictures")
-    check_outputs(jobs)
+    check_outputs(jobs, make=len(jobs) > 1)  # one picture goes to a folder that exists
     if args.vmin is not None and args.vmax is not None and not args.vmin < args.vmax:
         raise ValueError(f"--vmin {args.vmin} must be below --vmax {args.vmax}")
     with status_lines(shown(args)):
@@ -194,7 +194,7 @@ def _detect_command(args: argparse.Namespace) -> int:
     drawn = [] if args.draw is None else image_jobs(args.images, args.draw, "png", ())
     _check_suffixes(drawn, (".png",), "--draw draws PNG pictures")
     drawings = [out for _, out in drawn] if drawn else [None] * len(jobs)
-    check_outputs(jobs + drawn)
+    check_outputs(jobs + drawn, make=len(jobs) > 1)  # one image's files go to folders that exist
     with status_lines(shown(args)):
         loaded = _load(args)
         with made_folders(jobs + drawn):
