@@ -173,6 +173,23 @@ def test_library_messages_name_the_options(files: Path, capsys: pytest.CaptureFi
     assert "pool='global'" not in err
 
 
+@pytest.mark.parametrize("library, cli", [
+    ("pass a larger image or pool='global'", "pass a larger image or --pool global"),
+    ('leave tile out or use pool="window"', "leave tile out or use --pool window"),
+    ("pick 3 of them with bands=(4, 3, 2), in order", "pick 3 of them with --bands 4 3 2, in order"),
+    ("output_stride=3 is not possible", "--output-stride 3 is not possible"),
+    ("mpp= reads a slide file", "--mpp reads a slide file"),
+    ("input_size is required", "--input-size is required"),
+    ("e.g. convolutionalize(model, input_size=(224, 224))",) * 2,  # library code quoted stays as it is
+    ("the output file out=x.zarr", "the output file out=x.zarr"),
+], ids=["quoted", "double-quoted", "tuple", "number", "bare-keyword", "bare-name", "python-call",
+        "not-an-option"])
+def test_library_words_become_option_names(library: str, cli: str) -> None:
+    from convolutionalize.cli.options import cli_words
+
+    assert cli_words(library) == cli
+
+
 def test_ctrl_c_is_one_line_and_exit_130(files: Path, capsys: pytest.CaptureFixture[str],
                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     def interrupted(*args: Any, **kwargs: Any) -> Any:

@@ -110,24 +110,32 @@ FLAGS = {
     "samples": "--samples", "seed": "--seed", "scheduler": "--scheduler", "vmin": "--vmin", "vmax": "--vmax",
 }
 _NAMES = "|".join(FLAGS)
-_KEYWORD = re.compile(rf"\b({_NAMES})=(?:(['\"])(.*?)\2|([^\s,;)'\"]+))?")
+_CALL = r"\b\w+\((?:[^()]|\([^()]*\))*\)"  # a Python call: left as it is, it shows library code
+# a call, else keyword=value: 'quoted', (a, tuple), a word
+_WORDS = re.compile(rf"""(?P<call>{_CALL})
+                         |\b(?P<name>{_NAMES})=(?:(?P<q>['"])(?P<quoted>.*?)(?P=q)
+                                                  |\((?P<items>[^()]*)\)|(?P<word>[^\s,;)'"]+))?""", re.X)
 _BARE = re.compile(r"(?<![\w.=-])({})\b(?!=)".format("|".join(k for k in FLAGS if "_" in k)))
-_TUPLE = re.compile(r"(--[a-z-]+) \(([0-9, ]+)\)")  # --bands (1, 2, 3) -> --bands 1 2 3
 
 
 def cli_words(message: str) -> str:
     """``message`` (a library error) in the command line's words: each ``keyword=value`` of a
     library argument becomes ``--flag value`` (``pool='global'`` -> ``--pool global``,
-    ``bands=(1, 2, 3)`` -> ``--bands 1 2 3``) and a bare ``input_size`` ``--input-size``."""
+    ``bands=(1, 2, 3)`` -> ``--bands 1 2 3``) and a bare ``input_size`` ``--input-size``; a
+    Python call quoted in the message (``convolutionalize(model, input_size=...)``) stays."""
 
-    def keyword(match: re.Match[str]) -> str:
-        value = match.group(3) if match.group(2) else match.group(4)
-        flag = FLAGS[match.group(1)]
+    def word(match: re.Match[str]) -> str:
+        if match.group("call"):
+            return match.group("call")
+        flag = FLAGS[match.group("name")]
+        items = match.group("items")
+        value = (match.group("quoted") or match.group("word")
+                 or (" ".join(v.strip() for v in items.split(",") if v.strip()) if items else None))
         return flag if not value else f"{flag} {value}"
 
-    text = _KEYWORD.sub(keyword, message)
-    text = _TUPLE.sub(lambda m: f"{m.group(1)} {m.group(2).replace(',', '')}", text)
-    return _BARE.sub(lambda m: FLAGS[m.group(1)], text)
+    parts = re.split(f"({_CALL})", _WORDS.sub(word, message))  # calls at odd indexes
+    return "".join(part if k % 2 else _BARE.sub(lambda m: FLAGS[m.group(1)], part)
+                   for k, part in enumerate(parts))
 
 
 @contextlib.contextmanager
