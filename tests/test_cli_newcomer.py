@@ -334,17 +334,22 @@ def test_save_and_load_model_from_the_package_root(files: Path, tmp_path: Path) 
     torch.testing.assert_close(loaded(x), fcn(x))
 
 
-def test_dense_map_lazy_returns_a_dask_array_with_a_scheduler(files: Path) -> None:
+def test_dense_map_lazy_returns_a_dask_array_with_a_client(files: Path) -> None:
     dask_array = pytest.importorskip("dask.array")
+    distributed = pytest.importorskip("distributed")
     from convolutionalize import dense_map
 
     fcn = convolutionalize(torch.load(files / "tiny.pt", weights_only=False), INPUT_SIZE)
-    image = dask_array.from_array(np.load(files / "page.npy"), chunks=(1, 20, 24))
-    lazy = dense_map(fcn, image, scheduler="threads", lazy=True)
-    assert isinstance(lazy, dask_array.Array)
-    computed = dense_map(fcn, image, scheduler="threads")
-    assert isinstance(computed, np.ndarray)
-    np.testing.assert_allclose(lazy.compute(scheduler="threads"), computed, rtol=1e-5, atol=1e-6)
+    pixels = np.load(files / "page.npy")
+    eager = dense_map(fcn, pixels)
+    image = dask_array.from_array(pixels, chunks=(1, 20, 24))
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=1,
+                            dashboard_address=None) as client:
+        lazy = dense_map(fcn, image, scheduler=client, lazy=True)
+        assert isinstance(lazy, dask_array.Array)  # nothing computed yet
+        np.testing.assert_array_equal(client.compute(lazy).result(), eager)
+        assert isinstance(dense_map(fcn, image, scheduler=client), np.ndarray)  # computed, as before
+    assert isinstance(dense_map(fcn, pixels, lazy=True), dask_array.Array)  # any input
     with pytest.raises(ValueError, match="lazy=True returns a dask array"):
         dense_map(fcn, image, lazy=True, out="x.zarr")
 
