@@ -197,12 +197,8 @@ def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Seq
         from .geotiff import GeoRaster
 
         raster = GeoRaster(image, bands)
-        if bands is None and len(raster.bands) != channels:
-            names = ", ".join(f"{b}: {n}" for b, n in zip(raster.bands, raster.band_names))
-            example = ", ".join(map(str, raster.bands[:channels])) + ("," if channels == 1 else "")
-            raise ValueError(f"the model takes {channels} channels but {image} has {len(raster.bands)} bands "
-                             f"({names}); pick {channels} of them with bands=({example}), in the order "
-                             "the model was trained on")
+        if len(raster.bands) != channels:
+            raise ValueError(_band_count(image, raster, channels, bands is not None))
         source = open_image(raster, channels, mean, std, model)
         size = (source.height, source.width)
         return Frame(source, size, size, None, lambda: low_resolution(raster), raster.transform, raster.crs)
@@ -223,6 +219,18 @@ def open_frame(image: Any, channels: int, mean: Sequence[float] | None, std: Seq
     size = (height, width) if factor == 1.0 else (round(height * factor), round(width * factor))
     return Frame(source, slide.sizes[0], size, slide.mpp,
                  lambda: low_resolution(slide.level(len(slide.sizes) - 1)))
+
+
+def _band_count(image: Any, raster: Any, channels: int, chosen: bool) -> str:
+    """Why a raster's bands do not fit a model of ``channels`` channels, and the ``bands=`` that do."""
+    if chosen:
+        return (f"the model takes {channels} channels but bands={tuple(raster.bands)} picks "
+                f"{len(raster.bands)} of {image}; pick {channels} bands, in the order the model was "
+                "trained on")
+    names = ", ".join(f"{b}: {n}" for b, n in zip(raster.bands, raster.band_names))
+    example = ", ".join(map(str, raster.bands[:channels])) + ("," if channels == 1 else "")
+    return (f"the model takes {channels} channels but {image} has {len(raster.bands)} bands ({names}); "
+            f"pick {channels} of them with bands=({example}), in the order the model was trained on")
 
 
 def _georeferenced(path: Any) -> bool:
