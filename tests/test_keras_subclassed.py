@@ -45,6 +45,20 @@ class RNet(keras.Model):
         return self.face(x), self.box(x), self.landmarks(x)
 
 
+class PNet(keras.Model):
+    """MTCNN's proposal stage: already fully convolutional (1x1 convolution heads)."""
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.conv1, self.prelu1 = layers.Conv2D(10, 3), layers.PReLU(shared_axes=[1, 2])
+        self.pool1, self.conv2 = layers.MaxPooling2D(2), layers.Conv2D(16, 3)
+        self.face, self.box = layers.Conv2D(2, 1, activation="softmax"), layers.Conv2D(4, 1)
+
+    def call(self, x: keras.KerasTensor) -> tuple[keras.KerasTensor, ...]:
+        x = self.conv2(self.pool1(self.prelu1(self.conv1(x))))
+        return self.face(x), self.box(x)
+
+
 class ComputesOutsideKeras(RNet):
     """A call() that needs a concrete tensor: a torch function on the input."""
 
@@ -137,3 +151,13 @@ def test_untraceable_call_is_refused_by_name() -> None:
 def test_unbuilt_subclassed_model_is_asked_to_be_built() -> None:
     with pytest.raises(ArgumentError, match=r"subclassed model that was not built .* model.build"):
         cz.convolutionalize(RNet(name="rnet"))
+
+
+def test_fully_convolutional_subclassed_model_is_told_it_has_no_head() -> None:
+    """Traced like any other; the refusal names the real cause (it already runs at any size)."""
+    keras.utils.set_random_seed(0)
+    model = PNet(name="pnet")
+    model(np.zeros((1, 12, 12, 3), "float32"))
+    with pytest.raises(cz.NotConvolutionalizable, match=r"is already a spatial map: the model is fully "
+                                                        r"convolutional, there is no head"):
+        cz.convolutionalize(model)

@@ -12,6 +12,7 @@ TensorFlow is imported only when such a model is met (the ``[tensorflow]`` extra
 from __future__ import annotations
 
 import importlib
+import sys
 from types import ModuleType
 
 __all__ = ["import_tensorflow"]
@@ -22,12 +23,14 @@ def import_tensorflow(purpose: str) -> ModuleType:
 
     The order matters: triton (which ``torch._dynamo`` imports) crashes the process with a
     segmentation fault when it is first imported after TensorFlow (measured with
-    tensorflow-cpu 2.21 and triton 3.8); the other order is safe.
+    tensorflow-cpu 2.21 and triton 3.8); the other order is safe. Where TensorFlow is already
+    imported (Keras on its TensorFlow backend) it is too late, and dynamo is left alone.
     """
-    try:
-        importlib.import_module("torch._dynamo")
-    except ImportError:  # a torch without dynamo has no triton either
-        pass
+    if "tensorflow" not in sys.modules:
+        try:
+            importlib.import_module("torch._dynamo")
+        except ImportError:  # a torch without dynamo has no triton either
+            pass
     try:
         return importlib.import_module("tensorflow")
     except ImportError:
