@@ -94,6 +94,16 @@ def test_an_unwritable_folder_is_refused_before_the_model_loads(
     one_error(err, "cannot write in /proc")
 
 
+def test_geotiff_output_without_rasterio_is_refused_before_the_model_loads(
+        files: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    no_model(monkeypatch)
+    monkeypatch.setitem(sys.modules, "rasterio", None)  # as if not installed: importing it fails
+    code, _, err = run(tiny(files, "predict", "page.npy", "-o", str(tmp_path / "map.tif")), capsys)
+    assert code == 2
+    one_error(err, "pip install 'convolutionalize[geo]'")
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--threshold", "2"], "--threshold: '2' must be in (0, 1]"),
     (["--threshold", "0"], "--threshold: '0' must be in (0, 1]"),

@@ -109,6 +109,10 @@ def predict(args: argparse.Namespace) -> int:
     (``--overwrite`` computes it again)."""
     jobs = image_jobs(args.images, args.output, args.format)
     check_outputs(jobs)
+    if any(_suffix(output) in (".tif", ".tiff") for _, output in jobs):
+        from ..inference.geotiff import require_rasterio
+
+        require_rasterio()  # GeoTIFF output: its writer is there before the model loads
     done = [] if args.overwrite else [(image, output) for image, output in jobs if _finished(output)]
     for _, output in done:
         print(f"{output} is complete (a finished map is there): nothing to do; pass --overwrite "
