@@ -85,6 +85,18 @@ def test_an_output_under_a_file_is_refused_before_the_model_loads(
     one_error(err, f"{files / 'page.png'} is a file, not a directory")  # not "File exists"
 
 
+def test_convert_to_a_format_no_framework_writes_is_refused_before_the_model_loads(
+        files: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    no_model(monkeypatch)
+    args = ["convert", str(files / "tiny.pt"), "--trust-pickle", "--input-size", *SIZE, "-o",
+            str(tmp_path / "model.h5")]
+    code, out, err = run(args, capsys)
+    assert (code, out) == (2, "")
+    one_error(err, "cannot write model.h5: a converted model is saved as .keras, .pt2, .pt, .onnx")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc takes no new files on Linux only")
 def test_an_unwritable_folder_is_refused_before_the_model_loads(
         files: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:

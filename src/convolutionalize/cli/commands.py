@@ -119,6 +119,9 @@ def _image_lines(args: argparse.Namespace, model: object, fcn: object, info: Con
 
 def _convert_command(args: argparse.Namespace) -> int:
     check_outputs([(None, args.output)], make=False)  # before the model is loaded and converted
+    from ..frameworks import check_writable
+
+    check_writable(args.output)
     _library.load()
     _, fcn = _convert(args)
     path = save(fcn, args.output)

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from .base import Adapter
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "adapter_for_path", "adapter_named", "register"]
+__all__ = ["ADAPTERS", "Adapter", "adapter_for", "adapter_for_path", "adapter_named", "check_writable",
+           "register"]
 
 ADAPTERS: list[Adapter] = []  # in registration order
 
@@ -47,6 +48,15 @@ def adapter_for_path(path: str | os.PathLike[str]) -> Adapter:
     suffixes = ", ".join(s for a in ADAPTERS for s in a.suffixes)
     raise ValueError(f"cannot load {path.name}: convolutionalize reads {suffixes} model files (load "
                      "PyTorch models yourself, e.g. with torch.load, and pass the nn.Module)")
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """ValueError unless some framework writes a converted model in ``path``'s format (checked
+    before any work; whether the model's own framework writes it is checked when saving)."""
+    path = Path(path)
+    written = list(dict.fromkeys(s for a in ADAPTERS for s in a.writes))
+    if path.suffix.lower() not in written:
+        raise ValueError(f"cannot write {path.name}: a converted model is saved as {', '.join(written)}")
 
 
 def accepted() -> str:

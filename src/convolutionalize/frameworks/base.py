@@ -79,6 +79,7 @@ class Adapter(ABC):
     name: ClassVar[str]  # as messages name the framework: "PyTorch", "Keras", "ONNX"
     kind: ClassVar[str]  # the objects it claims, as messages name them: "keras.Model"
     suffixes: ClassVar[tuple[str, ...]] = ()  # model files it loads by path
+    writes: ClassVar[tuple[str, ...]] = ()  # the formats it saves a converted model in
     first: ClassVar[bool] = False  # asked before the others (its models are also theirs)
     maps_all_outputs: ClassVar[bool] = False  # dense_map(output="all") stacks every output in one pass
     runs_windows: ClassVar[bool] = False  # dense_map(fallback="windows") can run it crop by crop

@@ -23,6 +23,7 @@ class KerasAdapter(Adapter):
     name = "Keras"
     kind = "keras.Model"
     suffixes = (".keras", ".h5", ".hdf5")
+    writes = (".keras",)
     first = True  # with KERAS_BACKEND=torch a keras.Model is an nn.Module too
 
     def claims(self, model: object) -> bool:

@@ -23,6 +23,7 @@ class OnnxAdapter(Adapter):
     name = "ONNX"
     kind = "onnx.ModelProto"
     suffixes = (".onnx",)
+    writes = (".onnx",)
 
     def claims(self, model: object) -> bool:
         return type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx")

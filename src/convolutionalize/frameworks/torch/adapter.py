@@ -24,6 +24,7 @@ class TorchAdapter(Adapter):
     name = "PyTorch"
     kind = "torch.nn.Module"
     suffixes = (".pt2",)
+    writes = (".pt2", ".pt", ".onnx")  # export.FORMATS
     maps_all_outputs = True
     runs_windows = True
     counts_flops = True

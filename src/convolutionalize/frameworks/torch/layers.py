@@ -193,8 +193,11 @@ class ConvolutionalizedModule(nn.Module):
         return out if self.out_spec is None else tree_unflatten(list(out), self.out_spec)
 
     def output_size(self, height: int, width: int, output: OutputKey = None) -> tuple[int, ...]:
-        """The shape (without batch) of output ``output`` (the class scores by default) for
-        an ``height x width`` input, without compute (see :func:`activation_shapes`)."""
+        """The shape of one image's output ``output`` (the class scores by default) for an
+        ``height x width`` input, without compute (see :func:`activation_shapes`): ``(classes,
+        rows, cols)`` for a map (``(classes,)`` with ``pool="global"``); the batch axis is left
+        out. ``geometry.cells(height, width)`` predicts ``(rows, cols)`` alone, without the model.
+        """
         return activation_shapes(self, self.plan.in_channels, (height, width), output)[0]
 
 
