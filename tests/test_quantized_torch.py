@@ -25,7 +25,9 @@ import torch.ao.quantization as tq
 import torchvision
 from torch import nn
 
-from convolutionalize import NotConvolutionalizable, convolutionalize
+from convolutionalize import NotConvolutionalizable, convolutionalize, geometry_of
+from convolutionalize.cli import main
+from convolutionalize.export import save
 from convolutionalize.frameworks.torch.model import analyse
 from convolutionalize.models import load_model
 from convolutionalize.selfcheck import tolerance
@@ -388,3 +390,71 @@ def test_quantized_torchscript_resnet18_is_refused_naming_the_lift(tmp_path: Pat
     with pytest.raises(NotConvolutionalizable, match=r"quantized TorchScript: .*packed parameters.*"
                                                      r"quantized::linear.*do not round"):
         convolutionalize(scripted, input_size=size)
+
+
+# --------------------------------------------------------------------------- saved quantized models
+
+def _decomposed_int8_kernels(graph: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """Every convolution kernel that the graph dequantizes from int8 (in any module of it)."""
+    decomposed = torch.ops.quantized_decomposed
+    kernels = []
+    for node in graph.graph.nodes:
+        weight = node.args[1] if node.target == torch.ops.aten.conv2d.default else None
+        if weight is not None and weight.target in (decomposed.dequantize_per_channel.default,
+                                                    decomposed.dequantize_per_tensor.default):
+            owner = graph
+            *path, name = str(weight.args[0].target).split(".")
+            for part in path:
+                owner = getattr(owner, part)
+            kernels.append(getattr(owner, name))
+    return kernels
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".onnx"])
+def test_saved_eager_quantized_model_stays_quantized(suffix: str, tmp_path: Path) -> None:
+    """Quantized in, quantized out: .pt is TorchScript (torch.load cannot rebuild pickled
+    quantized modules), .pt2 and .onnx the model lifted to a graph with its int8 weights
+    dequantized in it; each carries the geometry and reads back converted, within one output
+    step of the eager model."""
+    model = valid_cnn()
+    fcn = convolutionalize(model, input_size=NATIVE)
+    path = save(fcn, tmp_path / f"out{suffix}")
+    back = load_model(str(path))
+    assert geometry_of(back) == fcn.geometry
+    image = torch.randn(1, 3, 18, 20, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = fcn(image)
+    if suffix == ".onnx":
+        ops = {n.op_type for n in back.graph.node}
+        assert "DequantizeLinear" in ops and "Conv" in ops and not {"Gemm", "MatMul"} & ops
+        int8 = [t for t in back.graph.initializer if t.data_type == 3]  # TensorProto.INT8
+        assert {tuple(t.dims) for t in int8} >= {(32, 16, 5, 5), (10, 32, 1, 1)}
+        return
+    if suffix == ".pt":
+        assert isinstance(torch.jit.load(str(path)), torch.jit.ScriptModule)  # TorchScript, no pickle
+    with torch.no_grad():
+        got = back(image)
+    assert steps(got, expected, model.fc2.scale) <= 1.001
+    kernels = _decomposed_int8_kernels(back.net)
+    assert {k.dtype for k in kernels} == {torch.int8}
+    assert {tuple(k.shape) for k in kernels} >= {(32, 16, 5, 5), (10, 32, 1, 1)}
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".onnx"])
+def test_cli_round_trip_of_a_quantized_torchscript_archive(suffix: str, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """convert q.pt (quantized TorchScript) -o out.pt/.pt2/.onnx, then inspect and predict read
+    the file back without --input-size."""
+    import numpy as np
+    from PIL import Image
+
+    torch.jit.save(torch.jit.script(valid_cnn()), str(tmp_path / "q.pt"))
+    out = tmp_path / f"out{suffix}"
+    assert main(["convert", str(tmp_path / "q.pt"), "--input-size", "14", "14", "-o", str(out)]) == 0
+    assert main(["inspect", str(out)]) == 0
+    assert "stride: 2x2" in capsys.readouterr().out
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (18, 20, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    scores = tmp_path / "map.npy"
+    assert main(["predict", str(out), str(tmp_path / "image.png"), "-o", str(scores), "--no-progress"]) == 0
+    assert np.load(scores).shape == (10, 3, 4)

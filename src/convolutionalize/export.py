@@ -137,23 +137,60 @@ def _size_oblivious() -> Iterator[None]:
 
 
 def _write_pt2(fcn: nn.Module, path: Path) -> None:
+    fcn = _exportable(fcn)
     torch.export.save(export_program(fcn), str(path), extra_files={META_KEY: conversion_json(fcn)})
+
+
+def _eager_quantized(fcn: nn.Module) -> bool:
+    from .frameworks.torch.model import module_precision
+
+    return module_precision(fcn) == "quantized"
+
+
+def _traced(fcn: nn.Module, geometry: Geometry) -> torch.jit.ScriptModule:
+    try:
+        with torch.no_grad():
+            return torch.jit.trace(fcn, _example(fcn, geometry, (2, 3)), strict=False, check_trace=False)
+    except Exception as exc:  # the tracer raises many types
+        raise ValueError(f"torch.jit.trace cannot trace the converted model: {first_line(exc)}; "
+                         "save it as .pt2 instead") from exc
+
+
+def _exportable(fcn: nn.Module) -> nn.Module:
+    """``fcn``, or for eager-mode quantized modules (whose packed parameters torch.export cannot
+    trace) the same model as a graph torch.export writes: traced to TorchScript and lifted as a
+    quantized TorchScript model is (int8 weights dequantized in the graph, activations rounded
+    as the quantized kernels round them; checked against the trace at the native size)."""
+    if not _eager_quantized(fcn):
+        return fcn
+    from .errors import NotConvolutionalizable
+    from .frameworks.torch.capture import capture
+    from .frameworks.torch.layers import ConvolutionalizedModule
+
+    geometry = geometry_of(fcn)
+    try:
+        captured = capture(_traced(fcn, geometry), fcn.plan.in_channels, geometry.input_size)  # type: ignore[union-attr]
+    except NotConvolutionalizable as exc:
+        raise ValueError(f"the quantized model cannot be written as a graph: {first_line(exc)}; "
+                         "save it as .pt (TorchScript) instead") from exc
+    graph = ConvolutionalizedModule(captured.gm, geometry, fcn.plan, fcn.self_check,  # type: ignore[arg-type]
+                                    captured.out_spec)
+    for name in ("pretrained_cfg", "default_cfg", "labels", "background_class"):
+        if hasattr(fcn, name):
+            setattr(graph, name, getattr(fcn, name))
+    return graph.eval()
 
 
 def _write_pt(fcn: nn.Module, path: Path) -> None:
     """The pickled module; TorchScript (traced, with the conversion in its extra files) for a
-    model converted from TorchScript, as it was deployed."""
-    if getattr(fcn, "source_format", None) != TORCHSCRIPT:
+    model converted from TorchScript, as it was deployed, and for eager-mode quantized modules
+    (torch.load cannot rebuild a pickled quantized module: their ``__setstate__`` skips
+    ``nn.Module``'s own state)."""
+    if getattr(fcn, "source_format", None) != TORCHSCRIPT and not _eager_quantized(fcn):
         torch.save(fcn, path)
         return
     geometry = geometry_of(fcn)
-    try:
-        with torch.no_grad():
-            scripted = torch.jit.trace(fcn, _example(fcn, geometry, (2, 3)), strict=False,
-                                       check_trace=False)
-    except Exception as exc:  # the tracer raises many types
-        raise ValueError(f"torch.jit.trace cannot trace the converted model: {first_line(exc)}; "
-                         "save it as .pt2 instead") from exc
+    scripted = _traced(fcn, geometry)
     torch.jit.save(scripted, str(path), _extra_files={META_KEY: conversion_json(fcn)})
     for extra in ((0, 0), (3, 2)):  # a trace that fixed a size would differ here
         x = _example(fcn, geometry, extra)
@@ -167,6 +204,7 @@ def _write_onnx(fcn: nn.Module, path: Path) -> None:
     except ImportError as exc:
         raise ValueError("writing .onnx needs onnx and onnxruntime: pip install "
                          "'convolutionalize[onnx]'") from exc
+    fcn = _exportable(fcn)
     program = export_program(fcn)
     geometry = geometry_of(fcn)
     example = _example(fcn, geometry, (2, 3))

@@ -56,7 +56,53 @@ def lifted_module(program: torch.export.ExportedProgram, script: nn.Module | Non
                 sub._parameters[name] = nn.Parameter(param.detach(), requires_grad=False)
     if script is not None:
         integer_weights(module, packed_weights(script))  # type: ignore[arg-type]
+    constant_scalars(module)  # type: ignore[arg-type]
     return module
+
+
+def constant_scalars(gm: fx.GraphModule) -> None:
+    """``item()`` of a constant (a quantized TorchScript model's QuantStub reads its scale and
+    zero point so) as the number it is: the dense runner infers shapes on meta tensors, which
+    have no value to read."""
+    scalars = {torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default}
+    inputs: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in inputs for a in node.all_input_nodes):
+            inputs.add(node)
+            continue
+        if node.target not in scalars or node.op != "call_function":
+            continue
+        with torch.no_grad():
+            value = _evaluate(gm, node)
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a, n=node, v=value: v if a is n else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a, n=node, v=value: v if a is n else a)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node) -> object:
+    """The value of ``node``, which depends on constants only."""
+    values: dict[fx.Node, object] = {}
+    order = [n for n in gm.graph.nodes if n in _ancestors(node)]
+    for n in order:
+        if n.op == "get_attr":
+            values[n] = _attr(gm, str(n.target))
+        else:
+            args = fx.node.map_arg(n.args, lambda a: values[a])
+            kwargs = fx.node.map_arg(n.kwargs, lambda a: values[a])
+            values[n] = n.target(*args, **kwargs)  # type: ignore[operator]
+    return values[node]
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = {node}, [node]
+    while stack:
+        for parent in stack.pop().all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
 
 
 def packed_weights(script: nn.Module) -> list[torch.Tensor]:
