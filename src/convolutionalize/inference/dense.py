@@ -66,6 +66,7 @@ from .masks import Mask, Work, plan_work
 from .omezarr import Physical, open_ome_zarr_sink, stored_ome_tiles
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
+from .runtimes import Runtime, check_runtime, runner_on, say_once
 from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths, stored_tiles, written_behind
 from .tiling import Tile, TileGrid, halo_of, plan_tiles
 
@@ -132,6 +133,7 @@ class Options:
     output: OutputChoice
     output_stride: int | None = None
     lazy: bool | None = None  # see dense_map
+    runtime: Runtime = "torch"
 
 
 def dense_map(
@@ -158,6 +160,7 @@ def dense_map(
     mask: Any = None,
     bands: Sequence[int] | None = None,
     lazy: bool | None = None,
+    runtime: Runtime = "torch",
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -228,6 +231,12 @@ def dense_map(
             ``lazy.compute(scheduler=client)`` or ``client.compute(lazy)``); not with ``out``
             or ``scales``. ``False``: always the computed numpy array. ``None`` (default): a
             dask array for a dask input without a ``scheduler``, else computed.
+        runtime: who executes a PyTorch model's tiles (:mod:`.runtimes`): ``"torch"``
+            (default), ``"openvino"`` or ``"onnxruntime"`` (the converted model exported to
+            ONNX and compiled once per tile shape; onnxruntime in fp32 only), or ``"auto"``:
+            the fastest of those installed, measured on the first tile shape (a runtime must
+            be faster than torch by a tenth to be chosen). A runtime that is missing or cannot
+            run the model, other devices and streamed columns run in torch (logged once).
 
     Returns:
         A float32 numpy array; the zarr array with ``out``; a dask array with ``lazy=True``, or
@@ -252,7 +261,7 @@ def dense_map(
     """
     options = check_options(tile, precision, batch_size, fallback, stride, pool, device, output, out)
     options = dataclasses.replace(options, output_stride=check_output_stride(output_stride, options.pool),
-                                  lazy=_check_lazy(lazy, out, scales))
+                                  lazy=_check_lazy(lazy, out, scales), runtime=check_runtime(runtime))
     chosen = None if scales is None else check_scales(scales)
     fcn = dense_model(prepare_model(model, input_size, options), options.output)
     kind = output_kind(out)
@@ -373,6 +382,7 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
         works, skipped = plan_work(grid, keep, fcn.geometry, size)
         if (error := _rejected(fcn, works)) is not None:
             raise error
+    runner = on_runtime(fcn, runner, options, columns is not None, works)
     if keep is not None:
         logger.info("mask: %.0f %% of the cells are foreground; %d of %d tiles hold none and are skipped",
                     100 * keep.mean(), len(skipped), len(grid.tiles))
@@ -399,6 +409,24 @@ def map_image(fcn: DenseModel, source: ImageSource, options: Options,
     if options.output == ALL:
         return _split(result, fcn.parts((source.height, source.width)))
     return result
+
+
+def on_runtime(fcn: DenseModel, runner: Runner, options: Options, streamed: bool,
+               works: Sequence[Work]) -> Runner:
+    """The runner for ``options.runtime`` (:func:`~.runtimes.runner_on`); torch's own where
+    the runtime cannot apply: models of other frameworks, other devices, streamed columns."""
+    runtime = options.runtime
+    if runtime == "torch" or not works:
+        return runner
+    name = getattr(fcn, "name", "these")
+    why = (f"{name} models run in their own framework" if not isinstance(fcn, TorchModel)
+           else f"device {options.device} runs in torch" if options.device.type != "cpu"
+           else "streamed columns run in torch" if streamed else None)
+    if why is not None:
+        say_once("runtime", runtime, why, message=f"runtime={runtime!r} does not apply here: {why}")
+        return runner
+    shape = (min(options.batch_size, len(works)), fcn.channels, *works[0].part.shape)
+    return runner_on(runtime, runner, fcn.model, shape)
 
 
 def _streamed(works: Sequence[Work], columns: ColumnPlan) -> int:
@@ -960,7 +988,7 @@ def _resume_key(fcn: DenseModel, source: ImageSource, options: Options, mask: Ma
     return {"model": fcn.digest(), "image": source.key(),
             "normalization": [source.mean, source.std],
             "geometry": [[int(n) for n in pair] for pair in (g.window, g.stride, g.offset)],
-            "precision": options.precision, "output": options.output,
+            "precision": options.precision, "runtime": options.runtime, "output": options.output,
             **({} if mask is None else {"mask": mask.digest()})}
 
 

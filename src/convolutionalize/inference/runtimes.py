@@ -1,0 +1,246 @@
+"""Other runtimes behind the dense runner: OpenVINO and onnxruntime executing the converted model.
+
+``dense_map(..., runtime=...)`` picks who executes a converted PyTorch model's tiles:
+
+- ``"torch"`` (default): the :class:`~._runner.TileRunner` (oneDNN fused convolutions, bf16
+  autocast on AMX);
+- ``"openvino"``: the converted model exported to ONNX once per tile shape (static shapes, the
+  score map that ``output`` selects as its one output) and compiled by OpenVINO once per shape
+  (``INFERENCE_PRECISION_HINT`` ``f32`` or ``bf16``: OpenVINO's own default on an AMX CPU is
+  bf16, so float32 is asked for explicitly), cached on the runner;
+- ``"onnxruntime"``: the same export in an onnxruntime session (float32 only: its CPU provider
+  has no bfloat16 convolutions on x86);
+- ``"auto"``: per tile shape, each available runtime timed on the first tile of that shape
+  (after a warm-up run each, compile time out of the timer) and the fastest kept, torch unless
+  another is faster by ``AUTO_MARGIN``; the choice is :func:`choose` of those measurements
+  (deterministic given them) and logged once per shape.
+
+A runtime that is not installed, that cannot export or compile the model, or that has no
+path for the precision falls back to torch with one log line. Streamed columns
+(:mod:`._stream`) and devices other than the CPU run in torch whatever is asked (logged).
+Each tile is one static-shape run, so a map computed tile by tile on a runtime equals that
+runtime's whole-image map wherever torch's does (exact halos, :mod:`.tiling`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..outputs import output_keys, select_output
+
+__all__ = ["AUTO_MARGIN", "EngineRunner", "Runtime", "available", "check_runtime", "choose", "runner_on"]
+
+logger = logging.getLogger(__name__)
+
+Runtime = Literal["torch", "openvino", "onnxruntime", "auto"]
+AUTO_MARGIN = 0.9  # "auto" leaves torch only for a runtime that takes under 0.9 of its time
+_MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+_EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}
+_PRECISIONS = {"openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
+_SAID: set[tuple[str, ...]] = set()  # log lines said once per process
+
+
+def check_runtime(runtime: object) -> Runtime:
+    """``runtime`` validated; the error names the choices."""
+    if runtime not in get_args(Runtime):
+        raise ValueError(f"runtime must be one of {', '.join(map(repr, get_args(Runtime)))}, got {runtime!r}")
+    return runtime  # type: ignore[return-value]
+
+
+def available(runtime: str) -> bool:
+    """Whether ``runtime`` can be imported here (torch always can)."""
+    return runtime == "torch" or importlib.util.find_spec(_MODULES[runtime]) is not None
+
+
+def say_once(*key: str, message: str, level: int = logging.INFO) -> None:
+    """``message`` logged the first time ``key`` is seen in this process."""
+    if key not in _SAID:
+        _SAID.add(key)
+        logger.log(level, "%s", message)
+
+
+def choose(seconds: Mapping[str, float], margin: float = AUTO_MARGIN) -> str:
+    """The runtime ``"auto"`` keeps given each one's measured ``seconds`` for a tile: the
+    fastest, where it takes under ``margin`` of torch's time, else torch (ties: the name first
+    in alphabetical order, so the choice depends on the measurements only)."""
+    best = min(sorted(seconds), key=lambda name: seconds[name])
+    if "torch" in seconds and best != "torch" and seconds[best] >= margin * seconds["torch"]:
+        return "torch"
+    return best
+
+
+class _Scores(nn.Module):
+    """The converted model returning the one map the dense runner keeps (``output``; ``"all"``:
+    every output stacked along the channels), as the exported graph's only output."""
+
+    def __init__(self, model: nn.Module, output: Any) -> None:
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        maps = ([select_output(out, key) for key in output_keys(out)] if self.output == "all"
+                else [select_output(out, self.output)])
+        return torch.cat([m[:, :, None, None] if m.dim() == 2 else m for m in maps], 1)
+
+
+def onnx_bytes(model: nn.Module, output: Any, shape: tuple[int, ...]) -> bytes:
+    """``model``'s score map (:class:`_Scores`) exported to ONNX for inputs of ``shape``
+    (static: what the runtime compiles for one tile shape)."""
+    buffer = io.BytesIO()
+    example = torch.zeros(shape)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(_Scores(model, output).eval(), (example,), buffer, dynamo=False,
+                          input_names=["image"], output_names=["scores"], opset_version=17)
+    return buffer.getvalue()
+
+
+class _Compiled:
+    """One runtime's executable per input shape, made on first use and kept."""
+
+    def __init__(self, runtime: str, model: nn.Module, output: Any, precision: str) -> None:
+        self.runtime, self.model, self.output, self.precision = runtime, model, output, precision
+        self._made: dict[tuple[int, ...], Callable[[np.ndarray], np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        run = self._made.get(x.shape)
+        if run is None:
+            with self._lock:
+                run = self._made.get(x.shape) or self._make(x.shape)
+                self._made[x.shape] = run
+        return run(x)
+
+    def _make(self, shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
+        data = onnx_bytes(self.model, self.output, shape)
+        threads = torch.get_num_threads()
+        if self.runtime == "openvino":
+            import openvino as ov
+
+            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
+                      "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+            core = ov.Core()
+            compiled = core.compile_model(core.read_model(data, b""), "CPU", config)
+            request = compiled.create_infer_request()
+            return lambda x: np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+        return lambda x: np.asarray(session.run(None, {"image": x})[0], dtype=np.float32)
+
+    def __getstate__(self) -> dict[str, Any]:  # compiled models are per process: made again
+        return {**self.__dict__, "_made": {}, "_lock": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class EngineRunner:
+    """Scores batches of tiles like :class:`~._runner.TileRunner` (``runner(batch) ->
+    (N, classes, rows, cols)`` float32 numpy) on another runtime, compiled per batch shape."""
+
+    def __init__(self, engine: _Compiled) -> None:
+        self.engine = engine
+        self.runtime = engine.runtime
+
+    def __call__(self, batch: torch.Tensor) -> np.ndarray:
+        return self.engine(batch.float().contiguous().numpy())
+
+
+def _engines(tile_runner: Any) -> dict[tuple[str, str], _Compiled]:
+    """The compiled runtimes kept with a (cached) TileRunner, by runtime and output: they live
+    as long as it does, so repeated maps of one model compile once per tile shape."""
+    held = tile_runner.__dict__.get("_engines")
+    if held is None:
+        held = tile_runner.__dict__["_engines"] = {}
+    return held
+
+
+def runner_on(runtime: Runtime, tile_runner: Any, model: nn.Module, shape: tuple[int, ...],
+              measure: Callable[[Callable[[], object]], float] | None = None) -> Any:
+    """The runner that scores a map's tiles on ``runtime`` (the first tiles have ``shape``,
+    batch included): ``tile_runner`` itself for torch and wherever the runtime is missing,
+    has no path for the precision or cannot run the model (one log line each); for ``"auto"``
+    the runtime :func:`choose` picks from each one's ``measure`` of a ``shape`` batch (default:
+    the faster of two runs after a warm-up), remembered per shape."""
+    if runtime == "torch":
+        return tile_runner
+    precision, output = tile_runner.precision, tile_runner.output
+    names = ["openvino", "onnxruntime"] if runtime == "auto" else [runtime]
+    engines = _engines(tile_runner)
+    usable = {name: engines.setdefault((name, repr(output)), _Compiled(name, model, output, precision))
+              for name in names if _usable(name, precision)}
+    if runtime != "auto":
+        return EngineRunner(usable[runtime]) if runtime in usable and _runs(usable[runtime], shape) \
+            else tile_runner
+    chosen = tile_runner.__dict__.setdefault("_auto", {})
+    key = (shape, repr(output))
+    if key not in chosen:
+        chosen[key] = _auto(tile_runner, usable, shape, measure or _seconds)
+    name = chosen[key]
+    return tile_runner if name == "torch" else EngineRunner(usable[name])
+
+
+def _usable(name: str, precision: str) -> bool:
+    if not available(name):
+        say_once("missing", name, message=f"runtime {name!r} is not installed (pip install "
+                 f"'convolutionalize[{_EXTRAS[name]}]'); running in torch")
+        return False
+    if precision not in _PRECISIONS[name]:
+        say_once("precision", name, precision, message=f"runtime {name!r} has no {precision} path on "
+                 "this CPU; running in torch")
+        return False
+    return True
+
+
+def _runs(engine: _Compiled, shape: tuple[int, ...]) -> bool:
+    """Whether ``engine`` exports, compiles and runs a ``shape`` batch (said once where not)."""
+    try:
+        engine(np.zeros(shape, np.float32))
+        return True
+    except Exception as exc:  # exporters and compilers raise many types
+        say_once("failed", engine.runtime, message=f"runtime {engine.runtime!r} cannot run this model "
+                 f"({type(exc).__name__}: {exc}); running in torch", level=logging.WARNING)
+        return False
+
+
+def _auto(tile_runner: Any, engines: dict[str, _Compiled], shape: tuple[int, ...],
+          measure: Callable[[Callable[[], object]], float]) -> str:
+    batch = torch.zeros(shape)
+    x = batch.numpy()
+    tile_runner(batch)  # warm-up: packed weights, allocator
+    seconds = {"torch": measure(lambda: tile_runner(batch))}
+    for name, engine in engines.items():
+        if _runs(engine, shape):  # warm-up: export and compile
+            seconds[name] = measure(lambda engine=engine: engine(x))
+    name = choose(seconds)
+    logger.info("runtime='auto' for %s tiles in %s: %s (measured %s)", "x".join(map(str, shape)),
+                tile_runner.precision, name,
+                ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in sorted(seconds.items())))
+    return name
+
+
+def _seconds(run: Callable[[], object]) -> float:
+    """The faster of two timed runs."""
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
