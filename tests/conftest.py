@@ -10,6 +10,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")  # before anything imports keras
 import numpy as np
 import pytest
 import torch
+import torch._dynamo  # before anything imports tensorflow: triton (dynamo's) crashes the process after it
 from hypothesis import settings
 from torch import nn
 
