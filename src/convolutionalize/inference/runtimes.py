@@ -113,15 +113,16 @@ class _Compiled:
 
     def __init__(self, runtime: str, model: nn.Module, output: Any, precision: str) -> None:
         self.runtime, self.model, self.output, self.precision = runtime, model, output, precision
-        self._made: dict[tuple[int, ...], Callable[[np.ndarray], np.ndarray]] = {}
+        self.made: dict[tuple[int, ...], Callable[[np.ndarray], np.ndarray]] = {}
+        self.failed: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        run = self._made.get(x.shape)
+        run = self.made.get(x.shape)
         if run is None:
             with self._lock:
-                run = self._made.get(x.shape) or self._make(x.shape)
-                self._made[x.shape] = run
+                run = self.made.get(x.shape) or self._make(x.shape)
+                self.made[x.shape] = run
         return run(x)
 
     def _make(self, shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
@@ -144,7 +145,7 @@ class _Compiled:
         return lambda x: np.asarray(session.run(None, {"image": x})[0], dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:  # compiled models are per process: made again
-        return {**self.__dict__, "_made": {}, "_lock": None}
+        return {**self.__dict__, "made": {}, "failed": set(), "_lock": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -173,19 +174,19 @@ def _engines(tile_runner: Any) -> dict[tuple[str, str], _Compiled]:
 
 
 def runner_on(runtime: Runtime, tile_runner: Any, model: nn.Module, shape: tuple[int, ...],
-              measure: Callable[[Callable[[], object]], float] | None = None) -> Any:
+              measure: Callable[[str, Callable[[], object]], float] | None = None) -> Any:
     """The runner that scores a map's tiles on ``runtime`` (the first tiles have ``shape``,
     batch included): ``tile_runner`` itself for torch and wherever the runtime is missing,
     has no path for the precision or cannot run the model (one log line each); for ``"auto"``
-    the runtime :func:`choose` picks from each one's ``measure`` of a ``shape`` batch (default:
-    the faster of two runs after a warm-up), remembered per shape."""
+    the runtime :func:`choose` picks from ``measure(name, run)`` of each (default: the faster
+    of two runs of a ``shape`` batch, after a warm-up run), remembered per shape."""
     if runtime == "torch":
         return tile_runner
     precision, output = tile_runner.precision, tile_runner.output
     names = ["openvino", "onnxruntime"] if runtime == "auto" else [runtime]
     engines = _engines(tile_runner)
     usable = {name: engines.setdefault((name, repr(output)), _Compiled(name, model, output, precision))
-              for name in names if _usable(name, precision)}
+              for name in names if _usable(name, precision, runtime != "auto")}
     if runtime != "auto":
         return EngineRunner(usable[runtime]) if runtime in usable and _runs(usable[runtime], shape) \
             else tile_runner
@@ -197,38 +198,47 @@ def runner_on(runtime: Runtime, tile_runner: Any, model: nn.Module, shape: tuple
     return tile_runner if name == "torch" else EngineRunner(usable[name])
 
 
-def _usable(name: str, precision: str) -> bool:
+def _usable(name: str, precision: str, asked: bool) -> bool:
+    """Whether ``name`` is installed and has a ``precision`` path (said once where not: it
+    runs in torch where it was ``asked`` for, else "auto" leaves it out)."""
+    instead = "running in torch" if asked else "runtime='auto' leaves it out"
     if not available(name):
         say_once("missing", name, message=f"runtime {name!r} is not installed (pip install "
-                 f"'convolutionalize[{_EXTRAS[name]}]'); running in torch")
+                 f"'convolutionalize[{_EXTRAS[name]}]'); {instead}")
         return False
     if precision not in _PRECISIONS[name]:
         say_once("precision", name, precision, message=f"runtime {name!r} has no {precision} path on "
-                 "this CPU; running in torch")
+                 f"this CPU; {instead}")
         return False
     return True
 
 
 def _runs(engine: _Compiled, shape: tuple[int, ...]) -> bool:
-    """Whether ``engine`` exports, compiles and runs a ``shape`` batch (said once where not)."""
+    """Whether ``engine`` exports, compiles and runs a ``shape`` batch (tried once per shape;
+    said once where not)."""
+    if shape in engine.made:
+        return True
+    if shape in engine.failed:
+        return False
     try:
         engine(np.zeros(shape, np.float32))
         return True
     except Exception as exc:  # exporters and compilers raise many types
+        engine.failed.add(shape)
         say_once("failed", engine.runtime, message=f"runtime {engine.runtime!r} cannot run this model "
                  f"({type(exc).__name__}: {exc}); running in torch", level=logging.WARNING)
         return False
 
 
 def _auto(tile_runner: Any, engines: dict[str, _Compiled], shape: tuple[int, ...],
-          measure: Callable[[Callable[[], object]], float]) -> str:
+          measure: Callable[[str, Callable[[], object]], float]) -> str:
     batch = torch.zeros(shape)
     x = batch.numpy()
     tile_runner(batch)  # warm-up: packed weights, allocator
-    seconds = {"torch": measure(lambda: tile_runner(batch))}
+    seconds = {"torch": measure("torch", lambda: tile_runner(batch))}
     for name, engine in engines.items():
         if _runs(engine, shape):  # warm-up: export and compile
-            seconds[name] = measure(lambda engine=engine: engine(x))
+            seconds[name] = measure(name, lambda engine=engine: engine(x))
     name = choose(seconds)
     logger.info("runtime='auto' for %s tiles in %s: %s (measured %s)", "x".join(map(str, shape)),
                 tile_runner.precision, name,
@@ -236,7 +246,7 @@ def _auto(tile_runner: Any, engines: dict[str, _Compiled], shape: tuple[int, ...
     return name
 
 
-def _seconds(run: Callable[[], object]) -> float:
+def _seconds(_name: str, run: Callable[[], object]) -> float:
     """The faster of two timed runs."""
     times = []
     for _ in range(2):
