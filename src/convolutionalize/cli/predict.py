@@ -76,6 +76,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
                                 "tile side (default: chosen from a memory budget)")
     predict_parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                                 help="fp32 (exact, default) or bf16 (faster on CPUs with AMX)")
+    predict_parser.add_argument("--runtime", choices=("torch", "openvino", "onnxruntime", "auto"),
+                                default="torch", help="who runs a PyTorch model's tiles: torch (default), "
+                                "openvino or onnxruntime (the model compiled once per tile shape), or auto "
+                                "(the fastest installed, measured on the first tile)")
     predict_parser.add_argument("--batch-size", type=int_at_least(1), metavar="B",
                                 help="tiles per forward pass (default: 1)")
     predict_parser.add_argument("--scheduler", metavar="ADDRESS", help="run tiles as dask tasks: "
@@ -173,7 +177,7 @@ def _predict_one(args: argparse.Namespace, model: Any, input_size: Any, image: P
                            precision=args.precision, batch_size=args.batch_size, mean=args.mean, std=args.std,
                            scheduler=args.scheduler, progress=show, output=args.model_output,
                            output_stride=args.output_stride, mpp=args.mpp, mask=args.mask,
-                           bands=None if args.bands is None else tuple(args.bands))
+                           bands=None if args.bands is None else tuple(args.bands), runtime=args.runtime)
     except KeyboardInterrupt:
         if partial is not None and partial.exists():
             raise KeyboardInterrupt(f"interrupted; {partial} keeps the finished tiles: the same command "
