@@ -379,12 +379,32 @@ def test_quantized_torchscript_cells_equal_crops(form: str, archive: bool, tmp_p
                 assert relative(dense[:, :, i, j], crop) <= tolerance("pt2e")
 
 
+def test_quantized_torchscript_global_pool_rounds_like_the_quantized_pool() -> None:
+    """A quantized average pool rounds its mean to its input's integer grid; the lifted float
+    pool is followed by that rounding, so the cells equal the ScriptModule on true crops integer
+    for integer (without it the lift was off by 1.5e-2 at the native size)."""
+    model = valid_cnn(ValidGapCNN)
+    scripted = _scripted(model, "trace", NATIVE)
+    fcn = convolutionalize(scripted, input_size=NATIVE)
+    assert [n.target.__name__ for n in fcn.net.graph.nodes
+            if n.op == "call_function" and "requantize" in getattr(n.target, "__name__", "")] == [
+        "requantize_mean"]
+    image = torch.randn(1, 3, 18, 20, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dense = fcn(image)
+        assert dense.shape[-2:] == (3, 4)
+        for i, j in [(0, 0), (1, 2), (2, 3)]:
+            x0, y0, x1, y1 = fcn.geometry.box(i, j)
+            assert steps(dense[:, :, i, j], scripted(image[:, :, y0:y1, x0:x1]), model.fc.scale) == 0
+
+
 @pytest.mark.zoo
 def test_quantized_torchscript_resnet18_is_refused_naming_the_lift(tmp_path: Path) -> None:
     """torchvision's quantized ResNet-18 traced to an archive: torch's converter lifts it to float
-    operations that differ from its quantized kernels by 2 steps of the output scale at the
-    native size (3.1e-2 of the largest score, measured), more than the pt2e tolerance; the
-    refusal says so and what converts instead (the eager model: exact)."""
+    convolutions whose sums round at quantization boundaries where the integer kernels do not
+    (one step here and there in the body), 2 steps of the output scale at the native size
+    (3.2e-2 of the largest score, measured), more than the pt2e tolerance; the refusal says so
+    and what converts instead (the eager model: exact)."""
     size = (64, 64)
     scripted = _scripted(torchvision_quantized("resnet18", size), "trace", size, tmp_path)
     with pytest.raises(NotConvolutionalizable, match=r"quantized TorchScript: .*packed parameters.*"

@@ -15,7 +15,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ...errors import NotConvolutionalizable, first_line
-from .pt2e import PT2E_OPS, dequantized_weight
+from .pt2e import PT2E_OPS, dequantized_weight, requantize_mean
 from .quantized import QUANTIZED_CONVS, QUANTIZED_OPS, QUANTIZED_PER_LOCATION, is_quantized_linear
 
 __all__ = [
@@ -40,7 +40,7 @@ ELEMENTWISE = frozenset(
         "sigmoid_", "add_", "mul_", "hard_sigmoid", "hard_swish", "swish", "gelu_tanh",
         "quick_gelu", "where", "minimum", "maximum", "batch_norm", "identity", "floordiv", "round",
     }
-) | QUANTIZED_OPS | PT2E_OPS
+) | QUANTIZED_OPS | PT2E_OPS | {requantize_mean.__name__}
 
 ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,

@@ -29,7 +29,7 @@ from ...errors import NotConvolutionalizable
 from ...weights import linear_to_oihw
 
 __all__ = ["PT2E", "PT2E_OPS", "Pt2eTracer", "dequantized_weight", "is_pt2e", "pt2e_conv_from_linear",
-           "pt2e_refusal"]
+           "pt2e_refusal", "requantize_mean"]
 
 PT2E = "pt2e"  # the self-check's precision for such a graph
 NAMESPACE = "quantized_decomposed"
@@ -53,6 +53,16 @@ class Pt2eTracer(fx.Tracer):
     dequantized in the graph instead of being folded into a float tensor."""
 
     proxy_buffer_attributes = True
+
+
+def requantize_mean(x: torch.Tensor, scale: float, zero_point: int, count: int, qmin: int,
+                    qmax: int) -> torch.Tensor:
+    """The mean ``x`` of ``count`` values of a quantized map (in float) rounded back to that map's
+    integer grid as a quantized average pool rounds it: the sum of the integers is recovered
+    exactly, divided by ``count`` and rounded half to even."""
+    total = torch.round(x * (count / scale))
+    q = torch.round(total / count) + zero_point
+    return (q.clamp(qmin, qmax) - zero_point) * scale
 
 
 def is_pt2e(gm: fx.GraphModule) -> bool:

@@ -23,7 +23,7 @@ from torch import fx, nn
 
 from ...errors import NotConvolutionalizable, first_line
 from ...selfcheck import relative_error, tolerance
-from .pt2e import PT2E
+from .pt2e import PT2E, requantize_mean
 
 __all__ = ["TORCHSCRIPT", "is_script", "lift", "lifted_module", "script_name"]
 
@@ -54,10 +54,59 @@ def lifted_module(program: torch.export.ExportedProgram, script: nn.Module | Non
         for name, param in sub._parameters.items():
             if param is not None:
                 sub._parameters[name] = nn.Parameter(param.detach(), requires_grad=False)
-    if script is not None:
+    if script is not None and packed_weights(script):
         integer_weights(module, packed_weights(script))  # type: ignore[arg-type]
+        requantized_means(module)  # type: ignore[arg-type]
     constant_scalars(module)  # type: ignore[arg-type]
     return module
+
+
+def requantized_means(gm: fx.GraphModule) -> None:
+    """A quantized average pool rounds its mean to its input's integer grid; the converter
+    lifts it to a float average of the dequantized map, which does not. Each average pool whose
+    input is such a dequantized map (``(to_float(to_uint8(clamp(...))) - zp) * s``) is followed by
+    :func:`~.pt2e.requantize_mean` with that map's scale, zero point and the pool's window count
+    (at the native size: the window a converted model's pool keeps)."""
+    aten = torch.ops.aten
+    pools = {aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default}
+    for node in list(gm.graph.nodes):
+        grid = _dequantized_grid(node.args[0]) if node.target in pools else None
+        if grid is None:
+            continue
+        value = node.args[0].meta.get("val")
+        if node.target == aten.avg_pool2d.default:
+            kernel = node.args[1]
+            count = int(kernel[0]) * int(kernel[-1])
+        elif value is not None and len(node.args[1]) == 2:
+            cells = int(node.args[1][0]) * int(node.args[1][1])
+            count = int(value.shape[-1]) * int(value.shape[-2]) // cells
+        else:
+            continue
+        with gm.graph.inserting_after(node):
+            rounded = gm.graph.call_function(requantize_mean, (node, *grid[:2], count, *grid[2:]))
+        node.replace_all_uses_with(rounded)
+        rounded.args = (node, *grid[:2], count, *grid[2:])
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _dequantized_grid(node: object) -> tuple[float, int, int, int] | None:
+    """(scale, zero point, qmin, qmax) when ``node`` is the lifted dequantize of a quantized map:
+    ``mul(sub(to(to(clamp(q, qmin, qmax))), zp), s)``; else None."""
+    aten = torch.ops.aten
+    chain = [aten.mul.Tensor, aten.sub.Tensor, aten.to.dtype, aten.to.dtype, aten.clamp.default]
+    nodes = []
+    for target in chain:
+        if not isinstance(node, fx.Node) or node.target is not target:
+            return None
+        nodes.append(node)
+        node = node.args[0]
+    mul, sub, clamp = nodes[0], nodes[1], nodes[-1]
+    scale, zero_point, low, high = mul.args[1], sub.args[1], *clamp.args[1:3]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+               for v in (scale, zero_point, low, high)):
+        return None
+    return float(scale), int(zero_point), int(low), int(high)
 
 
 def constant_scalars(gm: fx.GraphModule) -> None:
