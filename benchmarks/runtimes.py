@@ -129,8 +129,11 @@ def bench(name: str, args: argparse.Namespace) -> None:
     if not args.no_profile:
         for precision in ("fp32", "bf16"):
             shares = breakdown(fcn, image, precision)
+            convs = statistics.median(r[f"torch {precision}"] for r in rounds) * shares["convolutions"]
+            of_peak = 100 * flops / convs / 1e9 / peaks[precision]
             print(f"  torch {precision} dense pass by kind (self CPU time): "
-                  + ", ".join(f"{k} {100 * v:.1f} %" for k, v in shares.items()))
+                  + ", ".join(f"{k} {100 * v:.1f} %" for k, v in shares.items())
+                  + f"; its convolutions alone {convs:.3f} s = {of_peak:.0f} % of the peak")
     print(f"  medians of {args.rounds} interleaved rounds; '% peak' and 'vs torch' (speedup over torch in "
           "the same precision) taken within each round; 'first call s': the first map's time (runner "
           "preparation, ONNX export, compilation), out of every other timer")

@@ -153,3 +153,21 @@ def test_an_unknown_runtime_is_refused(fcn: nn.Module, image: torch.Tensor) -> N
     with pytest.raises(ValueError, match="runtime must be one of 'torch', 'openvino', 'onnxruntime', "
                                          "'auto', got 'tvm'"):
         dense_map(fcn, image, runtime="tvm")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not runtimes.available("openvino"), reason="openvino is not importable here")
+def test_each_tile_shape_exported_on_its_own_where_the_free_export_does_not_hold(
+        fcn: nn.Module, image: torch.Tensor, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVOLUTIONALIZE_STREAMS", "0")
+    monkeypatch.setattr(runtimes.Export, "_holds", lambda self, runtime: False)
+    tile_runner = runner_for(fcn, "fp32", torch.device("cpu"))
+    held = tile_runner.__dict__.pop("_engines", None)  # a fresh export, checked with the patch
+    try:
+        whole = dense_map(fcn, image, runtime="openvino")
+        tiled = dense_map(fcn, image, runtime="openvino", tile=32)
+    finally:
+        tile_runner.__dict__.pop("_engines", None)
+        if held is not None:
+            tile_runner.__dict__["_engines"] = held
+    np.testing.assert_array_equal(tiled, whole)
+    assert _rel(whole, dense_map(fcn, image)) <= TOLERANCE["fp32"]

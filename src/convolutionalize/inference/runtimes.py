@@ -96,23 +96,99 @@ class _Scores(nn.Module):
         return torch.cat([m[:, :, None, None] if m.dim() == 2 else m for m in maps], 1)
 
 
-def onnx_bytes(model: nn.Module, output: Any, shape: tuple[int, ...]) -> bytes:
-    """``model``'s score map (:class:`_Scores`) exported to ONNX for inputs of ``shape``
-    (static: what the runtime compiles for one tile shape)."""
+def onnx_bytes(model: nn.Module, output: Any, shape: tuple[int, ...], dynamic: bool = False) -> bytes:
+    """``model``'s score map (:class:`_Scores`) exported to ONNX, traced on a ``shape`` input;
+    ``dynamic``: with the batch, height and width left free (see :class:`Export`)."""
     buffer = io.BytesIO()
-    example = torch.zeros(shape)
+    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "scores": {0: "batch", 2: "rows", 3: "cols"}}
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(_Scores(model, output).eval(), (example,), buffer, dynamo=False,
-                          input_names=["image"], output_names=["scores"], opset_version=17)
+        torch.onnx.export(_Scores(model, output).eval(), (torch.zeros(shape),), buffer, dynamo=False,
+                          input_names=["image"], output_names=["scores"], opset_version=17,
+                          dynamic_axes=axes if dynamic else None)
     return buffer.getvalue()
+
+
+def _executable(runtime: str, data: bytes, shape: tuple[int, ...],
+                precision: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The ONNX model ``data`` compiled by ``runtime`` for inputs of ``shape``, on torch's
+    thread count (OpenVINO: ``precision`` as its inference precision, asked for explicitly)."""
+    threads = torch.get_num_threads()
+    if runtime == "openvino":
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                  "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
+        core = ov.Core()
+        graph = core.read_model(data, b"")
+        graph.reshape(list(shape))
+        request = core.compile_model(graph, "CPU", config).create_infer_request()
+        return lambda x: np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    return lambda x: np.asarray(session.run(None, {"image": x})[0], dtype=np.float32)
+
+
+class Export:
+    """A converted model's score map in ONNX, shared by every runtime and precision.
+
+    Exported once with free height and width, traced at the native input size (tracing runs
+    the model: at a tile's size it cost 10 s for ResNet-50 at 1024², at 224² a fraction of
+    that; each shape then compiles in 0.2-0.3 s). A trace can freeze a size the model computes
+    in Python, so the export is checked once, in float32 on the runtime that first needs it,
+    against the model at a larger non-square size; where it differs, each tile shape is
+    exported on its own (static, exact for that shape)."""
+
+    def __init__(self, model: nn.Module, output: Any) -> None:
+        self.model, self.output = model, output
+        self._dynamic: bytes | None = None
+        self._checked: bool | None = None
+
+    def for_shape(self, runtime: str, shape: tuple[int, ...]) -> bytes:
+        """ONNX that ``runtime`` compiles for inputs of ``shape``."""
+        if self._checked is None:
+            self._checked = self._check(runtime)
+        return self._dynamic if self._checked and self._dynamic is not None else \
+            onnx_bytes(self.model, self.output, shape)
+
+    def _check(self, runtime: str) -> bool:
+        try:
+            return self._holds(runtime)
+        except Exception as exc:  # exporters and runtimes raise many types: per shape, as exact
+            logger.info("no ONNX export with free sizes (%s: %s); each tile shape is exported on its own",
+                        type(exc).__name__, exc)
+            return False
+
+    def _holds(self, runtime: str) -> bool:
+        from ..api import geometry_of
+
+        geometry = geometry_of(self.model)
+        channels = self.model.plan.in_channels  # type: ignore[union-attr]
+        (h, w), (sy, sx) = geometry.input_size, geometry.stride
+        self._dynamic = onnx_bytes(self.model, self.output, (1, channels, h, w), dynamic=True)
+        x = torch.randn(1, channels, h + 3 * sy, w + 2 * sx, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = _Scores(self.model, self.output).eval()(x).float().numpy()
+        actual = _executable(runtime, self._dynamic, tuple(x.shape), "fp32")(x.numpy())
+        same = actual.shape == expected.shape and \
+            float(np.abs(actual - expected).max()) <= 1e-4 * max(float(np.abs(expected).max()), 1e-30)
+        if not same:
+            logger.info("the ONNX export traced at %dx%d does not hold at other sizes; each tile shape is "
+                        "exported on its own", h, w)
+        return same
+
+    def __getstate__(self) -> dict[str, Any]:  # exported again where used (the bytes hold the weights)
+        return {**self.__dict__, "_dynamic": None, "_checked": None}
 
 
 class _Compiled:
     """One runtime's executable per input shape, made on first use and kept."""
 
-    def __init__(self, runtime: str, model: nn.Module, output: Any, precision: str) -> None:
-        self.runtime, self.model, self.output, self.precision = runtime, model, output, precision
+    def __init__(self, runtime: str, export: Export, precision: str) -> None:
+        self.runtime, self.export, self.precision = runtime, export, precision
         self.made: dict[tuple[int, ...], Callable[[np.ndarray], np.ndarray]] = {}
         self.failed: set[tuple[int, ...]] = set()
         self._lock = threading.Lock()
@@ -121,28 +197,12 @@ class _Compiled:
         run = self.made.get(x.shape)
         if run is None:
             with self._lock:
-                run = self.made.get(x.shape) or self._make(x.shape)
-                self.made[x.shape] = run
+                run = self.made.get(x.shape)
+                if run is None:
+                    run = _executable(self.runtime, self.export.for_shape(self.runtime, x.shape), x.shape,
+                                      self.precision)
+                    self.made[x.shape] = run
         return run(x)
-
-    def _make(self, shape: tuple[int, ...]) -> Callable[[np.ndarray], np.ndarray]:
-        data = onnx_bytes(self.model, self.output, shape)
-        threads = torch.get_num_threads()
-        if self.runtime == "openvino":
-            import openvino as ov
-
-            config = {"INFERENCE_PRECISION_HINT": "bf16" if self.precision == "bf16" else "f32",
-                      "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads}
-            core = ov.Core()
-            compiled = core.compile_model(core.read_model(data, b""), "CPU", config)
-            request = compiled.create_infer_request()
-            return lambda x: np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        return lambda x: np.asarray(session.run(None, {"image": x})[0], dtype=np.float32)
 
     def __getstate__(self) -> dict[str, Any]:  # compiled models are per process: made again
         return {**self.__dict__, "made": {}, "failed": set(), "_lock": None}
@@ -164,9 +224,9 @@ class EngineRunner:
         return self.engine(batch.float().contiguous().numpy())
 
 
-def _engines(tile_runner: Any) -> dict[tuple[str, str], _Compiled]:
-    """The compiled runtimes kept with a (cached) TileRunner, by runtime and output: they live
-    as long as it does, so repeated maps of one model compile once per tile shape."""
+def _engines(tile_runner: Any) -> dict[tuple[str, str], Any]:
+    """The export and the compiled runtimes kept with a (cached) TileRunner, by runtime and
+    output: they live as long as it does, so repeated maps of one model compile once per shape."""
     held = tile_runner.__dict__.get("_engines")
     if held is None:
         held = tile_runner.__dict__["_engines"] = {}
@@ -185,7 +245,8 @@ def runner_on(runtime: Runtime, tile_runner: Any, model: nn.Module, shape: tuple
     precision, output = tile_runner.precision, tile_runner.output
     names = ["openvino", "onnxruntime"] if runtime == "auto" else [runtime]
     engines = _engines(tile_runner)
-    usable = {name: engines.setdefault((name, repr(output)), _Compiled(name, model, output, precision))
+    export = engines.setdefault(("onnx", repr(output)), Export(model, output))
+    usable = {name: engines.setdefault((name, repr(output)), _Compiled(name, export, precision))
               for name in names if _usable(name, precision, runtime != "auto")}
     if runtime != "auto":
         return EngineRunner(usable[runtime]) if runtime in usable and _runs(usable[runtime], shape) \
