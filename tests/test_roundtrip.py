@@ -134,4 +134,4 @@ def test_a_file_converted_with_another_pool_keeps_it(sources: dict[str, Path], t
     assert main(["inspect", str(path)]) == 0  # no --pool: the file's own
     assert "pool: global" in capsys.readouterr().out
     assert main(["inspect", str(path), "--pool", "window"]) == 2
-    assert "already converted with pool='global'" in capsys.readouterr().err
+    assert "already converted with --pool global" in capsys.readouterr().err
