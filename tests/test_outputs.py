@@ -389,4 +389,4 @@ def test_heatmap_draws_the_chosen_output(cli_files: Path, tmp_path: Path,
     assert output.is_file()  # class 4 exists in the 5-class scores head only (the box head has 4)
     capsys.readouterr()
     assert main(cli(cli_files, "heatmap", "-o", str(tmp_path / "box.png"), "--class", "4")) == 2
-    assert "unknown class 4: the model has 4 classes" in capsys.readouterr().err
+    assert "unknown class 4 (--class): the model has 4 classes" in capsys.readouterr().err

@@ -26,8 +26,9 @@ __all__ = ["is_subclassed", "traced", "untraceable"]
 
 
 def is_subclassed(op: Any) -> bool:
-    """A ``keras.Model`` whose layers are called by Python code, not by a graph."""
-    return isinstance(op, keras.Model) and graph_of(op) is None
+    """A ``keras.Model`` whose layers are called by Python code, not by a graph (an unbuilt
+    ``Sequential`` has no graph yet, but is not subclassed: it is asked for its input)."""
+    return isinstance(op, keras.Model) and not isinstance(op, keras.Sequential) and graph_of(op) is None
 
 
 def untraceable(model: Any, why: str) -> NotConvolutionalizable:
