@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from convolutionalize import convolutionalize, dense_map
+from convolutionalize import convolutionalize, dense_map, save
+from convolutionalize.cli import main
 from convolutionalize.inference import runtimes
 from convolutionalize.inference._runner import runner_for
 from convolutionalize.inference.runtimes import EngineRunner, choose, runner_on
@@ -171,3 +173,16 @@ def test_each_tile_shape_exported_on_its_own_where_the_free_export_does_not_hold
             tile_runner.__dict__["_engines"] = held
     np.testing.assert_array_equal(tiled, whole)
     assert _rel(whole, dense_map(fcn, image)) <= TOLERANCE["fp32"]
+
+
+@pytest.mark.skipif(not runtimes.available("openvino"), reason="openvino is not importable here")
+def test_predict_runs_on_the_runtime_asked_for(fcn: nn.Module, image: torch.Tensor, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    model, pixels = save(fcn, tmp_path / "fcn.pt2"), tmp_path / "image.npy"
+    np.save(pixels, image.numpy())
+    for runtime in ("torch", "openvino"):
+        assert main(["predict", str(model), str(pixels), "-o", str(tmp_path / f"{runtime}.npy"),
+                     "--runtime", runtime, "--precision", "bf16", "--no-progress"]) == 0
+    torch_map, openvino_map = (np.load(tmp_path / f"{r}.npy") for r in ("torch", "openvino"))
+    assert _rel(openvino_map, torch_map) <= TOLERANCE["bf16"]
+    assert not np.array_equal(openvino_map, torch_map)  # another runtime's rounding: it ran there

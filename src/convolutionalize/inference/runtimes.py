@@ -98,15 +98,29 @@ class _Scores(nn.Module):
 
 def onnx_bytes(model: nn.Module, output: Any, shape: tuple[int, ...], dynamic: bool = False) -> bytes:
     """``model``'s score map (:class:`_Scores`) exported to ONNX, traced on a ``shape`` input;
-    ``dynamic``: with the batch, height and width left free (see :class:`Export`)."""
-    buffer = io.BytesIO()
-    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "scores": {0: "batch", 2: "rows", 3: "cols"}}
+    ``dynamic``: with the batch, height and width left free (see :class:`Export`). TorchScript's
+    exporter (seconds); where it cannot trace the model (a ``torch.export`` program's module, as
+    a ``.pt2`` file loads), torch's dynamo-based one."""
+    scores, example = _Scores(model, output), (torch.zeros(shape),)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(_Scores(model, output).eval(), (torch.zeros(shape),), buffer, dynamo=False,
-                          input_names=["image"], output_names=["scores"], opset_version=17,
-                          dynamic_axes=axes if dynamic else None)
-    return buffer.getvalue()
+        try:
+            buffer = io.BytesIO()
+            axes = {"image": {0: "batch", 2: "height", 3: "width"},
+                    "scores": {0: "batch", 2: "rows", 3: "cols"}}
+            # converted models are in eval mode already; a torch.export program's module refuses train()
+            torch.onnx.export(scores, example, buffer, dynamo=False, input_names=["image"],
+                              output_names=["scores"], opset_version=17,
+                              dynamic_axes=axes if dynamic else None,
+                              training=torch.onnx.TrainingMode.PRESERVE)
+            return buffer.getvalue()
+        except Exception as exc:  # the tracer raises many types
+            logger.debug("TorchScript's ONNX exporter failed (%s); exporting with dynamo", exc)
+        free = torch.export.Dim.DYNAMIC
+        program = torch.onnx.export(scores, example, dynamo=True, input_names=["image"],
+                                    output_names=["scores"], verbose=False,
+                                    dynamic_shapes=({0: free, 2: free, 3: free},) if dynamic else None)
+    return program.model_proto.SerializeToString()  # type: ignore[union-attr]
 
 
 def _executable(runtime: str, data: bytes, shape: tuple[int, ...],
@@ -171,7 +185,7 @@ class Export:
         self._dynamic = onnx_bytes(self.model, self.output, (1, channels, h, w), dynamic=True)
         x = torch.randn(1, channels, h + 3 * sy, w + 2 * sx, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            expected = _Scores(self.model, self.output).eval()(x).float().numpy()
+            expected = _Scores(self.model, self.output)(x).float().numpy()
         actual = _executable(runtime, self._dynamic, tuple(x.shape), "fp32")(x.numpy())
         same = actual.shape == expected.shape and \
             float(np.abs(actual - expected).max()) <= 1e-4 * max(float(np.abs(expected).max()), 1e-30)
