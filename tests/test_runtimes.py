@@ -186,3 +186,12 @@ def test_predict_runs_on_the_runtime_asked_for(fcn: nn.Module, image: torch.Tens
     torch_map, openvino_map = (np.load(tmp_path / f"{r}.npy") for r in ("torch", "openvino"))
     assert _rel(openvino_map, torch_map) <= TOLERANCE["bf16"]
     assert not np.array_equal(openvino_map, torch_map)  # another runtime's rounding: it ran there
+
+
+@pytest.mark.parametrize(("runtime", "precision"), [p for p in PARAMS if p.values[0] != "torch"])
+def test_dask_tiles_equal_the_whole_map_on_the_runtime(fcn: nn.Module, image: torch.Tensor, runtime: str,
+                                                       precision: str) -> None:
+    pytest.importorskip("dask")
+    whole = dense_map(fcn, image, runtime=runtime, precision=precision)
+    tiled = dense_map(fcn, image, runtime=runtime, precision=precision, tile=32, scheduler="threads")
+    np.testing.assert_array_equal(tiled, whole)

@@ -137,7 +137,13 @@ def _executable(runtime: str, data: bytes, shape: tuple[int, ...],
         graph = core.read_model(data, b"")
         graph.reshape(list(shape))
         request = core.compile_model(graph, "CPU", config).create_infer_request()
-        return lambda x: np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+        lock = threading.Lock()  # one request runs one input at a time (dask's threads share it)
+
+        def infer(x: np.ndarray) -> np.ndarray:
+            with lock:
+                return np.array(request.infer({0: x})[0], dtype=np.float32, copy=True)
+
+        return infer
     import onnxruntime as ort
 
     options = ort.SessionOptions()
