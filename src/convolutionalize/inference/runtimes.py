@@ -4,22 +4,23 @@
 
 - ``"torch"`` (default): the :class:`~._runner.TileRunner` (oneDNN fused convolutions, bf16
   autocast on AMX);
-- ``"openvino"``: the converted model exported to ONNX once per tile shape (static shapes, the
-  score map that ``output`` selects as its one output) and compiled by OpenVINO once per shape
-  (``INFERENCE_PRECISION_HINT`` ``f32`` or ``bf16``: OpenVINO's own default on an AMX CPU is
-  bf16, so float32 is asked for explicitly), cached on the runner;
-- ``"onnxruntime"``: the same export in an onnxruntime session (float32 only: its CPU provider
-  has no bfloat16 convolutions on x86);
-- ``"auto"``: per tile shape, each available runtime timed on the first tile of that shape
-  (after a warm-up run each, compile time out of the timer) and the fastest kept, torch unless
-  another is faster by ``AUTO_MARGIN``; the choice is :func:`choose` of those measurements
-  (deterministic given them) and logged once per shape.
+- ``"openvino"``: the score map that ``output`` selects, exported to ONNX once per model
+  (:class:`Export`), compiled by OpenVINO once per tile shape (``INFERENCE_PRECISION_HINT``
+  ``f32`` or ``bf16``: OpenVINO's own default on an AMX CPU is bf16, so float32 is asked for
+  explicitly), kept with the cached TileRunner;
+- ``"onnxruntime"``: the same export in an onnxruntime session per tile shape (float32 only:
+  its CPU provider has no bfloat16 convolutions on x86);
+- ``"auto"``: each installed runtime timed on a batch of the map's first tile shape (after a
+  warm-up run each: export and compilation out of the timer), torch kept unless another takes
+  under ``AUTO_MARGIN`` of its time; the choice is :func:`choose` of those measurements
+  (deterministic given them), logged, remembered per shape and used for every tile of the map.
 
 A runtime that is not installed, that cannot export or compile the model, or that has no
 path for the precision falls back to torch with one log line. Streamed columns
-(:mod:`._stream`) and devices other than the CPU run in torch whatever is asked (logged).
-Each tile is one static-shape run, so a map computed tile by tile on a runtime equals that
-runtime's whole-image map wherever torch's does (exact halos, :mod:`.tiling`).
+(:mod:`._stream`), devices other than the CPU and models of other frameworks run as they did
+whatever is asked (logged once). Each tile is one static-shape run of one exported graph, so a
+map computed tile by tile on a runtime equals that runtime's whole-image map wherever torch's
+does (exact halos, :mod:`.tiling`).
 """
 
 from __future__ import annotations
