@@ -195,3 +195,21 @@ def test_dask_tiles_equal_the_whole_map_on_the_runtime(fcn: nn.Module, image: to
     whole = dense_map(fcn, image, runtime=runtime, precision=precision)
     tiled = dense_map(fcn, image, runtime=runtime, precision=precision, tile=32, scheduler="threads")
     np.testing.assert_array_equal(tiled, whole)
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["small-pass-torch", "large-pass-auto"])
+def test_the_default_runtime_is_auto_for_large_passes_only(
+        fcn: nn.Module, image: torch.Tensor, large: bool, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from convolutionalize.inference import dense
+
+    asked: list[str] = []
+    real = dense.runner_on
+    monkeypatch.setattr(dense, "runner_on", lambda runtime, *a, **k: asked.append(runtime) or real(
+        runtime, *a, **k))
+    monkeypatch.setattr(dense, "AUTO_PIXELS", 100 * 124 if large else 100 * 124 + 10**6)
+    with caplog.at_level(logging.INFO, logger="convolutionalize"):
+        mapped = dense_map(fcn, image)  # runtime left out
+    assert asked == (["auto"] if large else [])
+    assert ("runtime='auto'" in caplog.text) == large
+    assert _rel(mapped, dense_map(fcn, image, runtime="torch")) <= TOLERANCE["fp32"]

@@ -77,9 +77,10 @@ def register(sub: Any, common: argparse.ArgumentParser) -> None:
     predict_parser.add_argument("--precision", choices=PRECISIONS, default="fp32",
                                 help="fp32 (exact, default) or bf16 (faster on CPUs with AMX)")
     predict_parser.add_argument("--runtime", choices=("torch", "openvino", "onnxruntime", "auto"),
-                                default="torch", help="who runs a PyTorch model's tiles: torch (default), "
-                                "openvino or onnxruntime (the model compiled once per tile shape), or auto "
-                                "(the fastest installed, measured on the first tile)")
+                                help="who runs a PyTorch model's tiles: torch, openvino or onnxruntime "
+                                "(the model compiled once per tile shape), or auto (the fastest installed, "
+                                "measured on the first tile); default: auto for passes of a megapixel or "
+                                "more, else torch")
     predict_parser.add_argument("--batch-size", type=int_at_least(1), metavar="B",
                                 help="tiles per forward pass (default: 1)")
     predict_parser.add_argument("--scheduler", metavar="ADDRESS", help="run tiles as dask tasks: "

@@ -66,7 +66,7 @@ from .masks import Mask, Work, plan_work
 from .omezarr import Physical, open_ome_zarr_sink, stored_ome_tiles
 from .pyramid import ScaledGeometry, ScaledMap, check_scales, kept_scales
 from .resize import resized
-from .runtimes import Runtime, check_runtime, runner_on, say_once
+from .runtimes import AUTO_PIXELS, Runtime, check_runtime, runner_on, say_once
 from .store import MapSink, ZarrSink, open_zarr_sink, pyramid_paths, stored_tiles, written_behind
 from .tiling import Tile, TileGrid, halo_of, plan_tiles
 
@@ -133,7 +133,7 @@ class Options:
     output: OutputChoice
     output_stride: int | None = None
     lazy: bool | None = None  # see dense_map
-    runtime: Runtime = "torch"
+    runtime: Runtime | None = None  # None: AUTO_PIXELS decides (on_runtime)
 
 
 def dense_map(
@@ -160,7 +160,7 @@ def dense_map(
     mask: Any = None,
     bands: Sequence[int] | None = None,
     lazy: bool | None = None,
-    runtime: Runtime = "torch",
+    runtime: Runtime | None = None,
 ) -> Any:
     """The class-score map ``(classes, rows, cols)`` of ``image``, exactly as one whole-image pass.
 
@@ -231,12 +231,15 @@ def dense_map(
             ``lazy.compute(scheduler=client)`` or ``client.compute(lazy)``); not with ``out``
             or ``scales``. ``False``: always the computed numpy array. ``None`` (default): a
             dask array for a dask input without a ``scheduler``, else computed.
-        runtime: who executes a PyTorch model's tiles (:mod:`.runtimes`): ``"torch"``
-            (default), ``"openvino"`` or ``"onnxruntime"`` (the converted model exported to
-            ONNX and compiled once per tile shape; onnxruntime in fp32 only), or ``"auto"``:
-            the fastest of those installed, measured on the first tile shape (a runtime must
-            be faster than torch by a tenth to be chosen). A runtime that is missing or cannot
-            run the model, other devices and streamed columns run in torch (logged once).
+        runtime: who executes a PyTorch model's tiles (:mod:`.runtimes`): ``"torch"``,
+            ``"openvino"`` or ``"onnxruntime"`` (the converted model exported to ONNX and
+            compiled once per tile shape; onnxruntime in fp32 only), or ``"auto"``: the
+            fastest of those installed, measured on the first tile shape (a runtime must be
+            faster than torch by a tenth to be chosen). ``None`` (default): ``"auto"`` for
+            passes of at least ``AUTO_PIXELS`` (a megapixel), where a pass on another runtime
+            gains more than its one-time export and compilation cost over a few maps, and
+            torch for smaller ones. A runtime that is missing or cannot run the model, other
+            devices and streamed columns run in torch (logged once).
 
     Returns:
         A float32 numpy array; the zarr array with ``out``; a dask array with ``lazy=True``, or
@@ -261,7 +264,8 @@ def dense_map(
     """
     options = check_options(tile, precision, batch_size, fallback, stride, pool, device, output, out)
     options = dataclasses.replace(options, output_stride=check_output_stride(output_stride, options.pool),
-                                  lazy=_check_lazy(lazy, out, scales), runtime=check_runtime(runtime))
+                                  lazy=_check_lazy(lazy, out, scales),
+                                  runtime=None if runtime is None else check_runtime(runtime))
     chosen = None if scales is None else check_scales(scales)
     fcn = dense_model(prepare_model(model, input_size, options), options.output)
     kind = output_kind(out)
@@ -417,8 +421,16 @@ def on_runtime(fcn: DenseModel, runner: Runner, options: Options, streamed: bool
                works: Sequence[Work]) -> Runner:
     """The runner for ``options.runtime`` (:func:`~.runtimes.runner_on`); torch's own where
     the runtime cannot apply: models of other frameworks, other devices, streamed columns."""
+    if not works:
+        return runner
     runtime = options.runtime
-    if runtime == "torch" or not works:
+    if runtime is None:  # the default: another runtime only where a pass is large enough to pay
+        pixels = works[0].part.shape[-2] * works[0].part.shape[-1]
+        runtime = "auto" if pixels >= AUTO_PIXELS and isinstance(fcn, TorchModel) else "torch"
+        if runtime == "auto":
+            say_once("default runtime", message=f"passes of {pixels / 1e6:.1f} Mpixel: runtime='auto' (the "
+                     "fastest installed runtime, measured on the first tile; runtime='torch' keeps torch)")
+    if runtime == "torch":
         return runner
     name = getattr(fcn, "name", "these")
     why = (f"{name} models run in their own framework" if not isinstance(fcn, TorchModel)
