@@ -18,8 +18,8 @@ test: $(STAMP)
 	$(PY) -m ruff check src tests examples benchmarks tools
 	$(MAKE) docs
 	# the model zoos in a process of their own: one process for everything peaked at 24 GiB
-	$(PY) -m pytest -q -p no:cacheprovider -m "not zoo"
-	$(PY) -m pytest -q -p no:cacheprovider -m zoo
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 -m "not zoo"
+	$(PY) -m pytest -q -p no:cacheprovider --durations=20 -m zoo
 
 # the site into site/: the CLI reference is read from the real parser, the guide's pictures are
 # copied from demo-output/ (make demo) when a finished demo is there, else the demo runs once
