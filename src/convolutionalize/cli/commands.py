@@ -88,6 +88,10 @@ def _inspect(args: argparse.Namespace) -> int:
              info.plan, info.geometry.describe(), _native_error_line(info)]
     if info.self_check is not None:
         lines.append(info.self_check)
+    from ..frameworks import adapter_for
+    from ..inference.runtimes import describe
+
+    lines.append(describe(adapter_for(fcn).name))
     if args.image_size is not None:
         lines.append(_image_lines(args, model, fcn, info, tuple(args.image_size)))
     print("\n".join(lines))

@@ -42,7 +42,7 @@ from torch import nn
 from ..outputs import output_keys, select_output
 
 __all__ = ["AUTO_MARGIN", "AUTO_PIXELS", "EngineRunner", "Runtime", "available", "check_runtime", "choose",
-           "runner_on"]
+           "describe", "runner_on"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,16 @@ _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 _EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}
 _PRECISIONS = {"openvino": ("fp32", "bf16"), "onnxruntime": ("fp32",)}
 _SAID: set[tuple[str, ...]] = set()  # log lines said once per process
+
+
+def describe(framework: str) -> str:
+    """Where a converted model of ``framework`` (an adapter's name) runs its dense maps, for
+    ``inspect``."""
+    if framework != "PyTorch":
+        return f"dense maps: in {framework} (its own framework), float32"
+    return (f"dense maps: in torch for passes under {AUTO_PIXELS / 1e6:.1f} Mpixel, else on the fastest of "
+            "torch and the installed runtimes (openvino, onnxruntime), measured (predict --runtime "
+            "chooses); float32, or bfloat16 with --precision bf16")
 
 
 def check_runtime(runtime: object) -> Runtime:
