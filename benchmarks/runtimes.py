@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 import torchvision
+from dense import timed  # benchmarks/dense.py: the same timer
 
 from convolutionalize import convolutionalize, dense_map
 from convolutionalize.flops import count_flops
@@ -45,16 +46,6 @@ PATHS = [("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("openvi
          ("openvino", "bf16")]
 KINDS = {"convolutions": ("conv",), "max pools": ("max_pool",), "avg pools": ("avg_pool",),
          "copies": ("copy_", "clone", "contiguous", "cat")}  # a copy inside a _to_copy: a cast
-
-
-def timed(run: Callable[[], object], budget: float = 0.5) -> float:
-    """Seconds of one run; the median of several when one takes under ``budget`` seconds."""
-    times: list[float] = []
-    while not times or (sum(times) < budget and len(times) < 15):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def breakdown(fcn: torch.nn.Module, image: torch.Tensor, precision: str) -> dict[str, float]:
