@@ -49,8 +49,9 @@ logger = logging.getLogger(__name__)
 Runtime = Literal["torch", "openvino", "onnxruntime", "auto"]
 AUTO_MARGIN = 0.9  # "auto" leaves torch only for a runtime that takes under 0.9 of its time
 # dense_map's default runtime is "auto" for passes of this many pixels or more: at 1024x1024
-# OpenVINO bf16 saved 0.25-0.56 s a pass (ResNet-18, -50) for a first call of 3-9 s (export,
-# compile, timing), repaid within a few maps of one model; smaller passes stay in torch
+# OpenVINO bf16 saved 0.02-0.08 s a pass (ResNet-18, -50) on quiet cores and 0.25-0.56 s on
+# loaded ones, for a first call of 1-3 s (export, compile, timing), repaid over the maps and
+# tiles of one model; smaller passes stay in torch
 AUTO_PIXELS = 1024 * 1024
 _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 _EXTRAS = {"openvino": "openvino", "onnxruntime": "onnx"}
