@@ -106,7 +106,8 @@ def bench(name: str, size: int, args: argparse.Namespace) -> None:
                 context: Callable[[], Any] = contextlib.nullcontext) -> Callable[[], None]:
         def run() -> None:
             with context():
-                maps[key] = dense_map(model, image, precision=precision)
+                # the torch path (benchmarks/runtimes.py compares the other runtimes)
+                maps[key] = dense_map(model, image, precision=precision, runtime="torch")
         return run
 
     runs: dict[str, Callable[[], object]] = {

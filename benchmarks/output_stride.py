@@ -89,14 +89,14 @@ def main() -> None:
 
 
 def _dense(fcn: torch.nn.Module, image: torch.Tensor, precision: str):  # type: ignore[no-untyped-def]
-    return lambda: dense_map(fcn, image, precision=precision)
+    return lambda: dense_map(fcn, image, precision=precision, runtime="torch")
 
 
 def _stitch(network: torch.nn.Module, image: torch.Tensor, k: int, s: int, precision: str):  # type: ignore[no-untyped-def]
     def run() -> None:
         for py in range(k):
             for px in range(k):
-                dense_map(network, image[:, py * s:, px * s:], precision=precision)
+                dense_map(network, image[:, py * s:, px * s:], precision=precision, runtime="torch")
     return run
 
 
