@@ -176,3 +176,12 @@ def test_check_sizes_stay_within_reach(native: tuple[int, int], stride: int,
 
     geo = Geometry(native, (stride, stride), (0, 0), None, False, native, (native[0] // stride,) * 2)
     assert check_sizes(geo) == sizes
+
+
+def test_the_formats_an_adapter_says_it_writes_are_those_it_saves() -> None:
+    """``Adapter.writes`` (read by the CLI before any framework is imported) names exactly the
+    suffixes the PyTorch adapter's writer table holds."""
+    from convolutionalize.export import FORMATS
+    from convolutionalize.frameworks import adapter_named
+
+    assert set(adapter_named("PyTorch").writes) == set(FORMATS)
